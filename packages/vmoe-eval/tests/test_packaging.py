@@ -1,0 +1,21 @@
+"""The skeleton package installs with its declared version and its vmoe dependencies."""
+
+import importlib
+import importlib.metadata
+import pathlib
+import tomllib
+
+import vmoe_eval
+
+PROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def test_installed_version_is_the_pyproject_version():
+    assert vmoe_eval.__version__ == PROJECT["version"]
+
+
+def test_declared_vmoe_dependencies_import():
+    names = [r.split(">")[0].split("=")[0].strip() for r in PROJECT["dependencies"]]
+    for name in (n for n in names if n.startswith("vmoe-")):
+        module = importlib.import_module(name.replace("-", "_"))
+        assert module.__version__ == importlib.metadata.version(name)

@@ -1,0 +1,86 @@
+"""vmoe-routing: routers for sparse Mixture-of-Experts in JAX.
+
+Shape legend: G groups, S tokens per group, D model dim, E experts, C capacity, K choices per
+token, N assignments per group.
+
+    import vmoe_routing as vr
+    router = vr.get_router("bpr", num_experts=8, k=2, capacity_factor=1.05)
+    params = router.init(jax.random.key(0), d_model)
+    routing = router(params, x_gsd, rng=key, deterministic=False)
+    buffers_gecd = vr.dispatch(x_gsd, routing)          # [G, E, C, D]
+    y_gsd = vr.combine(experts(buffers_gecd), routing)  # [G, S, D]
+    loss = task_loss + routing.aux_loss
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from vmoe_routing import _builtins, hookspecs
+from vmoe_routing import plugins as _plugins
+from vmoe_routing.capacity import compute_capacity
+from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.dispatch import combine, dispatch
+from vmoe_routing.losses import gshard_loss, importance_loss, load_loss, z_loss
+from vmoe_routing.plugins import (
+    PluginError,
+    PluginImportWarning,
+    Registry,
+    hookimpl,
+    hookspec,
+    list_plugins,
+    plugin_errors,
+    register_plugin,
+    unregister_plugin,
+)
+from vmoe_routing.routers import BprRouter, Router, TopKRouter, check_tokens
+from vmoe_routing.token_choice import token_choice_metrics, token_choice_routing
+
+__version__ = importlib.metadata.version("vmoe-routing")
+
+_plugins.add_hookspecs(hookspecs)
+_plugins.register_builtin("vmoe_routing.builtins", _builtins)
+
+ROUTERS: Registry[Router] = Registry("vmoe_routers", "router")
+
+
+def get_router(name: str, **options) -> Router:
+    """The router registered as `name`, built with `options` (e.g. num_experts=8, k=2)."""
+    return ROUTERS.create(name, **options)
+
+
+def available_routers() -> list[str]:
+    """Names of every installed router (built-ins and plugins), sorted."""
+    return ROUTERS.names()
+
+
+__all__ = [
+    "ROUTERS",
+    "BprRouter",
+    "DenseRouting",
+    "PluginError",
+    "PluginImportWarning",
+    "Registry",
+    "Router",
+    "Routing",
+    "TopKRouter",
+    "__version__",
+    "available_routers",
+    "check_tokens",
+    "combine",
+    "compute_capacity",
+    "dispatch",
+    "get_router",
+    "gshard_loss",
+    "hookimpl",
+    "hookspec",
+    "importance_loss",
+    "list_plugins",
+    "load_loss",
+    "plugin_errors",
+    "register_plugin",
+    "token_choice_metrics",
+    "token_choice_routing",
+    "unregister_plugin",
+    "z_loss",
+]

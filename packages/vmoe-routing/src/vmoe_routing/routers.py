@@ -1,0 +1,234 @@
+"""Built-in routers: vanilla top-K token choice, and Batch Priority Routing (BPR).
+
+A router is an immutable config object with two pure functions:
+
+    params = router.init(rng, d_model)
+    routing = router(params, x_gsd, rng=rng, deterministic=False)
+
+Routers own their parameters (here the [D, E] gate matrix, no bias) and never hold state, so one
+router object can be reused, compared, hashed and changed with `router.replace(k=..., ...)`
+(for example to evaluate a trained model at another K or capacity without touching its params).
+
+Gating (V-MoE, Section 2.1): logits = x @ W; during training Gaussian noise of std
+noise_std / E is added to the logits; gates = softmax(noisy logits). Each token picks its
+top-K gates; the combine weights are those raw softmax values (not renormalised over the K).
+The importance loss uses the clean softmax; the load loss measures how likely each expert
+would still be picked if the noise were drawn again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+from vmoe_routing import losses
+from vmoe_routing.capacity import ROUNDINGS, compute_capacity
+from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.token_choice import token_choice_routing
+
+Array = jax.Array
+PRIORITIES = ("max", "sum")
+
+
+@runtime_checkable
+class Router(Protocol):
+    """What every router provides (built-in or from a plugin)."""
+
+    num_experts: int
+
+    def init(self, rng: Array, d_model: int) -> Any:
+        """Returns the router's parameters (a pytree) for inputs of width d_model."""
+        ...
+
+    def __call__(
+        self, params: Any, x_gsd: Array, *, rng: Array | None = None, deterministic: bool = True
+    ) -> Routing | DenseRouting:
+        """Routes x [G, S, D]. `deterministic=False` means training: noise, training capacity."""
+        ...
+
+
+def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
+    """Raises a ValueError unless x is [G, S, D] (with D == d_model when given)."""
+    if getattr(x_gsd, "ndim", None) != 3:
+        shape = getattr(x_gsd, "shape", type(x_gsd).__name__)
+        raise ValueError(f"x must have rank 3 [groups, group_size, d_model]; got shape {shape}")
+    if d_model is not None and x_gsd.shape[-1] != d_model:
+        raise ValueError(f"x has d_model={x_gsd.shape[-1]} but the router params expect {d_model}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKRouter:
+    """Vanilla token-choice top-K routing (V-MoE, GShard): buffers filled in token order.
+
+    Attributes:
+      num_experts: E.
+      k: experts per token, 1 <= k <= E.
+      capacity_factor: C used in training (`deterministic=False`); capacity is
+        ceil(k * C * group_size / E), see `compute_capacity`.
+      eval_capacity_factor: C used when `deterministic=True`; None means `capacity_factor`.
+      capacity_rounding, capacity_multiple_of: passed to `compute_capacity`.
+      noise_std: gating noise has std noise_std / E, in training only. 0 disables it.
+      gate_dtype: dtype of the gate matmul (softmax and losses always run in float32).
+      importance_loss_weight, load_loss_weight, gshard_loss_weight, z_loss_weight: the
+        auxiliary losses' weights; a loss with weight 0 is not computed.
+    """
+
+    name: ClassVar[str] = "top_k"
+
+    num_experts: int
+    k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float | None = None
+    capacity_rounding: str = "ceil"
+    capacity_multiple_of: int = 1
+    noise_std: float = 1.0
+    gate_dtype: Any = jnp.float32
+    importance_loss_weight: float = 0.005
+    load_loss_weight: float = 0.005
+    gshard_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        e, k = self.num_experts, self.k
+        if not isinstance(e, int) or e < 1:
+            raise ValueError(f"num_experts={e!r} must be an integer >= 1")
+        if not isinstance(k, int) or not 1 <= k <= e:
+            raise ValueError(f"k={k!r} must be an integer with 1 <= k <= num_experts={e}")
+        for field in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{field}={value!r} must be a number > 0")
+        if self.capacity_rounding not in ROUNDINGS:
+            raise ValueError(f"capacity_rounding={self.capacity_rounding!r} must be in {ROUNDINGS}")
+        if not isinstance(self.capacity_multiple_of, int) or self.capacity_multiple_of < 1:
+            raise ValueError(f"capacity_multiple_of={self.capacity_multiple_of!r} must be >= 1")
+        if not self.noise_std >= 0:
+            raise ValueError(f"noise_std={self.noise_std!r} must be >= 0")
+        for field in ("importance", "load", "gshard", "z"):
+            if not getattr(self, f"{field}_loss_weight") >= 0:
+                weight = getattr(self, f"{field}_loss_weight")
+                raise ValueError(f"{field}_loss_weight={weight!r} must be >= 0")
+        if self.load_loss_weight > 0 and self.noise_std == 0:
+            raise ValueError(
+                f"load_loss_weight={self.load_loss_weight} needs noise_std > 0 (the load loss is "
+                "the selection probability under gating noise); set one of them differently"
+            )
+
+    def replace(self, **changes: Any) -> TopKRouter:
+        """A copy with some options changed (validated), e.g. `router.replace(k=1)`."""
+        return dataclasses.replace(self, **changes)
+
+    def capacity(self, group_size: int, deterministic: bool = True) -> int:
+        """Slots per expert per group for groups of `group_size` tokens."""
+        factor = self.capacity_factor
+        if deterministic and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        return compute_capacity(
+            group_size,
+            self.num_experts,
+            self.k,
+            factor,
+            rounding=self.capacity_rounding,
+            multiple_of=self.capacity_multiple_of,
+        )
+
+    def init(self, rng: Array, d_model: int) -> dict[str, Array]:
+        """{"gate": [D, E] float32}, LeCun-normal initialised."""
+        init = jax.nn.initializers.lecun_normal()
+        return {"gate": init(rng, (d_model, self.num_experts), jnp.float32)}
+
+    def priority(self, weight_gsk: Array) -> Array | None:
+        """[G, S] token priority for buffer filling; None means token order."""
+        del weight_gsk
+        return None
+
+    def __call__(
+        self,
+        params: dict[str, Array],
+        x_gsd: Array,
+        *,
+        rng: Array | None = None,
+        deterministic: bool = True,
+    ) -> Routing:
+        gate = params["gate"]
+        check_tokens(x_gsd, gate.shape[0])
+        logits = jnp.einsum(
+            "gsd,de->gse", x_gsd.astype(self.gate_dtype), gate.astype(self.gate_dtype)
+        ).astype(jnp.float32)
+        noisy = not deterministic and self.noise_std > 0
+        noise_std = self.noise_std / self.num_experts
+        if noisy:
+            if rng is None:
+                raise ValueError(
+                    f"router {self.name!r} needs rng when deterministic=False and "
+                    f"noise_std={self.noise_std} > 0"
+                )
+            noisy_logits = logits + noise_std * jax.random.normal(rng, logits.shape)
+        else:
+            noisy_logits = logits
+        gates = jax.nn.softmax(noisy_logits, axis=-1)
+
+        aux = self._aux_losses(logits, noisy_logits, gates, noise_std)
+        weights = {
+            "importance": self.importance_loss_weight,
+            "load": self.load_loss_weight,
+            "gshard": self.gshard_loss_weight,
+            "z": self.z_loss_weight,
+        }
+        aux_loss = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
+
+        weight_gsk, expert_gsk = jax.lax.top_k(gates, self.k)
+        return token_choice_routing(
+            expert_gsk,
+            weight_gsk,
+            num_experts=self.num_experts,
+            capacity=self.capacity(x_gsd.shape[1], deterministic),
+            priority_gs=self.priority(weight_gsk),
+            aux_loss=aux_loss,
+            aux_losses=aux,
+        )
+
+    def _aux_losses(self, logits, noisy_logits, gates, noise_std) -> dict[str, Array]:
+        aux: dict[str, Array] = {}
+        if self.importance_loss_weight > 0:
+            aux["importance"] = losses.importance_loss(jax.nn.softmax(logits, axis=-1))
+        if self.load_loss_weight > 0:
+            # Without noise (evaluation) the bar is the clean k-th logit: the loss then reports
+            # how balanced the load would be in expectation under training noise.
+            aux["load"] = losses.load_loss(logits, noisy_logits, noise_std, self.k)
+        if self.gshard_loss_weight > 0:
+            aux["gshard"] = losses.gshard_loss(gates)
+        if self.z_loss_weight > 0:
+            aux["z"] = losses.z_loss(logits)
+        return aux
+
+
+@dataclasses.dataclass(frozen=True)
+class BprRouter(TopKRouter):
+    """Batch Priority Routing (V-MoE, Section 4.1): top-K, with buffers filled by priority.
+
+    Within each group, tokens are ordered by a priority score before buffers are filled, so when
+    capacity runs out it is the low-priority tokens that are dropped. Still K-major: all first
+    choices (by priority) before any second choice.
+
+    Attributes:
+      priority_score: "max" (the token's top-1 gate, as in the paper and its release) or
+        "sum" (the sum of its top-K gates).
+    """
+
+    name: ClassVar[str] = "bpr"
+
+    priority_score: str = "max"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.priority_score not in PRIORITIES:
+            raise ValueError(f"priority_score={self.priority_score!r} must be one of {PRIORITIES}")
+
+    def priority(self, weight_gsk: Array) -> Array:
+        if self.priority_score == "max":
+            return weight_gsk[..., 0]
+        return jnp.sum(weight_gsk, axis=-1)
