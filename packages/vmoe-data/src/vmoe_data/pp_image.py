@@ -1,0 +1,303 @@
+"""Built-in image ops. Each factory checks its arguments and returns `op(example, rng)`.
+
+Images are numpy arrays `[H, W, C]`: uint8 0..255 until `value_range` / `normalize`, which
+return float32. Geometry ops keep the dtype. Resizing uses Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+_METHODS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def get_image(example: dict, key: str, op: str, dtypes: Sequence[str] = ()) -> np.ndarray:
+    """`example[key]` checked to be an `[H, W, C]` array (with a dtype in `dtypes` if given)."""
+    if key not in example:
+        raise ValueError(f"{op}: the example has no {key!r}; keys: {sorted(example)}")
+    image = example[key]
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"{op}: {key!r} is a {type(image).__name__}, not an [H, W, C] array; "
+            "start the pp spec with decode"
+        )
+    if image.ndim != 3:
+        raise ValueError(
+            f"{op}: {key!r} has rank {image.ndim} (shape {image.shape}); expected rank 3 "
+            "[H, W, C] (decode turns [H, W] into [H, W, 1])"
+        )
+    if dtypes and image.dtype.name not in dtypes:
+        raise ValueError(f"{op}: {key!r} has dtype {image.dtype}; expected one of {list(dtypes)}")
+    return image
+
+
+def _size(size: int | Sequence[int], op: str) -> tuple[int, int]:
+    """`32` -> (32, 32); `(24, 32)` -> (24, 32) as (height, width)."""
+    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    if len(sizes) != 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ValueError(f"{op}: size={size!r} must be a positive int or (height, width)")
+    return sizes  # type: ignore[return-value]
+
+
+def decode(channels: int | None = None, key: str = "image"):
+    """Encoded bytes (PNG, JPEG, ...) or an `[H, W]` / `[H, W, C]` uint8 array -> uint8 [H, W, C].
+
+    `channels=3` makes grayscale images RGB, `channels=1` makes RGB grayscale.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"decode: channels={channels!r} must be None, 1 or 3")
+
+    def op(example, rng):
+        value = example[key] if key in example else get_image(example, key, "decode")
+        if isinstance(value, (bytes, np.bytes_)) or (
+            isinstance(value, np.ndarray) and value.dtype.kind in "SO"
+        ):
+            image = _decode_bytes(bytes(value.item() if isinstance(value, np.ndarray) else value))
+        elif isinstance(value, np.ndarray):
+            image = value[..., None] if value.ndim == 2 else value
+            get_image({key: image}, key, "decode", dtypes=("uint8",))
+        else:
+            raise ValueError(
+                f"decode: {key!r} is a {type(value).__name__}; expected encoded image bytes "
+                "or a uint8 [H, W] / [H, W, C] array"
+            )
+        return {**example, key: _to_channels(image, channels)}
+
+    return op
+
+
+def _decode_bytes(data: bytes) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as pil:
+            if pil.mode not in ("L", "RGB"):
+                pil = pil.convert("RGBA" if "A" in pil.getbands() else "RGB")
+            image = np.asarray(pil)
+    except Exception as error:  # Pillow raises several types
+        raise ValueError(f"decode: cannot decode {len(data)} bytes as an image: {error}") from None
+    return image[..., None] if image.ndim == 2 else image
+
+
+def _to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
+    have = image.shape[-1]
+    if channels is None or have == channels:
+        return image
+    if channels == 3 and have == 1:
+        return np.repeat(image, 3, axis=-1)
+    if channels == 1 and have in (3, 4):
+        luma = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.round(luma).astype(np.uint8)[..., None]
+    if channels == 3 and have == 4:
+        return image[..., :3]
+    raise ValueError(f"decode: cannot turn {have} channels into {channels}")
+
+
+def _resize(image: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    resample = _METHODS[method]
+    if image.dtype == np.uint8 and image.shape[-1] in (1, 3, 4):
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        out = np.asarray(pil.resize((width, height), resample))
+        return out.reshape(height, width, image.shape[-1])
+    channels = [
+        np.asarray(
+            Image.fromarray(image[..., c].astype(np.float32), mode="F").resize(
+                (width, height), resample
+            )
+        )
+        for c in range(image.shape[-1])
+    ]
+    out = np.stack(channels, axis=-1)
+    if image.dtype == np.uint8:
+        out = np.clip(np.round(out), 0, 255)
+    return out.astype(image.dtype)
+
+
+def _check_method(method: str, op: str) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"{op}: method={method!r} is not one of {sorted(_METHODS)}")
+
+
+def resize(size: int | Sequence[int], method: str = "bilinear", key: str = "image"):
+    """Resizes to `size` (int: square; or (height, width))."""
+    height, width = _size(size, "resize")
+    _check_method(method, "resize")
+
+    def op(example, rng):
+        image = get_image(example, key, "resize")
+        return {**example, key: _resize(image, height, width, method)}
+
+    return op
+
+
+def resize_small(size: int, method: str = "area", key: str = "image"):
+    """Resizes so the shorter side is `size`, keeping the aspect ratio."""
+    _size(size, "resize_small")
+    _check_method(method, "resize_small")
+
+    def op(example, rng):
+        image = get_image(example, key, "resize_small")
+        h, w = image.shape[:2]
+        scale = size / min(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        return {**example, key: _resize(image, new_h, new_w, method)}
+
+    return op
+
+
+def _crop(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    return image[top : top + height, left : left + width]
+
+
+def _fits(image: np.ndarray, height: int, width: int, op: str) -> None:
+    if image.shape[0] < height or image.shape[1] < width:
+        raise ValueError(
+            f"{op}: image of shape {image.shape} is smaller than the crop ({height}, {width}); "
+            "resize first"
+        )
+
+
+def central_crop(size: int | Sequence[int], key: str = "image"):
+    """Crops the central `size` window."""
+    height, width = _size(size, "central_crop")
+
+    def op(example, rng):
+        image = get_image(example, key, "central_crop")
+        _fits(image, height, width, "central_crop")
+        top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+        return {**example, key: _crop(image, top, left, height, width)}
+
+    return op
+
+
+def random_crop(size: int | Sequence[int], key: str = "image"):
+    """Crops a `size` window at a uniformly random position."""
+    height, width = _size(size, "random_crop")
+
+    def op(example, rng):
+        image = get_image(example, key, "random_crop")
+        _fits(image, height, width, "random_crop")
+        top = int(rng.integers(0, image.shape[0] - height + 1))
+        left = int(rng.integers(0, image.shape[1] - width + 1))
+        return {**example, key: _crop(image, top, left, height, width)}
+
+    return op
+
+
+def inception_crop(
+    size: int | Sequence[int] | None = None,
+    area_min: float = 5,
+    area_max: float = 100,
+    method: str = "bilinear",
+    key: str = "image",
+):
+    """Inception-style crop: a random window covering area_min..area_max % of the image with
+    aspect ratio in [3/4, 4/3] (log-uniform), resized to `size` if given.
+
+    Ten tries to fit a window; if none fits, the central square crop is used.
+    """
+    out_size = None if size is None else _size(size, "inception_crop")
+    if not 0 < area_min <= area_max <= 100:
+        raise ValueError(
+            f"inception_crop: need 0 < area_min={area_min!r} <= area_max={area_max!r} <= 100"
+        )
+    _check_method(method, "inception_crop")
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+
+    def op(example, rng):
+        image = get_image(example, key, "inception_crop")
+        h, w = image.shape[:2]
+        for _ in range(10):
+            area = h * w * rng.uniform(area_min, area_max) / 100
+            ratio = math.exp(rng.uniform(*log_ratio))
+            crop_w = round(math.sqrt(area * ratio))
+            crop_h = round(math.sqrt(area / ratio))
+            if 0 < crop_w <= w and 0 < crop_h <= h:
+                top = int(rng.integers(0, h - crop_h + 1))
+                left = int(rng.integers(0, w - crop_w + 1))
+                break
+        else:
+            crop_h = crop_w = min(h, w)
+            top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        crop = _crop(image, top, left, crop_h, crop_w)
+        if out_size is not None:
+            crop = _resize(crop, *out_size, method)
+        return {**example, key: crop}
+
+    return op
+
+
+def flip_lr(probability: float = 0.5, key: str = "image"):
+    """Flips left-right with `probability`."""
+    if not 0 <= probability <= 1:
+        raise ValueError(f"flip_lr: probability={probability!r} must be in [0, 1]")
+
+    def op(example, rng):
+        image = get_image(example, key, "flip_lr")
+        if rng.uniform() < probability:
+            image = image[:, ::-1]
+        return {**example, key: image}
+
+    return op
+
+
+def value_range(
+    vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255, key: str = "image"
+):
+    """Maps pixel values linearly from [in_min, in_max] to [vmin, vmax]: float32."""
+    if not (vmin < vmax and in_min < in_max):
+        raise ValueError(
+            f"value_range: need vmin < vmax and in_min < in_max; got vmin={vmin!r}, "
+            f"vmax={vmax!r}, in_min={in_min!r}, in_max={in_max!r}"
+        )
+    scale = (vmax - vmin) / (in_max - in_min)
+
+    def op(example, rng):
+        image = get_image(example, key, "value_range", dtypes=_NUMERIC)
+        out = (image.astype(np.float32) - np.float32(in_min)) * np.float32(scale)
+        return {**example, key: out + np.float32(vmin)}
+
+    return op
+
+
+def normalize(
+    mean: float | Sequence[float] = (0.485, 0.456, 0.406),
+    std: float | Sequence[float] = (0.229, 0.224, 0.225),
+    scale: float = 255,
+    key: str = "image",
+):
+    """(image / scale - mean) / std per channel: float32. Defaults: ImageNet statistics."""
+    mean_c = np.atleast_1d(np.asarray(mean, np.float32))
+    std_c = np.atleast_1d(np.asarray(std, np.float32))
+    if mean_c.ndim != 1 or std_c.ndim != 1 or not np.all(std_c > 0) or scale <= 0:
+        raise ValueError(
+            f"normalize: mean={mean!r} and std={std!r} must be numbers or per-channel lists, "
+            f"std > 0 and scale={scale!r} > 0"
+        )
+
+    def op(example, rng):
+        image = get_image(example, key, "normalize", dtypes=_NUMERIC)
+        for name, stat in (("mean", mean_c), ("std", std_c)):
+            if len(stat) not in (1, image.shape[-1]):
+                raise ValueError(
+                    f"normalize: {name} has {len(stat)} values for an image with "
+                    f"{image.shape[-1]} channels"
+                )
+        out = (image.astype(np.float32) / np.float32(scale) - mean_c) / std_c
+        return {**example, key: out}
+
+    return op
+
+
+_NUMERIC = ("uint8", "uint16", "int32", "float16", "float32", "float64")

@@ -1,0 +1,84 @@
+"""Built-in label and structure ops: onehot, mixup (a batch op), keep."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vmoe_data.preprocess import batch_op
+
+
+def onehot(
+    depth: int,
+    key: str = "label",
+    key_result: str = "labels",
+    on: float = 1.0,
+    off: float = 0.0,
+):
+    """Int label(s) in [0, depth) -> float32 [depth] vector at `key_result` (on/off values).
+
+    A scalar label gives a one-hot vector; a 1-D array of labels gives a multi-hot vector.
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"onehot: depth={depth!r} must be a positive int")
+
+    def op(example, rng):
+        if key not in example:
+            raise ValueError(f"onehot: the example has no {key!r}; keys: {sorted(example)}")
+        labels = np.asarray(example[key])
+        if labels.dtype.kind not in "iu" or labels.ndim > 1:
+            raise ValueError(
+                f"onehot: {key!r} must be an int or a 1-D int array; got dtype {labels.dtype} "
+                f"shape {labels.shape}"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= depth):
+            raise ValueError(f"onehot: label {labels.tolist()} outside [0, depth={depth})")
+        vector = np.full((depth,), off, dtype=np.float32)
+        vector[labels.reshape(-1)] = on
+        return {**example, key_result: vector}
+
+    return op
+
+
+def mixup(alpha: float = 0.2, keys: tuple[str, ...] | list[str] = ("image", "labels")):
+    """Batch op: mixes each example with its neighbour in the batch (np.roll by 1).
+
+    x' = lam * x + (1 - lam) * roll(x, 1), one lam ~ Beta(alpha, alpha) per batch, for every
+    key in `keys` (float arrays with a leading batch axis B, e.g. after value_range and
+    onehot). Returns float32 arrays.
+    """
+    if not alpha > 0:
+        raise ValueError(f"mixup: alpha={alpha!r} must be > 0")
+    if isinstance(keys, str) or not keys:
+        raise ValueError(f"mixup: keys={keys!r} must be a non-empty list of feature names")
+
+    @batch_op
+    def op(batch, rng):
+        lam = np.float32(rng.beta(alpha, alpha))
+        mixed = dict(batch)
+        for key in keys:
+            if key not in batch:
+                raise ValueError(f"mixup: the batch has no {key!r}; keys: {sorted(batch)}")
+            value = np.asarray(batch[key])
+            if value.dtype.kind != "f":
+                raise ValueError(
+                    f"mixup: {key!r} has dtype {value.dtype}; mix float values (apply "
+                    "value_range/normalize to images and onehot to labels first)"
+                )
+            mixed[key] = (lam * value + (1 - lam) * np.roll(value, 1, axis=0)).astype(np.float32)
+        return mixed
+
+    return op
+
+
+def keep(*keys: str):
+    """Keeps only the features `keys` (e.g. `keep("image", "labels")`)."""
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"keep: keys={list(keys)!r} must be one or more feature names")
+
+    def op(example, rng):
+        missing = [k for k in keys if k not in example]
+        if missing:
+            raise ValueError(f"keep: the example has no {missing}; keys: {sorted(example)}")
+        return {k: example[k] for k in keys}
+
+    return op

@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded digits are built once per test session, in a temporary dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vmoe_data
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory):
+    """A fresh data dir for the session (`$VMOE_DATA_DIR`, inherited by subprocesses)."""
+    path = tmp_path_factory.mktemp("vmoe_data_dir")
+    previous = os.environ.get(vmoe_data.DATA_DIR_ENV)
+    os.environ[vmoe_data.DATA_DIR_ENV] = str(path)
+    yield path
+    if previous is None:
+        del os.environ[vmoe_data.DATA_DIR_ENV]
+    else:
+        os.environ[vmoe_data.DATA_DIR_ENV] = previous
+
+
+@pytest.fixture(scope="session")
+def digits(data_dir):
+    """The embedded digits dataset, built into the session's data dir."""
+    return vmoe_data.get_dataset("digits")
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs `code` in a new Python process (same interpreter and environment); checks rc 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
+    return result
