@@ -8,9 +8,9 @@ upward import fails), the integration tests, and lint. `nox -l` lists every sess
 from __future__ import annotations
 
 import pathlib
-import tomllib
 
 import nox
+import tomllib
 
 ROOT = pathlib.Path(__file__).parent
 # Every separately versioned distribution in the repo, by short session name.
@@ -99,5 +99,7 @@ def build(session: nox.Session) -> None:
     session.install("build>=1.2", "twine>=5")
     out = ROOT / "dist"
     for folder in PROJECTS.values():
-        session.run("python", "-m", "build", "--outdir", str(out / pathlib.Path(folder).name), folder)
+        session.run(
+            "python", "-m", "build", "--outdir", str(out / pathlib.Path(folder).name), folder
+        )
     session.run("twine", "check", "--strict", *sorted(str(p) for p in out.glob("*/*")))

@@ -7,7 +7,9 @@ import tomllib
 
 import vmoe_layers
 
-PROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+PROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())[
+    "project"
+]
 
 
 def test_installed_version_is_the_pyproject_version():

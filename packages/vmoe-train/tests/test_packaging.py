@@ -3,11 +3,14 @@
 import importlib
 import importlib.metadata
 import pathlib
+
 import tomllib
 
 import vmoe_train
 
-PROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+PROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())[
+    "project"
+]
 
 
 def test_installed_version_is_the_pyproject_version():

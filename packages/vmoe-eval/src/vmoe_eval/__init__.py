@@ -1,4 +1,4 @@
-"""vmoe-eval: accuracy, few-shot transfer, capacity sweeps and routing analysis (skeleton; see README.md)."""
+"""vmoe-eval: accuracy, few-shot, capacity sweeps, routing analysis (skeleton; see README.md)."""
 
 from __future__ import annotations
 

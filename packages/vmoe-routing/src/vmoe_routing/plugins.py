@@ -131,9 +131,7 @@ def load_entry_points() -> None:
 
 def _report(host: _Host, plugin: str, error: str) -> None:
     host.errors.append(PluginError(plugin, error))
-    warnings.warn(
-        f"Error loading vmoe plugin {plugin}: {error}", PluginImportWarning, stacklevel=3
-    )
+    warnings.warn(f"Error loading vmoe plugin {plugin}: {error}", PluginImportWarning, stacklevel=3)
 
 
 def plugin_errors() -> list[PluginError]:
@@ -249,7 +247,9 @@ class Registry(Generic[T]):
             hint = difflib.get_close_matches(str(name), entries, n=1)
             maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
             failed = plugin_errors()
-            broken = f"; plugins that failed to load: {[e.plugin for e in failed]}" if failed else ""
+            broken = (
+                f"; plugins that failed to load: {[e.plugin for e in failed]}" if failed else ""
+            )
             raise ValueError(
                 f"unknown {self.kind} {name!r}{maybe}; installed: {sorted(entries)}{broken}"
             )

@@ -1,4 +1,4 @@
-"""vmoe-train: the trainer, configs, orbax checkpoints, metrics and the training CLI (skeleton; see README.md)."""
+"""vmoe-train: trainer, configs, orbax checkpoints, metrics, CLI (skeleton; see README.md)."""
 
 from __future__ import annotations
 

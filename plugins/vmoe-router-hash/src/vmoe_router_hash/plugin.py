@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import vmoe_routing
-
 from vmoe_router_hash.router import HashRouter
 
 

@@ -1,0 +1,65 @@
+"""A user's first steps: `pip install` vmoe-routing alone into a fresh virtualenv, list the
+routers, then install the hash plugin and see it appear with no code change."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import venv
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LIST_ROUTERS = "import vmoe_routing; print(vmoe_routing.available_routers())"
+
+
+def run(*args: str) -> str:
+    result = subprocess.run(args, capture_output=True, text=True, check=False, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user-venv")
+    venv.EnvBuilder(with_pip=True).create(path)
+    return path / ("Scripts" if os.name == "nt" else "bin")
+
+
+def installed(bin_dir: pathlib.Path) -> set[str]:
+    listing = json.loads(run(str(bin_dir / "python"), "-m", "pip", "list", "--format=json"))
+    return {p["name"].lower().replace("_", "-") for p in listing}
+
+
+def test_routing_alone_then_the_hash_plugin(fresh_venv):
+    python = str(fresh_venv / "python")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    run(*pip, str(ROOT / "packages" / "vmoe-routing"))
+
+    packages = installed(fresh_venv)
+    assert {"vmoe-routing", "jax", "pluggy", "numpy"} <= packages
+    forbidden = {p for p in packages if p.startswith(("flax", "tensorflow", "grain"))}
+    assert not forbidden, f"vmoe-routing pulled in {forbidden}"
+
+    routers = run(python, "-c", LIST_ROUTERS).strip()
+    assert routers == "['bpr', 'top_k']"
+
+    run(*pip, str(ROOT / "plugins" / "vmoe-router-hash"))
+    assert run(python, "-c", LIST_ROUTERS).strip() == "['bpr', 'hash', 'top_k']"
+
+    # The plugin's router is usable end to end from the installed packages.
+    code = (
+        "import jax.numpy as jnp, vmoe_routing as vr\n"
+        "r = vr.get_router('hash', num_experts=4, k=2)\n"
+        "x = jnp.ones((2, 8, 3))\n"
+        "routing = r(r.init(None, 3), x)\n"
+        "print(vr.combine(vr.dispatch(x, routing), routing).shape)\n"
+    )
+    assert run(python, "-c", code).strip() == "(2, 8, 3)"
+
+
+def test_the_running_interpreter_is_not_the_fresh_one(fresh_venv):
+    # Guards the test above against silently using the session's own environment.
+    assert pathlib.Path(sys.executable).resolve().parent != fresh_venv.resolve()

@@ -1,0 +1,32 @@
+"""vmoe-routing installs with its pyproject version and depends only on jax, numpy and pluggy."""
+
+import importlib.metadata
+import pathlib
+import re
+
+import tomllib
+
+import vmoe_routing
+
+PROJECT = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())[
+    "project"
+]
+
+
+def test_installed_version_is_the_pyproject_version():
+    assert (
+        vmoe_routing.__version__ == PROJECT["version"] == importlib.metadata.version("vmoe-routing")
+    )
+
+
+def test_runtime_dependencies_are_only_jax_numpy_pluggy():
+    names = {
+        re.split(r"[<>=!~ \[;]", r)[0]
+        for r in importlib.metadata.requires("vmoe-routing")
+        if "extra ==" not in r
+    }
+    assert names == {"jax", "numpy", "pluggy"}
+
+
+def test_ships_type_information():
+    assert (pathlib.Path(vmoe_routing.__file__).parent / "py.typed").exists()
