@@ -8,9 +8,10 @@ upward import fails), the integration tests, and lint. `nox -l` lists every sess
 from __future__ import annotations
 
 import pathlib
+import shutil
+import tomllib
 
 import nox
-import tomllib
 
 ROOT = pathlib.Path(__file__).parent
 # Every separately versioned distribution in the repo, by short session name.
@@ -98,6 +99,7 @@ def build(session: nox.Session) -> None:
     """Build every package's sdist and wheel and check their metadata (twine check)."""
     session.install("build>=1.2", "twine>=5")
     out = ROOT / "dist"
+    shutil.rmtree(out, ignore_errors=True)  # check only what this run built
     for folder in PROJECTS.values():
         session.run(
             "python", "-m", "build", "--outdir", str(out / pathlib.Path(folder).name), folder

@@ -3,7 +3,6 @@
 import importlib.metadata
 import pathlib
 import re
-
 import tomllib
 
 import vmoe_routing

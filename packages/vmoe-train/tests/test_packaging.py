@@ -3,7 +3,6 @@
 import importlib
 import importlib.metadata
 import pathlib
-
 import tomllib
 
 import vmoe_train
