@@ -30,8 +30,13 @@ def digits(data_dir):
     return vmoe_data.get_dataset("digits")
 
 
-def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Runs `code` in a new Python process (same interpreter and environment); checks rc 0."""
+@pytest.fixture
+def run_python():
+    """`run_python(code, *args)`: runs `code` in a new Python process; checks it exits 0."""
+    return _run_python
+
+
+def _run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
     )

@@ -261,5 +261,15 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int | None) ->
     read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
     it_ds = ds.to_iter_dataset(read)
     if num_workers:
+        _absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it_ds
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside absl.app they are never parsed, so
+    mark them parsed (all defaults) rather than fail with UnparsedFlagAccessError."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
