@@ -2,6 +2,8 @@
 in values and in gradients (to the tokens, to the expert outputs and through the combine
 weights to the router's gate)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,12 +52,22 @@ def make_case(seed, g, s, d, e, k, capacity_factor, bpr):
     return router, params, x, keys[2]
 
 
+# Few distinct shapes, so that hypothesis examples reuse compiled programs.
+@functools.partial(jax.jit, static_argnums=0)
+def forward_both_paths(router, params, x, rng):
+    routing = router(params, x, rng=rng, deterministic=False)
+    dense = routing.to_dense()
+    buffers = dispatch(x, routing)
+    y = jnp.tanh(buffers) + 0.1
+    return routing, buffers, dispatch(x, dense), combine(y, routing), combine(y, dense)
+
+
 cases = st.tuples(
     st.integers(0, 2**31 - 1),
-    st.integers(1, 3),  # G
-    st.integers(1, 16),  # S
-    st.integers(1, 6),  # D
-    st.integers(1, 6),  # E
+    st.sampled_from([1, 3]),  # G
+    st.sampled_from([1, 6, 16]),  # S
+    st.sampled_from([3]),  # D
+    st.sampled_from([1, 2, 5]),  # E
     st.integers(1, 2),  # K
     st.sampled_from([0.25, 0.5, 1.0, 2.0]),
     st.booleans(),
@@ -66,15 +78,11 @@ cases = st.tuples(
 @given(cases)
 def test_index_path_equals_einsum_reference_and_slow_loop(case):
     router, params, x, rng = make_case(*case)
-    routing = router(params, x, rng=rng, deterministic=False)
-    dense = routing.to_dense()
-    buffers = dispatch(x, routing)
-    np.testing.assert_allclose(buffers, dispatch(x, dense), atol=1e-6)
+    routing, buffers, dense_buffers, out, dense_out = forward_both_paths(router, params, x, rng)
+    np.testing.assert_allclose(buffers, dense_buffers, atol=1e-6)
     np.testing.assert_allclose(buffers, loop_dispatch(x, routing), atol=1e-6)
-    y = jnp.tanh(buffers) + 0.1
-    out = combine(y, routing)
-    np.testing.assert_allclose(out, combine(y, dense), atol=1e-6)
-    np.testing.assert_allclose(out, loop_combine(y, routing), atol=1e-6)
+    np.testing.assert_allclose(out, dense_out, atol=1e-6)
+    np.testing.assert_allclose(out, loop_combine(jnp.tanh(buffers) + 0.1, routing), atol=1e-6)
 
 
 @settings(max_examples=10, deadline=None)
@@ -92,8 +100,9 @@ def test_index_path_gradients_equal_einsum_reference(case):
         y = jnp.tanh(jnp.einsum("gecd,edf->gecf", dispatch(x, routing), w_expert))
         return jnp.sum(combine(y, routing) * cotangent) + routing.aux_loss
 
-    g_index = jax.grad(loss, argnums=(0, 1))(params, x, False)
-    g_dense = jax.grad(loss, argnums=(0, 1))(params, x, True)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    g_index = grad(params, x, False)
+    g_dense = grad(params, x, True)
     np.testing.assert_allclose(g_index[0]["gate"], g_dense[0]["gate"], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(g_index[1], g_dense[1], atol=1e-5, rtol=1e-5)
 
