@@ -105,3 +105,10 @@ def build(session: nox.Session) -> None:
             "python", "-m", "build", "--outdir", str(out / pathlib.Path(folder).name), folder
         )
     session.run("twine", "check", "--strict", *sorted(str(p) for p in out.glob("*/*")))
+
+
+@nox.session(name="bench-data")
+def bench_data(session: nox.Session) -> None:
+    """Images/s of the vmoe-data train pipeline: embedded digits and synthetic 224x224 images."""
+    _install(session, PROJECTS["data"], extras="")
+    session.run("python", "packages/vmoe-data/benchmarks/bench_pipeline.py", *session.posargs)
