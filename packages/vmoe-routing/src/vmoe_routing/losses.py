@@ -43,7 +43,9 @@ def load_loss(logits_gse: Array, noisy_logits_gse: Array, noise_std: float, k: i
     """
     if not noise_std > 0:
         raise ValueError(f"noise_std={noise_std!r} must be > 0 for the load loss")
-    threshold_gs = jax.lax.top_k(noisy_logits_gse, k)[0][..., -1]
+    # The k-th largest value is the min of the top-k values. (Slicing [..., -1] out of top_k
+    # instead made XLA:CPU fall back to a full sort: 2.5 ms vs 0.16 ms at [8, 200, 32], jax 0.10.2.)
+    threshold_gs = jnp.min(jax.lax.top_k(noisy_logits_gse, k)[0], axis=-1)
     # P(logit + fresh noise >= threshold) for every (token, expert).
     p_gse = 1.0 - norm.cdf((threshold_gs[..., None] - logits_gse) / noise_std)
     return _cv_squared(jnp.mean(p_gse, axis=1))
