@@ -177,3 +177,38 @@ def test_images_of_the_wrong_dtype_fail_when_the_pipeline_is_built():
 def test_unknown_dataset_name_in_a_pipeline():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         vmoe_data.train_pipeline("mnist", batch_size=2)
+
+
+class _ShapeChangingSource:
+    """8 examples; from index 5 on the images have rank 4 (or another size)."""
+
+    def __init__(self, late_shape):
+        self.late_shape = late_shape
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        shape = self.late_shape if i >= 5 else (4, 4, 1)
+        return {"image": np.zeros(shape, np.uint8), "label": np.int64(0)}
+
+
+def _iterate(late_shape, pp):
+    dataset = Dataset("changing", 1, {"train": 8}, lambda split: _ShapeChangingSource(late_shape))
+    pipeline = vmoe_data.train_pipeline(
+        dataset, batch_size=2, pp=pp, shuffle=False, process_index=0, process_count=1
+    )
+    return take(pipeline, 4)
+
+
+def test_bad_image_met_during_iteration_raises_the_op_error():
+    with pytest.raises(ValueError, match=r"resize: 'image' has rank 4 \(shape \(1, 4, 4, 1\)\)"):
+        _iterate((1, 4, 4, 1), pp="resize(2)")
+
+
+def test_images_of_different_sizes_in_a_batch_name_the_feature():
+    with pytest.raises(
+        ValueError,
+        match=r"differ in the shape of 'image': \[\(4, 4, 1\), \(5, 5, 1\)\]; add a resize",
+    ):
+        _iterate((5, 5, 1), pp="decode")

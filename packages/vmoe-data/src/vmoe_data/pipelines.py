@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -79,7 +80,7 @@ def train_pipeline(
     ds = ds.repeat(num_epochs)
     ds = ds.random_map(pp, seed=example_seed)  # seeded by the global index: same on any P
     ds = ds[index::count]
-    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+    ds = ds.batch(local_batch, drop_remainder=drop_remainder, batch_fn=stack_examples)
     if pp.batch_ops:
         ds = ds.random_map(pp.apply_batch, seed=int(_derive_seeds(batch_seed + index, 1)[0]))
     return _to_iter(ds, num_workers, num_threads)
@@ -167,7 +168,7 @@ def _eval_over(
     _check_example(source, pp)
     padded = _PaddedShard(source, batch_size, local_batch, index)
     ds = grain.MapDataset.source(padded).random_map(_MaskedPP(pp), seed=_derive_seeds(seed, 1)[0])
-    ds = ds.batch(local_batch)
+    ds = ds.batch(local_batch, batch_fn=stack_examples)
     if pp.batch_ops:
         ds = ds.random_map(pp.apply_batch, seed=int(_derive_seeds(seed + 1 + index, 1)[0]))
     return _to_iter(ds, num_workers, num_threads)
@@ -203,6 +204,34 @@ class _MaskedPP:
     def __call__(self, item: tuple[dict, bool], rng: np.random.Generator) -> dict:
         example, real = item
         return {**self.pp(example, rng), "mask": np.bool_(real)}
+
+
+def stack_examples(examples: Sequence[dict]) -> dict:
+    """Stacks examples (dicts of arrays, possibly nested) into a batch: leading axis L.
+
+    Examples whose features or shapes differ are an error that names the feature.
+    """
+    keys = examples[0].keys()
+    batch = {}
+    for example in examples:
+        if example.keys() != keys:
+            raise ValueError(
+                f"examples in a batch have different features: {sorted(keys)} and {sorted(example)}"
+            )
+    for key in keys:
+        values = [example[key] for example in examples]
+        if isinstance(values[0], dict):
+            batch[key] = stack_examples(values)
+            continue
+        values = [np.asarray(value) for value in values]
+        shapes = sorted({value.shape for value in values})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"examples in a batch differ in the shape of {key!r}: {shapes[:4]}; add a "
+                "resize or crop op to the pp spec"
+            )
+        batch[key] = np.stack(values)
+    return batch
 
 
 def resolve_processes(index: int | None, count: int | None) -> tuple[int, int]:

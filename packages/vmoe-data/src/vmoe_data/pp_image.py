@@ -59,7 +59,9 @@ def decode(channels: int | None = None, key: str = "image"):
         raise ValueError(f"decode: channels={channels!r} must be None, 1 or 3")
 
     def op(example, rng):
-        value = example[key] if key in example else get_image(example, key, "decode")
+        if key not in example:
+            raise ValueError(f"decode: the example has no {key!r}; keys: {sorted(example)}")
+        value = example[key]
         if isinstance(value, (bytes, np.bytes_)) or (
             isinstance(value, np.ndarray) and value.dtype.kind in "SO"
         ):
