@@ -90,3 +90,24 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
 def test_unknown_tfds_dataset_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"tfds dataset 'no_such_set' is not known to tfds"):
         vmoe_data.get_dataset("tfds:no_such_set", data_dir=str(tmp_path))
+
+
+def test_labels_are_read_in_source_order(tfds_dir):
+    dataset = vmoe_data.get_dataset(
+        "tfds:vmoe_test_squares", data_dir=str(tfds_dir), label_key="shape"
+    )
+    source = dataset.source("train")
+    expected = [int(source[i]["shape"]) for i in range(len(source))]
+    assert dataset.labels("train").tolist() == expected
+    assert dataset.labels("train[2:5]").tolist() == expected[2:5]
+
+
+def test_few_shot_over_a_tfds_dataset(tfds_dir):
+    dataset = vmoe_data.get_dataset(
+        "tfds:vmoe_test_squares", data_dir=str(tfds_dir), label_key="shape"
+    )
+    batches = vmoe_data.few_shot_pipeline(
+        dataset, shots=2, batch_size=6, process_index=0, process_count=1
+    )
+    labels = sorted(int(x) for b in batches for x in b["label"][b["mask"]])
+    assert labels == [0, 0, 1, 1, 2, 2]

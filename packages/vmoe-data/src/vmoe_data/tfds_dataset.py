@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from vmoe_data.dataset import Dataset
 
+_LABEL_CHUNK = 4096  # examples read per batched ArrayRecord lookup when gathering labels
 _PREPARE_HINT = (
     "prepare it once, with network access, as ArrayRecord files: `tfds build {name} "
     "--data_dir={data_dir} --file_format=array_record` (needs TensorFlow for image datasets), "
@@ -63,7 +65,7 @@ def tfds_dataset(
             f"tfds dataset {name!r} has no ClassLabel feature {label_key!r}; features: "
             f"{sorted(info.features.keys())}; pass label_key=<the label feature>"
         )
-    labels = info.features[label_key]
+    label_feature = info.features[label_key]
     sources: dict[str, object] = {}
 
     def open_split(split: str):
@@ -72,12 +74,27 @@ def tfds_dataset(
             sources[split] = source if label_key == "label" else _RenameLabel(source, label_key)
         return sources[split]
 
+    def read_labels(split: str) -> np.ndarray:
+        # Images stay encoded (SkipDecoding): reading labels must not decode every image.
+        skip = {
+            key: tfds.decode.SkipDecoding()
+            for key, feature in info.features.items()
+            if isinstance(feature, tfds.features.Image)
+        }
+        source = builder.as_data_source(split, decoders=skip or None)
+        values = np.empty(len(source), dtype=np.int64)
+        for start in range(0, len(source), _LABEL_CHUNK):
+            indices = range(start, min(start + _LABEL_CHUNK, len(source)))
+            values[start : indices.stop] = [e[label_key] for e in source.__getitems__(indices)]
+        return values
+
     return Dataset(
         name=f"tfds:{name}",
-        num_classes=labels.num_classes,
+        num_classes=label_feature.num_classes,
         split_sizes={split: s.num_examples for split, s in info.splits.items()},
         open_split=open_split,
-        class_names=tuple(labels.names),
+        class_names=tuple(label_feature.names),
+        read_labels=read_labels,
     )
 
 
