@@ -112,3 +112,13 @@ def bench_data(session: nox.Session) -> None:
     """Images/s of the vmoe-data train pipeline: embedded digits and synthetic 224x224 images."""
     _install(session, PROJECTS["data"], extras="")
     session.run("python", "packages/vmoe-data/benchmarks/bench_pipeline.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """MoE benchmarks: routers, dispatch paths (tables on stdout, JSON in bench-results/)."""
+    folders: list[str] = []
+    for folder in (PROJECTS["routing"], PROJECTS["router-hash"]):
+        folders += [f for f in _local_closure(folder) if f not in folders]
+    session.install(*(f"./{f}" for f in folders))
+    session.run("python", "benchmarks/bench_routing.py", *session.posargs)
