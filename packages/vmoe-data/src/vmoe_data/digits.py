@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import pathlib
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ def sklearn_images_uint8() -> np.ndarray:
     return np.round(images * 255.0 / 16.0).astype(np.uint8)[..., None]
 
 
+@functools.cache
 def _load_digits():
     from sklearn.datasets import load_digits  # imported on first build only (slow import)
 
