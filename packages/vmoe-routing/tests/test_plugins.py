@@ -196,3 +196,18 @@ def test_plugin_router_works_end_to_end(installed_plugins):
     routing = router(params, jnp.ones((1, 4, 3)))
     y = vmoe_routing.combine(vmoe_routing.dispatch(jnp.ones((1, 4, 3)), routing), routing)
     assert y.shape == (1, 4, 3)
+
+
+def test_a_factory_may_have_an_option_called_name():
+    @dataclasses.dataclass(frozen=True)
+    class Named:
+        name: str
+        num_experts: int = 2
+
+    class NamedPlugin:
+        @vmoe_routing.hookimpl
+        def vmoe_routers(self):
+            return {"named": Named}
+
+    vmoe_routing.register_plugin(NamedPlugin(), name="named-plugin")
+    assert vmoe_routing.get_router("named", name="mine").name == "mine"

@@ -44,7 +44,7 @@ _plugins.register_builtin("vmoe_routing.builtins", _builtins)
 ROUTERS: Registry[Router] = Registry("vmoe_routers", "router")
 
 
-def get_router(name: str, **options) -> Router:
+def get_router(name: str, /, **options) -> Router:
     """The router registered as `name`, built with `options` (e.g. num_experts=8, k=2)."""
     return ROUTERS.create(name, **options)
 

@@ -255,7 +255,7 @@ class Registry(Generic[T]):
             )
         return entries[name]
 
-    def create(self, name: str, **options: Any) -> T:
+    def create(self, name: str, /, **options: Any) -> T:
         """Calls the factory registered as `name` with `options`, checking their names first."""
         factory = self.factory(name)
         _check_options(factory, options, f"{self.kind} {name!r}")
