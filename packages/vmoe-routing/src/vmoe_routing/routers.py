@@ -230,5 +230,7 @@ class BprRouter(TopKRouter):
 
     def priority(self, weight_gsk: Array) -> Array:
         if self.priority_score == "max":
-            return weight_gsk[..., 0]
+            # The top-1 gate. max() rather than weight_gsk[..., 0]: slicing a top_k result made
+            # XLA:CPU replace TopK by a full sort (BPR router forward 3.9 -> 1.2 ms, E=32).
+            return jnp.max(weight_gsk, axis=-1)
         return jnp.sum(weight_gsk, axis=-1)
