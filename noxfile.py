@@ -36,16 +36,20 @@ def _project(folder: str) -> dict:
 _FOLDER_BY_DIST = {_project(folder)["name"]: folder for folder in PROJECTS.values()}
 
 
-def _local_closure(folder: str) -> list[str]:
+def _local_closure(folder: str, extras: str = "") -> list[str]:
     """The repo folders `folder` depends on (transitively), dependencies first, itself last.
 
     Our packages are not on any index; installing them from their folders explicitly keeps pip
-    from ever looking for a `vmoe-*` distribution elsewhere.
+    from ever looking for a `vmoe-*` distribution elsewhere. Local packages named in `folder`'s
+    `extras` (e.g. a plugin its tests use) count as dependencies too.
     """
     order: list[str] = []
+    optional = _project(folder).get("optional-dependencies", {})
+    extra_requirements = [r for e in extras.split(",") if e for r in optional.get(e, [])]
 
     def visit(f: str) -> None:
-        for requirement in _project(f).get("dependencies", []):
+        own_extras = extra_requirements if f == folder else []
+        for requirement in [*_project(f).get("dependencies", []), *own_extras]:
             dist = requirement.split(";")[0].split("[")[0]
             for sep in "<>=!~ ":
                 dist = dist.split(sep)[0]
@@ -59,7 +63,7 @@ def _local_closure(folder: str) -> list[str]:
 
 
 def _install(session: nox.Session, folder: str, extras: str = "test") -> None:
-    *deps, own = _local_closure(folder)
+    *deps, own = _local_closure(folder, extras)
     session.install(*deps, f"./{own}[{extras}]" if extras else f"./{own}")
 
 

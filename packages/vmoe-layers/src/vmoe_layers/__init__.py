@@ -1,9 +1,82 @@
-"""vmoe-layers: the MoE layer, expert types, ViT / V-MoE models and sharding strategies (skeleton; see README.md)."""
+"""vmoe-layers: the MoE layer, expert types, ViT / V-MoE models and sharding strategies.
+
+Shape legend: G groups, S tokens per group, D model dim, E experts, C capacity, K choices per
+token, T tokens per expert buffer.
+
+    import vmoe_layers as vl
+    layer = vl.MoeLayer(num_experts=8, mlp_dim=64, router="bpr", router_options={"k": 2})
+    variables = layer.init(jax.random.key(0), x_btd)
+    out = layer.apply(variables, x_btd)            # MoeOutput: output, aux_loss, metrics
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 
+from vmoe_layers import hookspecs
+from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, run_local_experts
+from vmoe_layers.experts import (
+    ACTIVATIONS,
+    EXPERT_TYPES,
+    ExpertType,
+    GluExperts,
+    MlpExperts,
+    ParamSpec,
+    available_expert_types,
+    get_expert_type,
+)
+from vmoe_layers.moe import EXPERTS_KEY, GATING_RNG, MoeLayer, MoeOutput, group_tokens
+from vmoe_layers.sharding import (
+    STRATEGIES,
+    DataParallel,
+    ExpertParallel,
+    FullySharded,
+    ShardingStrategy,
+    available_strategies,
+    get_strategy,
+    is_expert_param,
+    make_mesh,
+)
+from vmoe_routing import plugins as _plugins
+
 __version__ = importlib.metadata.version("vmoe-layers")
 
-__all__ = ["__version__"]
+_plugins.add_hookspecs(hookspecs)
+
+
+def _register_builtins() -> None:
+    from vmoe_layers import _builtins
+
+    _plugins.register_builtin("vmoe_layers.builtins", _builtins)
+
+
+_register_builtins()
+
+__all__ = [
+    "ACTIVATIONS",
+    "EXPERTS_KEY",
+    "EXPERT_TYPES",
+    "GATING_RNG",
+    "STRATEGIES",
+    "AllToAllExchange",
+    "DataParallel",
+    "ExpertExchange",
+    "ExpertParallel",
+    "ExpertType",
+    "FullySharded",
+    "GluExperts",
+    "MlpExperts",
+    "MoeLayer",
+    "MoeOutput",
+    "ParamSpec",
+    "ShardingStrategy",
+    "__version__",
+    "available_expert_types",
+    "available_strategies",
+    "get_expert_type",
+    "get_strategy",
+    "group_tokens",
+    "is_expert_param",
+    "make_mesh",
+    "run_local_experts",
+]

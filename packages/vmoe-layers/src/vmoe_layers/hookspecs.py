@@ -1,0 +1,60 @@
+"""Hooks owned by vmoe-layers: expert types and sharding strategies.
+
+This module is the reference for writing a vmoe-layers plugin. Ship a module with
+`@vmoe_routing.hookimpl` functions named like the hooks below and point an entry point of the
+group "vmoe" at it (`[project.entry-points.vmoe] my_plugin = "my_package.plugin"`), or register it
+at run time with `vmoe_routing.register_plugin(module)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from vmoe_routing import hookspec
+
+
+@hookspec
+def vmoe_expert_types() -> Mapping[str, Callable[..., Any]]:
+    """Expert types (the feed-forward function of one expert) this plugin provides, by name.
+
+    Called on the first expert-type lookup after plugins change (not per model call). Every
+    implementation's mapping is merged; a name returned by two plugins is an error naming both.
+
+    Returns:
+      name -> factory. `factory(**options)` returns an expert type (see
+      `vmoe_layers.ExpertType`): an object with `param_specs(d_model)` -> {param name:
+      `ParamSpec(shape, init)`} describing ONE expert's parameters (the MoE layer stacks E of
+      them along a new leading axis), and `__call__(params, x_etd, *, dtype)` applying E experts
+      at once: params with a leading E axis, x [E, T, D] -> [E, T, D]. The models call every
+      factory with `mlp_dim=...` plus the user's options.
+
+    Example::
+
+        @vmoe_routing.hookimpl
+        def vmoe_expert_types():
+            return {"my_ffn": MyExpertType}
+    """
+    raise NotImplementedError  # a hookspec has no body; pluggy calls the implementations
+
+
+@hookspec
+def vmoe_sharding_strategies() -> Mapping[str, Callable[..., Any]]:
+    """Sharding strategies (how a model is laid out over a device mesh) this plugin provides.
+
+    Called on the first strategy lookup after plugins change. Mappings are merged as for
+    `vmoe_expert_types`.
+
+    Returns:
+      name -> factory. `factory(**options)` (options such as `mesh_shape` and `devices`) returns a
+      strategy (see `vmoe_layers.ShardingStrategy`): it has a `mesh`, `param_specs(params)` (a
+      PartitionSpec for every parameter), `batch_spec()` (the PartitionSpec of the leading batch
+      axis) and `exchange` (None, or how expert buffers reach experts on other devices).
+
+    Example::
+
+        @vmoe_routing.hookimpl
+        def vmoe_sharding_strategies():
+            return {"my_layout": MyStrategy}
+    """
+    raise NotImplementedError

@@ -1,0 +1,195 @@
+"""The sparse Mixture-of-Experts layer: group tokens, route, dispatch, run experts, combine.
+
+    x [..., D] --group--> x_gsd [G, S, D] --router--> Routing (indices, weights, aux losses)
+               --dispatch--> x_gecd [G, E, C, D] --experts (exchange)--> y_gecd [G, E, C, D]
+               --combine--> y_gsd [G, S, D] --dropout, ungroup--> y [..., D]
+
+Routers come from vmoe-routing by name (`top_k`, `bpr`, or any plugin such as `hash`), expert
+types from this package's registry (`mlp`, `glu`, or plugins). Dispatch and combine go through
+indices, so nothing of shape [G, S, E, C] is built. Tokens that lose their place in every chosen
+expert come out as zeros (the residual connection of the block carries them).
+
+Shape legend: G groups, S tokens per group (group size), E experts, C capacity, D model dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import vmoe_routing
+from vmoe_layers.exchange import ExpertExchange, exchange_or_local
+from vmoe_layers.experts import get_expert_type, init_stacked
+
+Array = jax.Array
+
+# The parameter-tree key under which a MoE layer keeps its stacked experts. Every array below it
+# has the expert axis first; sharding strategies find expert params by this key.
+EXPERTS_KEY = "experts"
+GATING_RNG = "gating"  # rng collection for the router's training noise
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeOutput:
+    """What a MoE layer returns (a pytree).
+
+    Attributes:
+      output: same shape as the input.
+      aux_loss: scalar, the router's weighted auxiliary loss: add it to the training loss.
+      aux_losses: the router's unweighted auxiliary losses by name, for logging.
+      metrics: routing statistics by name (e.g. dropped_fraction, expert_load [E]).
+    """
+
+    output: Array
+    aux_loss: Array
+    aux_losses: dict[str, Array]
+    metrics: dict[str, Array]
+
+
+jax.tree_util.register_dataclass(
+    MoeOutput, data_fields=["output", "aux_loss", "aux_losses", "metrics"], meta_fields=[]
+)
+
+
+def group_tokens(x: Array, group_size: int | None) -> Array:
+    """[..., T, D] -> [G, S, D]. None means one group per leading index (S = T: one image)."""
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape [..., tokens, d_model]; got {x.shape}")
+    num_tokens = x.size // x.shape[-1]
+    s = x.shape[-2] if group_size is None else group_size
+    if not isinstance(s, int) or s < 1 or num_tokens % s:
+        raise ValueError(
+            f"group_size={group_size!r} does not divide the {num_tokens} tokens of the input "
+            f"(shape {x.shape}); allowed: a divisor of {num_tokens}, or None (one group per image)"
+        )
+    return x.reshape(num_tokens // s, s, x.shape[-1])
+
+
+def override_router(router: Any, k: int | None = None, capacity_factor: float | None = None):
+    """`router` with K and/or the capacity factor (training and evaluation) replaced."""
+    changes: dict[str, Any] = {}
+    if k is not None:
+        changes["k"] = k
+    if capacity_factor is not None:
+        changes["capacity_factor"] = capacity_factor
+        changes["eval_capacity_factor"] = capacity_factor
+    if not changes:
+        return router
+    if not hasattr(router, "replace"):
+        raise ValueError(
+            f"router {type(router).__name__} has no replace(); k and capacity_factor cannot be "
+            "overridden per call for it"
+        )
+    return router.replace(**changes)
+
+
+class MoeLayer(nn.Module):
+    """A sparse MoE feed-forward layer (Flax linen).
+
+    Attributes:
+      num_experts: E.
+      mlp_dim: hidden width of each expert.
+      router: a vmoe-routing router name ("top_k", "bpr", or a plugin's, e.g. "hash").
+      router_options: options for the router (k, capacity_factor, noise_std, ...); num_experts
+        comes from this layer.
+      expert_type: a registered expert type name ("mlp", "glu", or a plugin's).
+      expert_options: options for the expert type besides mlp_dim (e.g. activation).
+      group_size: S, tokens per routing group; must divide the number of tokens of the batch.
+        None: one group per image (per index of the leading axes).
+      dropout_rate: dropout on the layer's output (training only; rng collection "dropout").
+      dtype: computation dtype (e.g. jnp.bfloat16); the router gates in its own gate_dtype.
+      param_dtype: dtype of the expert parameters.
+      exchange: how buffers reach the experts (see `vmoe_layers.exchange`); None runs all
+        experts where the buffers are. Sharding strategies provide it.
+
+    Call: `layer(x, deterministic=True, k=None, capacity_factor=None) -> MoeOutput` with x of
+    shape [..., T, D]. `deterministic=False` is training: gating noise (rng collection
+    "gating"), the training capacity factor, dropout. `k` / `capacity_factor` override the
+    router's for this call only (e.g. evaluate with fewer experts or a smaller capacity);
+    the parameters do not change.
+    """
+
+    num_experts: int
+    mlp_dim: int
+    router: str = "top_k"
+    router_options: Mapping[str, Any] | None = None
+    expert_type: str = "mlp"
+    expert_options: Mapping[str, Any] | None = None
+    group_size: int | None = None
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    exchange: ExpertExchange | None = None
+
+    def make_router(self) -> Any:
+        options = dict(self.router_options or {})
+        if "num_experts" in options:
+            raise ValueError(
+                f"router_options must not set num_experts={options['num_experts']!r}; it comes "
+                f"from the layer's num_experts={self.num_experts}"
+            )
+        return vmoe_routing.get_router(self.router, num_experts=self.num_experts, **options)
+
+    def make_experts(self) -> Any:
+        return get_expert_type(
+            self.expert_type, mlp_dim=self.mlp_dim, **dict(self.expert_options or {})
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *,
+        deterministic: bool = True,
+        k: int | None = None,
+        capacity_factor: float | None = None,
+    ) -> MoeOutput:
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        d = x.shape[-1]
+        x_gsd = group_tokens(x.astype(self.dtype), self.group_size)
+        router = self.make_router()
+        experts = self.make_experts()
+        router_params = self.param("router", lambda key: router.init(key, d))
+
+        def init_experts(key):
+            specs = sorted(experts.param_specs(d).items())
+            return {
+                name: init_stacked(spec, jax.random.fold_in(key, i), self.num_experts, pdt)
+                for i, (name, spec) in enumerate(specs)
+            }
+
+        pdt = self.param_dtype
+        expert_params = self.param(EXPERTS_KEY, init_experts)
+        router = override_router(router, k, capacity_factor)
+
+        rng = None
+        if not deterministic:
+            if self.has_rng(GATING_RNG):
+                rng = self.make_rng(GATING_RNG)
+            elif getattr(router, "noise_std", 0) > 0:
+                raise ValueError(
+                    f"training (deterministic=False) with router {self.router!r} and noise_std="
+                    f"{router.noise_std} needs rngs={{'{GATING_RNG}': key}} in apply()"
+                )
+        routing = router(router_params, x_gsd, rng=rng, deterministic=deterministic)
+
+        x_gecd = vmoe_routing.dispatch(x_gsd, routing)
+
+        def expert_fn(params_e, x_etd):
+            return experts(params_e, x_etd, dtype=self.dtype)
+
+        y_gecd = exchange_or_local(self.exchange)(expert_fn, expert_params, x_gecd)
+        y_gsd = vmoe_routing.combine(y_gecd.astype(self.dtype), routing)
+        y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
+        return MoeOutput(
+            output=y_gsd.reshape(x.shape).astype(self.dtype),
+            aux_loss=routing.aux_loss,
+            aux_losses=dict(routing.aux_losses),
+            metrics=dict(routing.metrics),
+        )
