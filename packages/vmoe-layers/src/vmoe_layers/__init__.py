@@ -26,6 +26,8 @@ from vmoe_layers.experts import (
     get_expert_type,
 )
 from vmoe_layers.moe import EXPERTS_KEY, GATING_RNG, MoeLayer, MoeOutput, group_tokens
+from vmoe_layers.placement import moe_block_indices
+from vmoe_layers.presets import count_params, create_model, preset_names
 from vmoe_layers.sharding import (
     STRATEGIES,
     DataParallel,
@@ -37,6 +39,7 @@ from vmoe_layers.sharding import (
     is_expert_param,
     make_mesh,
 )
+from vmoe_layers.vit import EncoderBlock, FeedForward, ModelOutput, MoeConfig, VisionTransformer
 from vmoe_routing import plugins as _plugins
 
 __version__ = importlib.metadata.version("vmoe-layers")
@@ -60,23 +63,32 @@ __all__ = [
     "STRATEGIES",
     "AllToAllExchange",
     "DataParallel",
+    "EncoderBlock",
     "ExpertExchange",
     "ExpertParallel",
     "ExpertType",
+    "FeedForward",
     "FullySharded",
     "GluExperts",
     "MlpExperts",
+    "ModelOutput",
+    "MoeConfig",
     "MoeLayer",
     "MoeOutput",
     "ParamSpec",
     "ShardingStrategy",
+    "VisionTransformer",
     "__version__",
     "available_expert_types",
     "available_strategies",
+    "count_params",
+    "create_model",
     "get_expert_type",
     "get_strategy",
     "group_tokens",
     "is_expert_param",
     "make_mesh",
+    "moe_block_indices",
+    "preset_names",
     "run_local_experts",
 ]

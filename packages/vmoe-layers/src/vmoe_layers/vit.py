@@ -1,0 +1,277 @@
+"""Vision Transformer (ViT) and V-MoE: a ViT whose MLP blocks are partly sparse MoE layers.
+
+    images [B, H, W, 3] --patches (conv P x P, stride P)--> [B, N, D] --(+ class token)-->
+    [B, T, D] + learned position embeddings --dropout--> L pre-LN encoder blocks:
+        x = x + Dropout(Attention(LN(x)));   x = x + FeedForward(LN(x))   (dense or MoE)
+    --LN--> pre-logits [B, D] (class token, or mean of tokens) --(representation)--> head.
+
+The blocks listed by `MoeConfig.layers` use a `MoeLayer` as feed-forward; the others use one
+dense expert of the same type (`mlp`: Dense-GELU-Dense, the ViT MLP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from vmoe_layers.exchange import ExpertExchange
+from vmoe_layers.experts import get_expert_type
+from vmoe_layers.moe import MoeLayer
+from vmoe_layers.placement import moe_block_indices
+
+Array = jax.Array
+CLASSIFIERS = ("token", "gap")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """The sparse part of a V-MoE.
+
+    Attributes:
+      num_experts: E per MoE layer.
+      layers: which blocks are MoE: "every-2", "last-2", ... or explicit 0-indexed blocks.
+      router: vmoe-routing router name ("top_k", "bpr", plugins such as "hash").
+      router_options: router options (k, capacity_factor, eval_capacity_factor, noise_std, ...).
+      group_size: tokens per routing group (must divide batch x tokens); None: one image each.
+      expert_type: expert type of the MoE layers; None: the model's `mlp_type`.
+      expert_options: its options besides mlp_dim; None: the model's `mlp_options`.
+    """
+
+    num_experts: int
+    layers: str | Sequence[int] = "every-2"
+    router: str = "top_k"
+    router_options: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"k": 2, "capacity_factor": 1.05}
+    )
+    group_size: int | None = None
+    expert_type: str | None = None
+    expert_options: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        # Hashable (flax modules holding this config can be hashed, e.g. as static jit args).
+        if not isinstance(self.layers, str):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "router_options", FrozenDict(self.router_options))
+        if self.expert_options is not None:
+            object.__setattr__(self, "expert_options", FrozenDict(self.expert_options))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """What a ViT / V-MoE returns (a pytree).
+
+    Attributes:
+      logits: [B, num_classes]; equal to pre_logits when the model has no head.
+      pre_logits: [B, D or representation_size], the representation (few-shot features).
+      aux_loss: scalar, the sum of the MoE layers' weighted auxiliary losses (0 for a ViT).
+      metrics: {"moe_block_<i>": {routing metrics and unweighted aux losses}} per MoE block.
+    """
+
+    logits: Array
+    pre_logits: Array
+    aux_loss: Array
+    metrics: dict[str, dict[str, Array]]
+
+
+jax.tree_util.register_dataclass(
+    ModelOutput, data_fields=["logits", "pre_logits", "aux_loss", "metrics"], meta_fields=[]
+)
+
+
+class FeedForward(nn.Module):
+    """One dense expert of a registered expert type on every token: [..., D] -> [..., D]."""
+
+    mlp_dim: int
+    expert_type: str = "mlp"
+    expert_options: Mapping[str, Any] | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        experts = get_expert_type(
+            self.expert_type, mlp_dim=self.mlp_dim, **dict(self.expert_options or {})
+        )
+        d = x.shape[-1]
+        params = {
+            name: self.param(name, spec.init, spec.shape, self.param_dtype)
+            for name, spec in sorted(experts.param_specs(d).items())
+        }
+        x_1td = x.reshape(1, -1, d)
+        y_1td = experts({n: p[None] for n, p in params.items()}, x_1td, dtype=self.dtype)
+        return y_1td.reshape(x.shape)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN Transformer block; the feed-forward is dense, or a `MoeLayer` when `moe` is set."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    mlp_type: str = "mlp"
+    mlp_options: Mapping[str, Any] | None = None
+    moe: MoeConfig | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    exchange: ExpertExchange | None = None
+
+    @nn.compact
+    def __call__(self, x_btd, *, deterministic: bool, k=None, capacity_factor=None):
+        y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm_attention")(
+            x_btd
+        )
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            dropout_rate=self.attention_dropout_rate,
+            deterministic=deterministic,
+            name="attention",
+        )(y, y)
+        x_btd = x_btd + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm_mlp")(x_btd)
+        if self.moe is None:
+            y = FeedForward(
+                self.mlp_dim,
+                self.mlp_type,
+                self.mlp_options,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="mlp",
+            )(y)
+            return x_btd + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic), None
+        moe = self.moe
+        out = MoeLayer(
+            num_experts=moe.num_experts,
+            mlp_dim=self.mlp_dim,
+            router=moe.router,
+            router_options=moe.router_options,
+            expert_type=moe.expert_type or self.mlp_type,
+            expert_options=self.mlp_options if moe.expert_options is None else moe.expert_options,
+            group_size=moe.group_size,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            exchange=self.exchange,
+            name="moe",
+        )(y, deterministic=deterministic, k=k, capacity_factor=capacity_factor)
+        return x_btd + out.output, out
+
+
+class VisionTransformer(nn.Module):
+    """ViT, or V-MoE when `moe` is set (see the module docstring and `vmoe_layers.presets`).
+
+    Attributes:
+      num_classes: size of the head; None: no head (logits = pre_logits).
+      patch_size: P; image height and width must be multiples of it.
+      hidden_size, num_layers, num_heads, mlp_dim: D, L, heads, H.
+      classifier: "token" (a learned class token) or "gap" (mean of the patch tokens).
+      representation_size: if set, a Dense + tanh pre-logits layer of this size (as ViT upstream).
+      dropout_rate: after position embeddings, attention and feed-forward outputs.
+      attention_dropout_rate: on attention weights.
+      mlp_type, mlp_options: the expert type (and its options) of every feed-forward.
+      moe: the MoE part; None makes a plain ViT.
+      dtype, param_dtype: computation and parameter dtypes.
+      exchange: passed to every MoE layer (from a sharding strategy); None: local experts.
+
+    Call: `model.apply(variables, images, train=False, k=None, capacity_factor=None)` with images
+    [B, H, W, C] returns a `ModelOutput`. `train=True` needs rngs "dropout" (if dropout_rate > 0)
+    and "gating" (noisy routers). `k` and `capacity_factor` override every MoE layer's router
+    for this call only.
+    """
+
+    num_classes: int | None
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    classifier: str = "token"
+    representation_size: int | None = None
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    mlp_type: str = "mlp"
+    mlp_options: Mapping[str, Any] | None = None
+    moe: MoeConfig | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    exchange: ExpertExchange | None = None
+
+    def moe_blocks(self) -> tuple[int, ...]:
+        """The 0-indexed encoder blocks that are MoE."""
+        return () if self.moe is None else moe_block_indices(self.moe.layers, self.num_layers)
+
+    def _check(self, images: Array) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier={self.classifier!r} must be one of {CLASSIFIERS}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}"
+            )
+        if images.ndim != 4:
+            raise ValueError(f"images must be [batch, height, width, channels]; got {images.shape}")
+        p, (h, w) = self.patch_size, images.shape[1:3]
+        if h % p or w % p:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by patch_size={p}; allowed: height and "
+                f"width multiples of {p}"
+            )
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False, k=None, capacity_factor=None):
+        self._check(images)
+        p, d = self.patch_size, self.hidden_size
+        dense = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="embedding", **dense)(
+            images.astype(self.dtype)
+        )
+        b = x.shape[0]
+        x_btd = x.reshape(b, -1, d)
+        if self.classifier == "token":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+            x_btd = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x_btd], axis=1)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(0.02), (1, *x_btd.shape[1:]), self.param_dtype
+        )
+        x_btd = x_btd + pos.astype(self.dtype)
+        x_btd = nn.Dropout(self.dropout_rate)(x_btd, deterministic=not train)
+
+        moe_blocks = set(self.moe_blocks())
+        aux_loss = jnp.zeros((), jnp.float32)
+        metrics: dict[str, dict[str, Array]] = {}
+        for i in range(self.num_layers):
+            x_btd, out = EncoderBlock(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                mlp_type=self.mlp_type,
+                mlp_options=self.mlp_options,
+                moe=self.moe if i in moe_blocks else None,
+                exchange=self.exchange,
+                name=f"block_{i}",
+                **dense,
+            )(x_btd, deterministic=not train, k=k, capacity_factor=capacity_factor)
+            if out is not None:
+                aux_loss = aux_loss + out.aux_loss
+                metrics[f"moe_block_{i}"] = {**out.metrics, **out.aux_losses}
+        x_btd = nn.LayerNorm(name="encoder_norm", **dense)(x_btd)
+
+        pre_logits = x_btd[:, 0] if self.classifier == "token" else jnp.mean(x_btd, axis=1)
+        if self.representation_size is not None:
+            pre_logits = jnp.tanh(
+                nn.Dense(self.representation_size, name="pre_logits", **dense)(pre_logits)
+            )
+        logits = pre_logits
+        if self.num_classes is not None:
+            logits = nn.Dense(
+                self.num_classes, kernel_init=nn.initializers.zeros, name="head", **dense
+            )(pre_logits)
+        return ModelOutput(logits=logits, pre_logits=pre_logits, aux_loss=aux_loss, metrics=metrics)

@@ -1,0 +1,207 @@
+"""ViT and V-MoE models: shapes, pooling, pre-logits, MoE placement, per-call K and capacity."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vmoe_layers as vl
+
+B, IMAGE, CHANNELS, CLASSES = 4, 8, 1, 10  # 8x8 one-channel images, like the embedded digits
+
+
+def _images(seed=0, size=IMAGE):
+    return jax.random.normal(jax.random.key(seed), (B, size, size, CHANNELS))
+
+
+@functools.cache
+def _init(model):
+    return jax.jit(model.init)(jax.random.key(0), _images())
+
+
+def _apply(model, variables, images, **kwargs):
+    return jax.jit(functools.partial(model.apply, **kwargs))(variables, images)
+
+
+VMOE = vl.create_model("V-MoE-Nano/2", num_classes=CLASSES, moe_layers=[0, 1])
+VIT = vl.create_model("ViT-Nano/2", num_classes=CLASSES)
+
+
+def test_vit_outputs_logits_and_pre_logits():
+    out = _apply(VIT, _init(VIT), _images())
+    assert out.logits.shape == (B, CLASSES)
+    assert out.pre_logits.shape == (B, 32)
+    assert float(out.aux_loss) == 0 and out.metrics == {}
+
+
+def test_logits_are_the_head_applied_to_the_pre_logits():
+    variables = _init(VIT)
+    head = {"kernel": jax.random.normal(jax.random.key(1), (32, CLASSES)), "bias": jnp.ones(10)}
+    variables = {"params": {**variables["params"], "head": head}}
+    out = _apply(VIT, variables, _images())
+    np.testing.assert_allclose(
+        out.logits, out.pre_logits @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_without_a_head_logits_are_the_pre_logits():
+    model = VIT.clone(num_classes=None)
+    variables = _init(model)
+    assert "head" not in variables["params"]
+    out = _apply(model, variables, _images())
+    np.testing.assert_array_equal(out.logits, out.pre_logits)
+
+
+def test_token_classifier_adds_a_class_token_and_gap_does_not():
+    token = _init(VIT)["params"]
+    gap = _init(VIT.clone(classifier="gap"))["params"]
+    assert token["cls"].shape == (1, 1, 32) and "cls" not in gap
+    assert token["pos_embedding"].shape == (1, 16 + 1, 32)  # 4x4 patches of 2x2 + class token
+    assert gap["pos_embedding"].shape == (1, 16, 32)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_pre_logits_ignore_patch_order_without_position_embeddings(classifier):
+    # Attention and per-token MLPs are permutation-equivariant; the class token or the mean of
+    # tokens is then invariant. Checks that pooling reads the right tokens.
+    model = VIT.clone(classifier=classifier)
+    params = dict(_init(model)["params"])
+    params["pos_embedding"] = jnp.zeros_like(params["pos_embedding"])
+    images = _images()
+    first, other = images[:, 0:2, 0:2], images[:, 6:8, 4:6]  # two 2x2 patches
+    swapped = images.at[:, 0:2, 0:2].set(other).at[:, 6:8, 4:6].set(first)
+    a = _apply(model, {"params": params}, images).pre_logits
+    b = _apply(model, {"params": params}, swapped).pre_logits
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(a, _apply(model, {"params": params}, _images(1)).pre_logits)
+
+
+def test_representation_size_adds_a_tanh_pre_logits_layer():
+    model = VIT.clone(representation_size=12)
+    out = _apply(model, _init(model), _images())
+    assert out.pre_logits.shape == (B, 12)
+    assert float(jnp.max(jnp.abs(out.pre_logits))) <= 1.0
+
+
+def test_moe_blocks_hold_experts_and_dense_blocks_an_mlp():
+    model = vl.create_model("V-MoE-Mu/2", num_classes=CLASSES, moe_layers="last-1")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), _images())["params"]
+    assert model.moe_blocks() == (3,)
+    for i in range(4):
+        block = shapes[f"block_{i}"]
+        if i == 3:
+            assert "mlp" not in block and block["moe"]["experts"]["w_in"].shape == (4, 64, 128)
+            assert block["moe"]["router"]["gate"].shape == (64, 4)
+        else:
+            assert "moe" not in block and block["mlp"]["w_in"].shape == (64, 128)
+
+
+def test_vmoe_reports_aux_loss_and_metrics_per_moe_block():
+    out = _apply(VMOE, _init(VMOE), _images())
+    assert set(out.metrics) == {"moe_block_0", "moe_block_1"}
+    block = out.metrics["moe_block_0"]
+    assert {"dropped_fraction", "expert_load", "importance", "load"} <= set(block)
+    weighted = sum(0.005 * (m["importance"] + m["load"]) for m in out.metrics.values())
+    np.testing.assert_allclose(out.aux_loss, weighted, rtol=1e-5)
+
+
+def test_per_call_k_and_capacity_override_without_touching_params():
+    variables = _init(VMOE)
+    before = jax.tree.map(np.asarray, variables)
+    default = _apply(VMOE, variables, _images())
+    low = _apply(VMOE, variables, _images(), k=1, capacity_factor=0.5)
+    rebuilt = VMOE.clone(moe=vl.MoeConfig(4, [0, 1], "top_k", {"k": 1, "capacity_factor": 0.5}))
+    expected = _apply(rebuilt, variables, _images()).pre_logits
+    np.testing.assert_allclose(low.pre_logits, expected, rtol=1e-5, atol=1e-6)
+    assert float(low.metrics["moe_block_0"]["dropped_fraction"]) > float(
+        default.metrics["moe_block_0"]["dropped_fraction"]
+    )
+    assert not np.allclose(low.pre_logits, default.pre_logits)
+    jax.tree.map(np.testing.assert_array_equal, variables, before)
+
+
+def test_training_mode_uses_dropout_and_gating_rngs():
+    model = VMOE.clone(dropout_rate=0.1)
+    variables = _init(model)
+
+    def train(seed):
+        rngs = {"dropout": jax.random.key(seed), "gating": jax.random.key(seed + 1)}
+        return _apply(model, variables, _images(), train=True, rngs=rngs).pre_logits
+
+    np.testing.assert_array_equal(train(0), train(0))
+    assert not np.allclose(train(0), train(5))
+    assert not np.allclose(train(0), _apply(model, variables, _images()).pre_logits)
+
+
+def test_bfloat16_model():
+    model = VMOE.clone(dtype=jnp.bfloat16)
+    variables = _init(VMOE)
+    out = _apply(model, variables, _images())
+    assert out.pre_logits.dtype == jnp.bfloat16
+    full = _apply(VMOE, variables, _images())
+    np.testing.assert_allclose(
+        out.pre_logits.astype(jnp.float32), full.pre_logits, rtol=0.1, atol=0.1
+    )
+
+
+def test_glu_feed_forward_everywhere():
+    model = VMOE.clone(mlp_type="glu")
+    params = jax.eval_shape(model.init, jax.random.key(0), _images())["params"]
+    assert set(params["block_0"]["moe"]["experts"]) == {"w_gate", "w_up", "w_out"}
+
+
+def test_the_small_vmoe_preset_trains_on_the_cpu():
+    model = vl.create_model("V-MoE-Nano/2", num_classes=CLASSES, dropout_rate=0.0)
+    images = _images(3)
+    labels = jnp.arange(B) % CLASSES
+    params = _init(model)["params"]
+
+    @jax.jit
+    def step(params, rng):
+        def loss_fn(params):
+            out = model.apply({"params": params}, images, train=True, rngs={"gating": rng})
+            xent = -jnp.mean(jax.nn.log_softmax(out.logits)[jnp.arange(B), labels])
+            return xent + out.aux_loss, xent
+
+        (_, xent), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), xent
+
+    losses = []
+    for i in range(30):
+        params, xent = step(params, jax.random.key(i))
+        losses.append(float(xent))
+    assert losses[0] == pytest.approx(np.log(CLASSES), rel=1e-3)  # zero-initialised head
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("size", [7, 9])
+def test_image_size_must_be_a_multiple_of_the_patch_size(size):
+    message = rf"image size {size}x{size} is not divisible by patch_size=2"
+    with pytest.raises(ValueError, match=message):
+        VIT.init(jax.random.key(0), _images(size=size))
+
+
+def test_heads_must_divide_the_width():
+    with pytest.raises(ValueError, match=r"num_heads=3 does not divide hidden_size=32"):
+        VIT.clone(num_heads=3).init(jax.random.key(0), _images())
+
+
+def test_classifier_must_be_known():
+    with pytest.raises(ValueError, match=r"classifier='cls' must be one of \('token', 'gap'\)"):
+        VIT.clone(classifier="cls").init(jax.random.key(0), _images())
+
+
+def test_moe_group_size_must_divide_the_tokens():
+    model = VMOE.clone(moe=vl.MoeConfig(4, [0], group_size=5))
+    with pytest.raises(ValueError, match=r"group_size=5 does not divide the 68 tokens"):
+        model.init(jax.random.key(0), _images())
+
+
+def test_moe_groups_can_span_images():
+    model = VMOE.clone(moe=vl.MoeConfig(4, [0], group_size=34))  # two images of 17 tokens
+    out = _apply(model, _init(model), _images())
+    assert out.logits.shape == (B, CLASSES)
