@@ -1,0 +1,31 @@
+"""Runs every sharding case on 8 host devices and prints one JSON report (run as a script).
+
+The parent sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before this process starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import sharding_case as case
+
+
+def main() -> None:
+    assert jax.device_count() == 8, jax.devices()
+    reference_loss, reference_grads = case.single_device_run()
+    report = {"devices": jax.device_count(), "cases": {}}
+    for name, mesh_shape in case.CASES:
+        run = case.sharded_run(name, mesh_shape)
+        report["cases"][f"{name}-{mesh_shape}"] = {
+            "loss": run["loss"],
+            "reference_loss": reference_loss,
+            "grad_max_rel_diff": case.max_relative_difference(run["grads"], reference_grads),
+            "all_to_all": "all-to-all" in run["hlo"],
+            "expert_shard_shape": run["expert_shard_shape"],
+        }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

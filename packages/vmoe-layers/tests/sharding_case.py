@@ -1,0 +1,119 @@
+"""One small V-MoE training step, the same in every process: the sharding tests' subject.
+
+Used by the single-device reference (in the pytest process), the 8-host-device worker and the
+two-process workers, so all of them compute the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vmoe_layers as vl
+
+NUM_IMAGES, IMAGE, CLASSES, EXPERTS = 16, 8, 10, 8
+# Cases: (strategy, mesh_shape); "data" has a one-axis mesh.
+CASES = [
+    ("data", None),
+    ("expert", (1, 8)),
+    ("expert", (2, 4)),
+    ("expert", (4, 2)),
+    ("fsdp", (1, 8)),
+    ("fsdp", (2, 4)),
+    ("fsdp", (4, 2)),
+]
+
+
+def model(exchange=None, group_size=34) -> vl.VisionTransformer:
+    """2 blocks (dense, then MoE with 8 experts), BPR K=2, dropout on, groups of 2 images."""
+    return vl.VisionTransformer(
+        num_classes=CLASSES,
+        patch_size=2,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=32,
+        dropout_rate=0.1,
+        moe=vl.MoeConfig(
+            EXPERTS,
+            "every-2",
+            router="bpr",
+            router_options={"k": 2, "capacity_factor": 1.05},
+            group_size=group_size,  # 2 images x 17 tokens
+        ),
+        exchange=exchange,
+    )
+
+
+def batch() -> tuple[np.ndarray, np.ndarray]:
+    rs = np.random.RandomState(0)
+    images = rs.normal(size=(NUM_IMAGES, IMAGE, IMAGE, 1)).astype(np.float32)
+    return images, np.arange(NUM_IMAGES, dtype=np.int32) % CLASSES
+
+
+def init_params() -> dict:
+    images, _ = batch()
+    params = jax.jit(model().init)(jax.random.key(0), images)["params"]
+    return jax.tree.map(np.asarray, params)
+
+
+def loss_fn(model: vl.VisionTransformer):
+    """(params, images, labels) -> cross-entropy + aux loss, in training mode (noise, dropout)."""
+
+    def loss(params, images, labels):
+        rng = jax.random.key(42)
+        rngs = {"dropout": jax.random.fold_in(rng, 0), "gating": jax.random.fold_in(rng, 1)}
+        out = model.apply({"params": params}, images, train=True, rngs=rngs)
+        xent = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out.logits), labels[:, None], 1))
+        return xent + out.aux_loss
+
+    return loss
+
+
+@functools.cache
+def single_device_run():
+    """Loss and gradients on one device, no strategy (computed once per process)."""
+    params, (images, labels) = init_params(), batch()
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn(model())))(params, images, labels)
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def sharded_run(strategy_name: str, mesh_shape=None, **options):
+    """Loss and gradients with a strategy; also the compiled HLO text (to look for all-to-all)."""
+    if mesh_shape is not None:
+        options["mesh_shape"] = mesh_shape
+    strategy = vl.get_strategy(strategy_name, **options)
+    params = init_params()
+    images, labels = batch()
+    sharded_params = strategy.shard_params(params)
+    sharded_batch = strategy.shard_batch((images, labels))
+    replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(
+        jax.value_and_grad(loss_fn(model(strategy.exchange))),
+        out_shardings=(replicated, jax.tree.map(lambda _: replicated, params)),
+    )
+    compiled = step.lower(sharded_params, *sharded_batch).compile()
+    loss, grads = compiled(sharded_params, *sharded_batch)
+    local = lambda a: np.asarray(a.addressable_data(0))  # noqa: E731 (replicated: any copy)
+    expert_leaf = sharded_params["block_1"]["moe"]["experts"]["w_in"]
+    return {
+        "loss": float(local(loss)),
+        "grads": jax.tree.map(local, grads),
+        "hlo": compiled.as_text(),
+        "expert_shard_shape": list(expert_leaf.addressable_shards[0].data.shape),
+    }
+
+
+def max_relative_difference(grads, reference) -> float:
+    """max over leaves of max|g - g_ref| / max(max|g_ref|, 1e-6).
+
+    The floor keeps gradients that are zero in exact arithmetic (attention key biases: softmax
+    ignores them; both runs give ~1e-11 noise) from counting as relative errors."""
+    worst = 0.0
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        scale = max(float(np.max(np.abs(r))), 1e-6)
+        worst = max(worst, float(np.max(np.abs(g - r))) / scale)
+    return worst

@@ -1,0 +1,219 @@
+"""Sharding strategies: specs and meshes, and equality with the single-device run.
+
+The multi-device checks run in subprocesses (XLA_FLAGS must be set before jax starts): one with
+8 host devices runs every (strategy, mesh) case; two jax.distributed processes on localhost run
+the expert strategy across processes. Both are compared with the single-device loss and
+gradients of the same model and batch (`sharding_case`).
+
+Tolerances: the loss within 1e-5 (relative); every gradient leaf within 1e-4 of its largest
+entry (floor 1e-6). Only float32 summation order differs between the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import sharding_case as case
+from jax.sharding import AbstractMesh, PartitionSpec
+
+import vmoe_layers as vl
+
+HERE = pathlib.Path(__file__).parent
+LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
+
+
+def _run_script(script: str, *args: str, env=None, timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(HERE / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    """The report of every (strategy, mesh) case run on 8 host devices."""
+    flags = "--xla_force_host_platform_device_count=8"
+    result = _run_script("multidevice_worker.py", env={"XLA_FLAGS": flags})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _case_id(name, mesh_shape):
+    return f"{name}-{mesh_shape}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mesh_shape", case.CASES, ids=[f"{n}-{m}" for n, m in case.CASES])
+def test_eight_devices_equal_one_device(eight_devices, name, mesh_shape):
+    report = eight_devices["cases"][_case_id(name, mesh_shape)]
+    assert report["loss"] == pytest.approx(report["reference_loss"], rel=LOSS_RTOL)
+    assert report["grad_max_rel_diff"] < GRAD_RTOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4), (4, 2)])
+def test_expert_strategy_splits_experts_and_exchanges_by_all_to_all(eight_devices, mesh_shape):
+    report = eight_devices["cases"][_case_id("expert", mesh_shape)]
+    assert report["all_to_all"]
+    # w_in [E=8, 16, 32]: each device holds E / (size of the expert axis) experts.
+    assert report["expert_shard_shape"] == [8 // mesh_shape[1], 16, 32]
+
+
+@pytest.mark.slow
+def test_data_and_fsdp_need_no_all_to_all(eight_devices):
+    for name, mesh_shape in case.CASES:
+        if name != "expert":
+            assert not eight_devices["cases"][_case_id(name, mesh_shape)]["all_to_all"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4), (4, 2)])
+def test_fsdp_splits_params_over_the_fsdp_axis(eight_devices, mesh_shape):
+    report = eight_devices["cases"][_case_id("fsdp", mesh_shape)]
+    assert report["expert_shard_shape"] == [8, 16, 32 // mesh_shape[1]]  # largest dim: 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_the_expert_strategy_equal_one_process(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    outputs = [tmp_path / f"process_{i}.npz" for i in range(2)]
+    script = str(HERE / "two_process_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, address, str(i), str(outputs[i])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-5000:]
+    loss, grads = case.single_device_run()
+    expected = {
+        jax.tree_util.keystr(path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
+    }
+    for output in outputs:
+        with np.load(output) as result:
+            assert bool(result["all_to_all"])
+            assert result["expert_shard_shape"].tolist() == [2, 16, 32]  # 8 experts / 4 devices
+            assert float(result["loss"]) == pytest.approx(loss, rel=LOSS_RTOL)
+            got = {key: result[f"grad{key}"] for key in expected}
+            assert case.max_relative_difference(got, expected) < GRAD_RTOL
+
+
+# Specs and meshes, on abstract meshes: no devices needed.
+
+
+def _params_like_a_vmoe():
+    return {
+        "block_0": {"mlp": {"w_in": np.zeros((16, 32)), "b_in": np.zeros(32)}},
+        "block_1": {
+            "moe": {
+                "experts": {"w_in": np.zeros((8, 16, 32)), "b_in": np.zeros((8, 32))},
+                "router": {"gate": np.zeros((16, 8))},
+            }
+        },
+    }
+
+
+def test_data_strategy_replicates_params_and_splits_the_batch():
+    strategy = vl.DataParallel(AbstractMesh((8,), ("data",)))
+    specs = strategy.param_specs(_params_like_a_vmoe())
+    assert set(jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))) == {
+        PartitionSpec()
+    }
+    assert strategy.batch_spec() == PartitionSpec(("data",))
+    assert strategy.exchange is None
+
+
+def test_expert_strategy_splits_only_expert_params_on_their_expert_axis():
+    strategy = vl.ExpertParallel(AbstractMesh((2, 4), ("data", "expert")))
+    specs = strategy.param_specs(_params_like_a_vmoe())
+    assert specs["block_1"]["moe"]["experts"] == {
+        "w_in": PartitionSpec("expert"),
+        "b_in": PartitionSpec("expert"),
+    }
+    assert specs["block_1"]["moe"]["router"]["gate"] == PartitionSpec()
+    assert specs["block_0"]["mlp"]["w_in"] == PartitionSpec()
+    assert strategy.batch_spec() == PartitionSpec(("data", "expert"))
+    assert isinstance(strategy.exchange, vl.AllToAllExchange)
+
+
+def test_expert_strategy_rejects_experts_not_divisible_by_the_expert_axis():
+    strategy = vl.ExpertParallel(AbstractMesh((1, 3), ("data", "expert")))
+    message = r"num_experts=\(8,\) of block_1/moe/experts/\w+ is not divisible by the 'expert'"
+    with pytest.raises(ValueError, match=message):
+        strategy.param_specs(_params_like_a_vmoe())
+
+
+def test_all_to_all_exchange_rejects_experts_not_divisible_by_the_expert_axis():
+    exchange = vl.AllToAllExchange(AbstractMesh((1, 3), ("data", "expert")))
+    x_gecd = np.zeros((3, 8, 2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"num_experts=8 is not divisible by the 'expert' mesh"):
+        exchange(lambda p, x: x, {}, x_gecd)
+
+
+def test_all_to_all_exchange_rejects_groups_not_divisible_by_the_batch_devices():
+    exchange = vl.AllToAllExchange(AbstractMesh((2, 2), ("data", "expert")))
+    x_gecd = np.zeros((6, 8, 2, 4), np.float32)
+    with pytest.raises(ValueError, match=r"makes 6 routing groups, not divisible by the 4 devices"):
+        exchange(lambda p, x: x, {}, x_gecd)
+
+
+def test_fsdp_splits_the_largest_divisible_dimension_of_big_params():
+    strategy = vl.FullySharded(AbstractMesh((2, 4), ("data", "fsdp")), min_size=100)
+    specs = strategy.param_specs(_params_like_a_vmoe())
+    assert specs["block_1"]["moe"]["experts"]["w_in"] == PartitionSpec(None, None, "fsdp")
+    assert specs["block_1"]["moe"]["experts"]["b_in"] == PartitionSpec(None, "fsdp")
+    assert specs["block_1"]["moe"]["router"]["gate"] == PartitionSpec("fsdp", None)
+    assert specs["block_0"]["mlp"]["b_in"] == PartitionSpec()  # 32 < min_size: replicated
+    assert strategy.batch_spec() == PartitionSpec(("data", "fsdp"))
+
+
+def test_strategies_are_listed_and_unknown_ones_rejected():
+    assert vl.available_strategies() == ["data", "expert", "fsdp"]
+    with pytest.raises(ValueError, match=r"unknown sharding strategy 'experts' \(did you mean"):
+        vl.get_strategy("experts")
+
+
+def test_on_one_device_every_strategy_builds_a_one_device_mesh():
+    for name in vl.available_strategies():
+        strategy = vl.get_strategy(name)
+        assert strategy.mesh.size == jax.device_count() == 1
+
+
+@pytest.mark.parametrize("name", ["expert", "fsdp"])
+def test_a_mesh_shape_must_use_every_device(name):
+    with pytest.raises(ValueError, match=r"mesh_shape=\(2, 4\) .* needs 8 devices; there are 1"):
+        vl.get_strategy(name, mesh_shape=(2, 4))
+
+
+def test_a_one_device_expert_strategy_runs_the_model():
+    strategy = vl.get_strategy("expert")
+    model = case.model(strategy.exchange)
+    params = strategy.shard_params(case.init_params())
+    images, labels = strategy.shard_batch(case.batch())
+    loss = jax.jit(case.loss_fn(model))(params, images, labels)
+    reference, _ = case.single_device_run()
+    assert float(loss) == pytest.approx(reference, rel=LOSS_RTOL)
