@@ -57,7 +57,11 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 def init_params() -> dict:
     images, _ = batch()
     params = jax.jit(model().init)(jax.random.key(0), images)["params"]
-    return jax.tree.map(np.asarray, params)
+    params = jax.tree.map(np.asarray, params)
+    # The head starts at zero; a random one makes the loss itself depend on every layer.
+    kernel = params["head"]["kernel"]
+    params["head"]["kernel"] = np.random.RandomState(1).normal(size=kernel.shape).astype(np.float32)
+    return params
 
 
 def loss_fn(model: vl.VisionTransformer):
@@ -108,12 +112,14 @@ def sharded_run(strategy_name: str, mesh_shape=None, **options):
 
 
 def max_relative_difference(grads, reference) -> float:
-    """max over leaves of max|g - g_ref| / max(max|g_ref|, 1e-6).
+    """max over leaves of max|g - g_ref| / max(max|g_ref|, 1e-3 * largest |g_ref| of all leaves).
 
     The floor keeps gradients that are zero in exact arithmetic (attention key biases: softmax
-    ignores them; both runs give ~1e-11 noise) from counting as relative errors."""
+    ignores them, and both runs return rounding noise ~1e-8) from counting as relative errors."""
+    leaves = jax.tree.leaves(reference)
+    floor = 1e-3 * max(float(np.max(np.abs(r))) for r in leaves)
     worst = 0.0
-    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
-        scale = max(float(np.max(np.abs(r))), 1e-6)
+    for g, r in zip(jax.tree.leaves(grads), leaves, strict=True):
+        scale = max(float(np.max(np.abs(r))), floor)
         worst = max(worst, float(np.max(np.abs(g - r))) / scale)
     return worst
