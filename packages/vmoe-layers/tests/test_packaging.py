@@ -1,4 +1,4 @@
-"""The skeleton package installs with its declared version and its vmoe dependencies."""
+"""The package installs with its declared version and its vmoe dependencies."""
 
 import importlib
 import importlib.metadata

@@ -158,13 +158,14 @@ class MoeLayer(nn.Module):
         router_params = self.param("router", lambda key: router.init(key, d))
 
         def init_experts(key):
+            """{name: [E, *shape]}: each of the E experts drawn with its own key."""
+            e, dtype = self.num_experts, self.param_dtype
             specs = sorted(experts.param_specs(d).items())
             return {
-                name: init_stacked(spec, jax.random.fold_in(key, i), self.num_experts, pdt)
+                name: init_stacked(spec, jax.random.fold_in(key, i), e, dtype)
                 for i, (name, spec) in enumerate(specs)
             }
 
-        pdt = self.param_dtype
         expert_params = self.param(EXPERTS_KEY, init_experts)
         router = override_router(router, k, capacity_factor)
 
