@@ -66,3 +66,26 @@ def test_mask_is_added_after_keep():
 def test_eval_batch_size_not_divisible_by_process_count_is_an_error():
     with pytest.raises(ValueError, match=r"batch_size=10 is not divisible by process_count=3"):
         evaluate(batch_size=10, process_count=3)
+
+
+@pytest.mark.parametrize("pipeline", ["eval", "few_shot"])
+def test_batch_ops_are_an_error_because_they_would_mix_in_padding(pipeline):
+    spec = "value_range|onehot(10)|mixup"
+    with pytest.raises(ValueError, match=r"has batch ops \['mixup'\]; eval and few-shot"):
+        if pipeline == "eval":
+            evaluate(pp=spec)
+        else:
+            vmoe_data.few_shot_pipeline("digits", shots=1, batch_size=10, pp=spec)
+
+
+def test_random_ops_do_not_depend_on_the_process_count():
+    """Example i gets the same augmentation whichever process, and whichever row, reads it."""
+    spec = "decode|random_crop(5)|flip_lr"
+    single = evaluate(batch_size=120, pp=spec, seed=4)
+    shards = [
+        evaluate(batch_size=120, pp=spec, seed=4, process_index=p, process_count=4)
+        for p in range(4)
+    ]
+    for b, global_batch in enumerate(single):
+        joined = np.concatenate([shards[p][b]["image"] for p in range(4)])
+        np.testing.assert_array_equal(joined, global_batch["image"])

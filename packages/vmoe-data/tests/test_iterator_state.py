@@ -6,6 +6,7 @@ import itertools
 import json
 
 import numpy as np
+import pytest
 
 import vmoe_data
 
@@ -20,6 +21,7 @@ PIPELINE = dict(
 RESUME = """
 import json, sys
 import numpy as np
+import pytest
 import vmoe_data
 state_file, out_file = sys.argv[1:3]
 iterator = iter(vmoe_data.train_pipeline("digits", **json.loads(sys.argv[3])))
@@ -63,17 +65,42 @@ def test_restored_state_differs_from_a_fresh_start():
     assert not np.array_equal(next(restored)["id"], fresh["id"])
 
 
-def test_state_restores_with_worker_processes():
-    options = {**PIPELINE, "num_workers": 2}
-    iterator = iter(vmoe_data.train_pipeline("digits", **options))
+def test_state_counts_the_batches_read():
+    iterator = iter(vmoe_data.train_pipeline("digits", **PIPELINE))
+    for _ in range(3):
+        next(iterator)
+    assert iterator.get_state() == {"batches": 3}
+
+
+@pytest.mark.parametrize(("saved_with", "restored_with"), [(0, 2), (2, 0)])
+def test_state_restores_with_another_number_of_worker_processes(saved_with, restored_with):
+    iterator = iter(vmoe_data.train_pipeline("digits", **PIPELINE, num_workers=saved_with))
     for _ in range(4):
         next(iterator)
-    state = iterator.get_state()
+    state = json.loads(json.dumps(iterator.get_state()))
     expected = [b["id"] for b in itertools.islice(iterator, 3)]
     iterator.close()
-    restored = iter(vmoe_data.train_pipeline("digits", **options))
-    restored.set_state(json.loads(json.dumps(state)))
+    restored = iter(vmoe_data.train_pipeline("digits", **PIPELINE, num_workers=restored_with))
+    restored.set_state(state)
     got = [b["id"] for b in itertools.islice(restored, 3)]
     restored.close()
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("state", [{"next_index": 3}, {"batches": -1}, {"batches": "3"}, [3]])
+def test_a_state_that_is_not_from_get_state_is_an_error(state):
+    iterator = iter(vmoe_data.train_pipeline("digits", **PIPELINE))
+    with pytest.raises(ValueError, match=r"iterator state|batches="):
+        iterator.set_state(state)
+
+
+def test_eval_iterator_state_restores_too():
+    options = dict(batch_size=100, pp="keep('id')", process_index=0, process_count=1)
+    iterator = iter(vmoe_data.eval_pipeline("digits", **options))
+    next(iterator)
+    state = iterator.get_state()
+    expected = [b["id"] for b in iterator]
+    restored = iter(vmoe_data.eval_pipeline("digits", **options))
+    restored.set_state(state)
+    assert [b["id"].tolist() for b in restored] == [e.tolist() for e in expected]

@@ -75,9 +75,44 @@ def test_decode_rejects_other_types():
         op("decode")({"image": [1, 2]}, rng())
 
 
+def encoded(pil_image, fmt="PNG"):
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_decode_scales_16_bit_images_to_8_bits():
+    pixels = np.array([[0, 255, 256, 100 * 256 + 255, 65535]], np.uint16)
+    out = op("decode")({"image": encoded(Image.fromarray(pixels))}, rng())["image"]
+    np.testing.assert_array_equal(out[..., 0], [[0, 0, 1, 100, 255]])
+
+
+@pytest.mark.parametrize(
+    ("mode", "channels"), [("LA", 1), ("RGBA", 3), ("P", 3), ("CMYK", 3), ("I;16", 1)]
+)
+def test_decode_gives_1_or_3_channels_dropping_alpha(mode, channels):
+    pil = Image.new(mode, (5, 4))
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    assert op("decode")({"image": encoded(pil, fmt)}, rng())["image"].shape == (4, 5, channels)
+
+
+def test_decode_keeps_the_colour_channels_of_an_rgba_image():
+    rgba = np.concatenate([image(), np.full((6, 8, 1), 7, np.uint8)], axis=-1)
+    out = op("decode")({"image": png_bytes(rgba)}, rng())["image"]
+    np.testing.assert_array_equal(out, image())
+
+
+def test_decode_rejects_floating_point_images():
+    tiff = encoded(Image.fromarray(np.zeros((2, 2), np.float32)), "TIFF")
+    with pytest.raises(ValueError, match=r"decode: the image has floating-point pixels"):
+        op("decode")({"image": tiff}, rng())
+
+
 def test_decode_bad_channels_argument():
     with pytest.raises(ValueError, match=r"decode: channels=2 must be None, 1 or 3"):
         op("decode(2)")
+    with pytest.raises(ValueError, match=r"decode: channels=True must be None, 1 or 3"):
+        op("decode(True)")
 
 
 # geometry

@@ -52,8 +52,15 @@ def test_different_seeds_give_different_orders():
 
 def test_one_epoch_sees_every_example_once(digits):
     batches = list(train(num_epochs=1, drop_remainder=False, batch_size=100))
-    assert sorted(ids(batches)) == sorted(int(digits.source("train")[i]["id"]) for i in range(1253))
-    assert [len(b["id"]) for b in batches] == [100] * 12 + [53]
+    real = np.concatenate([b["id"][b["mask"]] for b in batches]).tolist()
+    assert sorted(real) == sorted(int(digits.source("train")[i]["id"]) for i in range(1253))
+
+
+def test_without_drop_remainder_the_last_batch_is_padded_and_masked():
+    batches = list(train(num_epochs=1, drop_remainder=False, batch_size=100))
+    assert [len(b["id"]) for b in batches] == [100] * 13
+    assert [int(b["mask"].sum()) for b in batches] == [100] * 12 + [53]
+    assert batches[-1]["mask"].tolist() == [True] * 53 + [False] * 47
 
 
 def test_each_epoch_is_a_new_permutation():
@@ -79,20 +86,9 @@ def test_repeats_forever_by_default():
 
 
 def test_processes_stride_the_same_global_stream():
-    global_ids = ids(list(train(num_epochs=1, drop_remainder=False, batch_size=90, pp=None)))
+    global_ids = ids(list(train(num_epochs=1, batch_size=90, pp=None)))
     per_process = [
-        ids(
-            list(
-                train(
-                    num_epochs=1,
-                    drop_remainder=False,
-                    batch_size=90,
-                    pp=None,
-                    process_index=p,
-                    process_count=3,
-                )
-            )
-        )
+        ids(list(train(num_epochs=1, batch_size=90, pp=None, process_index=p, process_count=3)))
         for p in range(3)
     ]
     for p in range(3):
@@ -128,19 +124,29 @@ def test_batch_size_not_divisible_by_process_count_is_an_error():
 
 
 def test_process_index_out_of_range_is_an_error():
-    with pytest.raises(
-        ValueError, match=r"process_index=2 must be an int in \[0, process_count=2\)"
-    ):
+    with pytest.raises(ValueError, match=r"process_index=2 must be an int in \[0, 1\]"):
         train(process_index=2, process_count=2)
+
+
+def test_numpy_ints_are_accepted_for_process_index_and_count():
+    assert vmoe_data.resolve_processes(np.int64(1), np.int64(2)) == (1, 2)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_shuffle_and_drop_remainder_must_be_bools(value):
+    with pytest.raises(ValueError, match=rf"shuffle={value!r} must be True or False"):
+        train(shuffle=value)
+    with pytest.raises(ValueError, match=rf"drop_remainder={value!r} must be True or False"):
+        train(drop_remainder=value)
 
 
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ({"batch_size": 0}, r"batch_size=0 must be >= 1"),
-        ({"seed": -1}, r"seed=-1 must be in \[0, 4294967295\]"),
-        ({"num_epochs": 0}, r"num_epochs=0 must be >= 1"),
-        ({"num_workers": -1}, r"num_workers=-1 must be >= 0"),
+        ({"batch_size": 0}, r"batch_size=0 must be an int >= 1"),
+        ({"seed": -1}, r"seed=-1 must be an int in \[0, 4294967295\]"),
+        ({"num_epochs": 0}, r"num_epochs=0 must be an int >= 1"),
+        ({"num_workers": -1}, r"num_workers=-1 must be an int >= 0"),
         ({"batch_size": 2.0}, r"batch_size=2.0 must be an int"),
     ],
 )
@@ -212,3 +218,44 @@ def test_images_of_different_sizes_in_a_batch_name_the_feature():
         match=r"differ in the shape of 'image': \[\(4, 4, 1\), \(5, 5, 1\)\]; add a resize",
     ):
         _iterate((5, 5, 1), pp="decode")
+
+
+def _draws(seed, process_index, process_count, pipeline="train"):
+    """What the rng of the first batch op call drew, for one process."""
+
+    @vmoe_data.batch_op
+    def record(batch, rng):
+        return {**batch, "draw": np.full(len(batch["id"]), rng.uniform())}
+
+    spec = ["keep('id', 'label')", record]
+    batch = take(
+        train(seed=seed, pp=spec, process_index=process_index, process_count=process_count), 1
+    )[0]
+    return float(batch["draw"][0])
+
+
+def test_batch_op_random_streams_differ_across_seeds_and_processes():
+    draws = {(s, p): _draws(s, p, 4) for s in range(3) for p in range(4)}
+    assert len(set(draws.values())) == len(draws)
+
+
+def test_seed_streams_never_collide():
+    from vmoe_data.pipelines import _seed
+
+    keys = [(s, stream, p) for s in range(50) for stream in range(4) for p in range(8)]
+    assert len({_seed(*key) for key in keys}) == len(keys)
+
+
+def test_mixed_grayscale_and_colour_images_name_decode_channels():
+    with pytest.raises(
+        ValueError, match=r"differ in the shape of 'image': .*decode\(channels=1\) or decode"
+    ):
+        _iterate((4, 4, 3), pp="decode")
+
+
+def test_pp_output_image_must_be_an_image_even_without_image_ops():
+    dataset = _dataset_of(np.zeros((4, 2, 8, 8, 1), np.float64))
+    with pytest.raises(ValueError, match=r"pp spec 'onehot\(1\)' leaves 'image' as dtype float64"):
+        vmoe_data.train_pipeline(
+            dataset, batch_size=2, pp="onehot(1)", process_count=1, process_index=0
+        )

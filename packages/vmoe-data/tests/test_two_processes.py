@@ -21,12 +21,17 @@ import vmoe_data
 train = vmoe_data.train_pipeline(
     "digits", batch_size=64, seed=3, num_epochs=1, drop_remainder=False, pp="keep('id')"
 )
-train_batches = [b["id"].tolist() for b in train]
+train_batches = [b["id"][b["mask"]].tolist() for b in train]
+train_sizes = [len(b["id"]) for b in train]
+dropped = vmoe_data.train_pipeline("digits", batch_size=66, num_epochs=1, pp="keep('id')")
+dropped_sizes = [len(b["id"]) for b in dropped]
 evaluation = vmoe_data.eval_pipeline("digits", batch_size=64, pp="keep('id')")
 eval_batches = [b["id"][b["mask"]].tolist() for b in evaluation]
 print(json.dumps({
     "process": [jax.process_index(), jax.process_count()],
     "train": train_batches,
+    "train_sizes": train_sizes,
+    "dropped_sizes": dropped_sizes,
     "eval": eval_batches,
 }))
 """
@@ -69,9 +74,14 @@ def test_each_process_knows_its_index_and_count(two_processes):
     assert {i: r["process"] for i, r in two_processes.items()} == {0: [0, 2], 1: [1, 2]}
 
 
-def test_train_processes_get_half_the_batch_each(two_processes):
+def test_train_processes_get_half_the_batch_each_in_every_batch(two_processes):
     for report in two_processes.values():
-        assert {len(b) for b in report["train"][:-1]} == {32}
+        assert report["train_sizes"] == [32] * 20  # ceil(1253 / 64), the last one padded
+
+
+def test_train_processes_run_the_same_number_of_batches_with_drop_remainder(two_processes):
+    for report in two_processes.values():  # 1253 // 66 = 18; 1253 mod 66 = 65 is in [B-P, B)
+        assert report["dropped_sizes"] == [33] * 18
 
 
 def test_train_epoch_union_is_the_dataset_each_example_once(two_processes, digits):

@@ -14,13 +14,13 @@ eval and few-shot batches also hold `"mask"`: bool [L], False on padding.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from typing import Any
 
 import grain
 import numpy as np
 
+from vmoe_data._checks import check_bool, check_int
+from vmoe_data._iterator import ResumableDataset
 from vmoe_data.dataset import Dataset, IndexedSource, Source
 from vmoe_data.few_shot import few_shot_indices
 from vmoe_data.preprocess import PPSpec, Preprocess, preprocess
@@ -46,7 +46,9 @@ def train_pipeline(
 
     The examples of an epoch are shuffled with `seed` (a new order each epoch, the same on every
     process), and process p takes elements p, p + P, p + 2P, ... of that global stream: over one
-    epoch the processes together see every example exactly once.
+    epoch the processes together see every example exactly once. Global batch b is stream
+    elements b*B .. b*B + B - 1, so every process gets the same number of batches, all of L
+    examples.
 
     Args:
       dataset: a `Dataset` or a registered name (default: the embedded digits).
@@ -56,34 +58,53 @@ def train_pipeline(
       seed: seeds the shuffle and every random op; an int in [0, 2**32).
       num_epochs: epochs to read; None repeats forever.
       shuffle: False keeps the split's order (then only the random ops use the seed).
-      drop_remainder: drop a last, partial batch (only reached when num_epochs is set).
+      drop_remainder: with num_epochs set, True drops the stream's last T mod B examples (T =
+        num_epochs * N; an error if T < B); False pads the last global batch to B with copies
+        of the last example and adds `batch["mask"]` (bool [L], False on padding) to every
+        batch, as eval does.
       num_workers: worker processes that preprocess batches (0: threads in this process).
-      num_threads: threads reading and preprocessing (default: min(16, CPU count)).
+        They are spawned: a script must guard its entry point with
+        `if __name__ == "__main__":`.
+      num_threads: threads reading and preprocessing, one batch each (default:
+        min(8, CPUs available / max(1, num_workers))).
       process_index, process_count: this process's place among P; default
         `jax.process_index()`, `jax.process_count()`.
 
     Returns:
-      A `grain.IterDataset`; `iter(...)` gives an iterator with `get_state` / `set_state`.
+      A `grain.IterDataset`; `iter(...)` gives an iterator whose `get_state()` is
+      `{"batches": k}` and whose `set_state(state)` resumes at batch k, whatever `num_workers`.
     """
-    _check_int("seed", seed, 0, 2**32 - 1)
+    seed = check_int("seed", seed, 0, 2**32 - 1)
     if num_epochs is not None:
-        _check_int("num_epochs", num_epochs, 1)
+        num_epochs = check_int("num_epochs", num_epochs, 1)
+    shuffle = check_bool("shuffle", shuffle)
+    drop_remainder = check_bool("drop_remainder", drop_remainder)
     index, count = resolve_processes(process_index, process_count)
     local_batch = local_batch_size(batch_size, count)
     pp = preprocess(pp)
     source = _resolve(dataset).source(split)
     _check_example(source, pp)
-    shuffle_seed, example_seed, batch_seed = _derive_seeds(seed, 3)
     ds = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=shuffle_seed)
+        ds = ds.shuffle(seed=_seed(seed, _SHUFFLE))
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(pp, seed=example_seed)  # seeded by the global index: same on any P
-    ds = ds[index::count]
-    ds = ds.batch(local_batch, drop_remainder=drop_remainder, batch_fn=stack_examples)
+    ds = ds.random_map(pp, seed=_seed(seed, _EXAMPLE))  # seeded by the global index: same on any P
+    if num_epochs is not None and drop_remainder:
+        usable = len(ds) // batch_size * batch_size
+        if not usable:
+            raise ValueError(
+                f"split {split!r} has {len(source)} examples x num_epochs={num_epochs}, fewer "
+                f"than batch_size={batch_size}: drop_remainder=True leaves no batch; use a "
+                "smaller batch_size, more epochs or drop_remainder=False"
+            )
+        ds = ds[:usable]
+    elif not drop_remainder:
+        padded = len(ds) if num_epochs is None else math.ceil(len(ds) / batch_size) * batch_size
+        ds = grain.MapDataset.source(_MaskedPadding(ds, padded))
+    ds = ds[index::count].batch(local_batch, batch_fn=_stack_examples)
     if pp.batch_ops:
-        ds = ds.random_map(pp.apply_batch, seed=int(_derive_seeds(batch_seed + index, 1)[0]))
-    return _to_iter(ds, num_workers, num_threads)
+        ds = ds.random_map(pp.apply_batch, seed=_seed(seed, _BATCH, index))
+    return ResumableDataset(ds, num_workers, num_threads)
 
 
 def eval_pipeline(
@@ -104,7 +125,9 @@ def eval_pipeline(
     b*B + p*L. The last batch is padded (with copies of the last example) to full size;
     `batch["mask"]` (bool [L]) is False on padding, so masked sums count every example once.
 
-    Args: as `train_pipeline`; `seed` only seeds random ops, if the spec has any.
+    Args: as `train_pipeline`; `seed` only seeds random ops, if the spec has any (example i
+    gets the same random draws whatever P is). Batch ops (e.g. mixup) are an error: they would
+    mix padding into real examples.
     """
     return _eval_over(
         _resolve(dataset).source(split),
@@ -161,52 +184,42 @@ def _eval_over(
     process_index: int | None,
     process_count: int | None,
 ) -> grain.IterDataset:
-    _check_int("seed", seed, 0, 2**32 - 1)
+    seed = check_int("seed", seed, 0, 2**32 - 1)
     index, count = resolve_processes(process_index, process_count)
     local_batch = local_batch_size(batch_size, count)
     pp = preprocess(pp)
-    _check_example(source, pp)
-    padded = _PaddedShard(source, batch_size, local_batch, index)
-    ds = grain.MapDataset.source(padded).random_map(_MaskedPP(pp), seed=_derive_seeds(seed, 1)[0])
-    ds = ds.batch(local_batch, batch_fn=stack_examples)
     if pp.batch_ops:
-        ds = ds.random_map(pp.apply_batch, seed=int(_derive_seeds(seed + 1 + index, 1)[0]))
-    return _to_iter(ds, num_workers, num_threads)
+        raise ValueError(
+            f"pp spec {pp.spec!r} has batch ops {[text for text, _ in pp.batch_ops]}; eval and "
+            "few-shot batches are padded, and a batch op would mix padding into real "
+            "examples: remove them"
+        )
+    _check_example(source, pp)
+    ds = grain.MapDataset.source(source).random_map(pp, seed=_seed(seed, _EVAL))
+    padded = max(1, math.ceil(len(source) / batch_size)) * batch_size
+    ds = grain.MapDataset.source(_MaskedPadding(ds, padded))
+    ds = ds.batch(local_batch, batch_fn=_stack_examples)[index::count]  # b*P + p: rows b*B + p*L
+    return ResumableDataset(ds, num_workers, num_threads)
 
 
-class _PaddedShard:
-    """This process's rows of the padded global batches: `[j] -> (example, is_real)`."""
+class _MaskedPadding:
+    """`ds` padded to `length` with copies of its last element; `"mask"` is False on those."""
 
-    def __init__(self, source: Source, batch_size: int, local_batch: int, index: int) -> None:
-        self.source = source
-        self.size = len(source)
-        self.batch_size = batch_size
-        self.local_batch = local_batch
-        self.offset = index * local_batch
-        self.num_batches = max(1, math.ceil(self.size / batch_size))
+    def __init__(self, ds: grain.MapDataset, length: int) -> None:
+        self.ds = ds
+        self.size = len(ds)
+        self.length = length
 
     def __len__(self) -> int:
-        return self.num_batches * self.local_batch
+        return self.length
 
-    def __getitem__(self, j: int) -> tuple[dict, bool]:
-        batch, row = divmod(int(j), self.local_batch)
-        global_index = batch * self.batch_size + self.offset + row
-        real = global_index < self.size
-        return self.source[min(global_index, self.size - 1)], real
-
-
-class _MaskedPP:
-    """Preprocesses an (example, is_real) pair and adds `"mask"` after the pp ops."""
-
-    def __init__(self, pp: Preprocess) -> None:
-        self.pp = pp
-
-    def __call__(self, item: tuple[dict, bool], rng: np.random.Generator) -> dict:
-        example, real = item
-        return {**self.pp(example, rng), "mask": np.bool_(real)}
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        example = self.ds[min(index, self.size - 1)]
+        return {**example, "mask": np.bool_(index < self.size)}
 
 
-def stack_examples(examples: Sequence[dict]) -> dict:
+def _stack_examples(examples: Sequence[dict]) -> dict:
     """Stacks examples (dicts of arrays, possibly nested) into a batch: leading axis L.
 
     Examples whose features or shapes differ are an error that names the feature.
@@ -221,14 +234,19 @@ def stack_examples(examples: Sequence[dict]) -> dict:
     for key in keys:
         values = [example[key] for example in examples]
         if isinstance(values[0], dict):
-            batch[key] = stack_examples(values)
+            batch[key] = _stack_examples(values)
             continue
         values = [np.asarray(value) for value in values]
         shapes = sorted({value.shape for value in values})
         if len(shapes) > 1:
+            only_channels = len({s[:-1] for s in shapes}) == 1 and min(map(len, shapes)) == 3
+            fix = (
+                "make the channels agree with decode(channels=1) or decode(channels=3)"
+                if only_channels
+                else "add a resize or crop op to the pp spec"
+            )
             raise ValueError(
-                f"examples in a batch differ in the shape of {key!r}: {shapes[:4]}; add a "
-                "resize or crop op to the pp spec"
+                f"examples in a batch differ in the shape of {key!r}: {shapes[:4]}; {fix}"
             )
         batch[key] = np.stack(values)
     return batch
@@ -241,15 +259,15 @@ def resolve_processes(index: int | None, count: int | None) -> tuple[int, int]:
 
         index = jax.process_index() if index is None else index
         count = jax.process_count() if count is None else count
-    _check_int("process_count", count, 1)
-    if not isinstance(index, int) or not 0 <= index < count:
-        raise ValueError(f"process_index={index!r} must be an int in [0, process_count={count})")
+    count = check_int("process_count", count, 1)
+    index = check_int("process_index", index, 0, count - 1, where=f"process_count={count}: ")
     return index, count
 
 
 def local_batch_size(batch_size: int, process_count: int) -> int:
     """B / P, checking that P divides B."""
-    _check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    process_count = check_int("process_count", process_count, 1)
     if batch_size % process_count:
         raise ValueError(
             f"batch_size={batch_size} is not divisible by process_count={process_count}; "
@@ -264,41 +282,39 @@ def _resolve(dataset: Dataset | str) -> Dataset:
     return get_dataset(dataset)
 
 
+IMAGE_DTYPES = ("uint8", "float16", "bfloat16", "float32")
+
+
 def _check_example(source: Source, pp: Preprocess) -> None:
-    """Runs the per-example ops on the first example now, so bad specs/images fail here."""
+    """Runs the per-example ops on the first example now, so bad specs/images fail here, and
+    checks that its `"image"`, if it keeps one, is an [H, W, C] array of an image dtype."""
     if len(source) == 0:
         raise ValueError("the source has no examples")
-    pp(source[0], np.random.default_rng(0))
+    example = pp(source[0], np.random.default_rng(0))
+    if isinstance(example, dict) and "image" in example:
+        image = example["image"]
+        if not (
+            isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype.name in IMAGE_DTYPES
+        ):
+            shown = (
+                f"dtype {image.dtype} shape {image.shape}"
+                if isinstance(image, np.ndarray)
+                else f"a {type(image).__name__}"
+            )
+            raise ValueError(
+                f"pp spec {pp.spec!r} leaves 'image' as {shown}; batches need an [H, W, C] "
+                f"array of {list(IMAGE_DTYPES)}: start the spec with decode, or drop the image "
+                "with keep(...)"
+            )
 
 
-def _derive_seeds(seed: int, n: int) -> list[int]:
-    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n)]
+# Seed streams: every random stream of a pipeline is SeedSequence([seed, stream, process]).
+_SHUFFLE, _EXAMPLE, _BATCH, _EVAL = range(4)
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r} must be an int")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be {allowed}")
+def _seed(seed: int, stream: int, process: int = 0) -> int:
+    """The seed of one random stream; distinct (seed, stream, process) give distinct seeds.
 
-
-def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int | None) -> grain.IterDataset:
-    _check_int("num_workers", num_workers, 0)
-    threads = min(16, os.cpu_count() or 1) if num_threads is None else num_threads
-    _check_int("num_threads", threads, 0)
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
-    it_ds = ds.to_iter_dataset(read)
-    if num_workers:
-        _absl_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return it_ds
-
-
-def _absl_flags_parsed() -> None:
-    """grain's worker processes read absl flags; outside absl.app they are never parsed, so
-    mark them parsed (all defaults) rather than fail with UnparsedFlagAccessError."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    Every key has the same length (SeedSequence treats [a, b] and [a, b, 0] alike).
+    """
+    return int(np.random.SeedSequence([seed, stream, process]).generate_state(1)[0])

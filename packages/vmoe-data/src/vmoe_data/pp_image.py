@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from vmoe_data._checks import check_str
+
 _METHODS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -53,10 +55,15 @@ def _size(size: int | Sequence[int], op: str) -> tuple[int, int]:
 def decode(channels: int | None = None, key: str = "image"):
     """Encoded bytes (PNG, JPEG, ...) or an `[H, W]` / `[H, W, C]` uint8 array -> uint8 [H, W, C].
 
-    `channels=3` makes grayscale images RGB, `channels=1` makes RGB grayscale.
+    Encoded images keep their colour kind: grayscale gives 1 channel, colour (RGB, palette,
+    CMYK, ...) 3. Alpha is dropped (LA -> 1 channel, RGBA -> 3) and 16-bit images are scaled to
+    8 bits (value >> 8); floating-point images are an error. `channels=3` makes grayscale
+    images RGB, `channels=1` makes colour images grayscale: give one when a dataset mixes
+    grayscale and colour images, so that its images stack into batches.
     """
-    if channels not in (None, 1, 3):
+    if isinstance(channels, bool) or (channels is not None and channels not in (1, 3)):
         raise ValueError(f"decode: channels={channels!r} must be None, 1 or 3")
+    check_str("key", key, "decode: ")
 
     def op(example, rng):
         if key not in example:
@@ -79,15 +86,37 @@ def decode(channels: int | None = None, key: str = "image"):
     return op
 
 
+_GRAY_MODES = ("1", "L", "LA", "La")
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _decode_bytes(data: bytes) -> np.ndarray:
+    """uint8 [H, W, 1] (grayscale) or [H, W, 3] (colour) pixels of an encoded image."""
     try:
         with Image.open(io.BytesIO(data)) as pil:
-            if pil.mode not in ("L", "RGB"):
-                pil = pil.convert("RGBA" if "A" in pil.getbands() else "RGB")
-            image = np.asarray(pil)
+            pil.load()
+            mode = pil.mode
+            if mode in _16_BIT_MODES:
+                pixels = np.asarray(pil)
+            elif mode in _GRAY_MODES:
+                pixels = np.asarray(pil.convert("L"))
+            elif mode != "F":
+                pixels = np.asarray(pil.convert("RGB"))
     except Exception as error:  # Pillow raises several types
         raise ValueError(f"decode: cannot decode {len(data)} bytes as an image: {error}") from None
-    return image[..., None] if image.ndim == 2 else image
+    if mode == "F":
+        raise ValueError(
+            "decode: the image has floating-point pixels (Pillow mode 'F'); only 8- and 16-bit "
+            "images are supported"
+        )
+    if mode in _16_BIT_MODES:
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(
+                f"decode: the image has 32-bit pixels in [{pixels.min()}, {pixels.max()}] "
+                "(Pillow mode 'I'); only 8- and 16-bit images are supported"
+            )
+        pixels = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def _to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
