@@ -30,6 +30,9 @@ class ConstantRouter:
     def init(self, rng, d_model):
         return {}
 
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
     def __call__(self, params, x_gsd, *, rng=None, deterministic=True):
         g, s, _ = x_gsd.shape
         return vmoe_routing.token_choice_routing(
@@ -65,6 +68,7 @@ def test_register_a_plugin_at_run_time_then_unregister_it():
     assert "constant" not in vmoe_routing.available_routers()
     name = vmoe_routing.register_plugin(ConstantPlugin(), name="constant-plugin")
     router = vmoe_routing.get_router("constant", num_experts=3)
+    assert isinstance(router, vmoe_routing.Router)
     routing = router(router.init(None, 2), jnp.ones((1, 6, 2)))
     assert routing.valid[0].sum() == 4 and set(routing.expert[0].tolist()) == {0}
     assert "constant-plugin" in vmoe_routing.list_plugins()

@@ -160,6 +160,19 @@ def test_jit_of_a_router_call():
     np.testing.assert_allclose(jitted.weight, eager.weight, rtol=1e-6)
 
 
+def test_protocol_requires_replace():
+    class NoReplace:
+        num_experts = 2
+
+        def init(self, rng, d_model):
+            return {}
+
+        def __call__(self, params, x_gsd, *, rng=None, deterministic=True):
+            raise NotImplementedError
+
+    assert not isinstance(NoReplace(), Router)
+
+
 def test_built_ins_satisfy_the_router_protocol():
     assert isinstance(get_router("top_k", num_experts=2), Router)
     assert isinstance(get_router("bpr", num_experts=2), Router)

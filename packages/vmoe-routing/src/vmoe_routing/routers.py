@@ -49,6 +49,10 @@ class Router(Protocol):
         """Routes x [G, S, D]. `deterministic=False` means training: noise, training capacity."""
         ...
 
+    def replace(self, **changes: Any) -> Router:
+        """A copy with some options changed (e.g. k, capacity_factor), params unaffected."""
+        ...
+
 
 def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
     """Raises a ValueError unless x is [G, S, D] (with D == d_model when given)."""
