@@ -299,3 +299,27 @@ def test_a_router_option_error_names_the_option():
 
 def test_hash_router_is_the_installed_plugin():
     assert "hash" in vmoe_routing.available_routers()
+
+
+def test_einsum_dispatch_path_equals_the_index_path():
+    index_layer = _layer("bpr", {"k": 2}, 0.5)
+    einsum_layer = _layer("bpr", {"k": 2}, 0.5, dispatch_path="einsum")
+    x = _x()
+    params = _params(index_layer, x)
+
+    def loss(layer, params, x):
+        out = layer.apply({"params": params}, x)
+        return jnp.sum(out.output * _x(seed=3)) + out.aux_loss
+
+    index = jax.value_and_grad(lambda p, x: loss(index_layer, p, x), argnums=(0, 1))(params, x)
+    einsum = jax.value_and_grad(lambda p, x: loss(einsum_layer, p, x), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(index[0], einsum[0], **TOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), index[1], einsum[1])
+
+
+def test_unknown_dispatch_path_is_rejected():
+    layer = _layer("top_k", {"k": 1}, 1.0, dispatch_path="onehot")
+    with pytest.raises(
+        ValueError, match=r"dispatch_path='onehot' must be one of \('index', 'einsum'\)"
+    ):
+        layer.init(jax.random.key(0), _x())

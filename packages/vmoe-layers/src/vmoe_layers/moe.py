@@ -32,6 +32,7 @@ Array = jax.Array
 # has the expert axis first; sharding strategies find expert params by this key.
 EXPERTS_KEY = "experts"
 GATING_RNG = "gating"  # rng collection for the router's training noise
+DISPATCH_PATHS = ("index", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,8 @@ class MoeLayer(nn.Module):
       param_dtype: dtype of the expert parameters.
       exchange: how buffers reach the experts (see `vmoe_layers.exchange`); None runs all
         experts where the buffers are. Sharding strategies provide it.
+      dispatch_path: "index" (default: gathers by index, no [G, S, E, C] tensor) or "einsum"
+        (the one-hot reference: `Routing.to_dense()` and einsums; for tests and benchmarks).
 
     Call: `layer(x, deterministic=True, k=None, capacity_factor=None) -> MoeOutput` with x of
     shape [..., T, D]. `deterministic=False` is training: gating noise (rng collection
@@ -125,6 +128,7 @@ class MoeLayer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     exchange: ExpertExchange | None = None
+    dispatch_path: str = "index"
 
     def make_router(self) -> Any:
         options = dict(self.router_options or {})
@@ -151,6 +155,10 @@ class MoeLayer(nn.Module):
     ) -> MoeOutput:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if self.dispatch_path not in DISPATCH_PATHS:
+            raise ValueError(
+                f"dispatch_path={self.dispatch_path!r} must be one of {DISPATCH_PATHS}"
+            )
         d = x.shape[-1]
         x_gsd = group_tokens(x.astype(self.dtype), self.group_size)
         router = self.make_router()
@@ -179,6 +187,8 @@ class MoeLayer(nn.Module):
                     f"{router.noise_std} needs rngs={{'{GATING_RNG}': key}} in apply()"
                 )
         routing = router(router_params, x_gsd, rng=rng, deterministic=deterministic)
+        if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
+            routing = routing.to_dense()
 
         x_gecd = vmoe_routing.dispatch(x_gsd, routing)
 
