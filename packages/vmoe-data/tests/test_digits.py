@@ -118,3 +118,10 @@ def test_two_processes_building_at_once_both_get_the_dataset(tmp_path):
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert [o.strip().splitlines()[-1] for o in outputs] == ["1253", "1253"]
+
+
+def test_building_prints_nothing(tmp_path, run_python):
+    code = "import sys, vmoe_data; vmoe_data.get_dataset('digits', data_dir=sys.argv[1])"
+    result = run_python(code, str(tmp_path))
+    assert result.stdout == ""
+    assert "Downloading" not in result.stderr

@@ -64,3 +64,22 @@ def test_few_shot_pipeline_is_seeded(digits):
 
     assert chosen(3) == chosen(3)
     assert chosen(3) != chosen(4)
+
+
+def test_labels_outside_the_classes_are_an_error():
+    with pytest.raises(ValueError, match=r"labels \[-1, 5\] are outside \[0, num_classes=2\)"):
+        vmoe_data.few_shot_indices(np.array([0, 1, 5, -1, 0, 1]), shots=1, num_classes=2)
+
+
+def test_numpy_ints_are_accepted_for_shots_and_seed():
+    labels = np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(
+        vmoe_data.few_shot_indices(labels, np.int64(1), np.int64(3)),
+        vmoe_data.few_shot_indices(labels, 1, 3),
+    )
+
+
+@pytest.mark.parametrize(("option", "value"), [("shots", True), ("seed", 1.0)])
+def test_bools_and_floats_are_not_ints(option, value):
+    with pytest.raises(ValueError, match=rf"{option}={value!r} must be an int"):
+        vmoe_data.few_shot_indices(np.array([0, 1]), **{"shots": 1, option: value})

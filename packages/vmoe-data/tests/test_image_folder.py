@@ -88,13 +88,50 @@ def test_folder_without_class_folders_is_an_error(tmp_path):
 def test_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "cats").mkdir()
     (tmp_path / "cats" / "readme.txt").write_text("x")
-    with pytest.raises(ValueError, match="holds no images with extensions"):
+    with pytest.raises(ValueError, match=r"'cats' holds neither images"):
         vmoe_data.get_dataset("image_folder", path=str(tmp_path))
 
 
 def test_undecodable_file_is_a_decode_error(tmp_path):
     (tmp_path / "cats").mkdir()
     (tmp_path / "cats" / "broken.png").write_bytes(b"not a png")
+    _write(tmp_path / "dogs" / "a.png", 1)
     dataset = vmoe_data.get_dataset("image_folder", path=str(tmp_path))
     with pytest.raises(ValueError, match="decode: cannot decode 9 bytes as an image"):
         vmoe_data.preprocess("decode")(dataset.source("train")[0], None)
+
+
+def test_a_class_folder_with_images_one_level_deeper_is_an_error(flat):
+    _write(flat / "birds" / "2020" / "1.png", 5)
+    with pytest.raises(
+        ValueError, match=r"class folders \['birds'\] hold no images .*sub-folders \['birds/2020'\]"
+    ):
+        vmoe_data.get_dataset("image_folder", path=str(flat))
+
+
+def test_every_class_nested_one_level_deeper_is_an_error(tmp_path):
+    _write(tmp_path / "cat" / "2020" / "1.png", 1)
+    _write(tmp_path / "dog" / "2021" / "1.png", 2)
+    with pytest.raises(ValueError, match=r"split 'cat' shares no class with the other splits"):
+        vmoe_data.get_dataset("image_folder", path=str(tmp_path))
+
+
+def test_split_named_folders_holding_images_directly_are_an_error(tmp_path):
+    _write(tmp_path / "train" / "1.png", 1)
+    _write(tmp_path / "test" / "1.png", 2)
+    with pytest.raises(ValueError, match=r"look like splits but hold images directly"):
+        vmoe_data.get_dataset("image_folder", path=str(tmp_path))
+
+
+def test_a_single_class_is_an_error(tmp_path):
+    _write(tmp_path / "cats" / "1.png", 1)
+    with pytest.raises(ValueError, match=r"has one class, 'cats'"):
+        vmoe_data.get_dataset("image_folder", path=str(tmp_path))
+
+
+def test_a_split_folder_without_classes_is_an_error(tmp_path):
+    _write(tmp_path / "train" / "a" / "1.png", 1)
+    _write(tmp_path / "train" / "b" / "1.png", 1)
+    (tmp_path / "test").mkdir()
+    with pytest.raises(ValueError, match=r"'test' holds neither images .* nor class folders"):
+        vmoe_data.get_dataset("image_folder", path=str(tmp_path))

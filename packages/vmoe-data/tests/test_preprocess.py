@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import vmoe_data
-from vmoe_data.preprocess import parse_op, split_spec
+import vmoe_routing
+from vmoe_data.preprocess import _parse_op, _split_spec
 
 
 def _example(h=8, w=8, c=1):
@@ -40,16 +41,16 @@ def test_empty_spec_and_none_are_identity():
 
 
 def test_keyword_and_positional_arguments_are_python_literals():
-    assert parse_op('resize((4, 6), method="nearest")') == (
+    assert _parse_op('resize((4, 6), method="nearest")') == (
         "resize",
         ((4, 6),),
         {"method": "nearest"},
     )
-    assert parse_op("flip_lr") == ("flip_lr", (), {})
+    assert _parse_op("flip_lr") == ("flip_lr", (), {})
 
 
 def test_pipes_inside_quotes_or_parentheses_do_not_split():
-    assert split_spec("keep('a|b')|resize((2, 2))") == ["keep('a|b')", "resize((2, 2))"]
+    assert _split_spec("keep('a|b')|resize((2, 2))") == ["keep('a|b')", "resize((2, 2))"]
 
 
 def test_batch_ops_are_applied_by_apply_batch_only():
@@ -97,3 +98,53 @@ def test_malformed_op_text_is_an_error(text):
 def test_spec_of_the_wrong_type_is_an_error():
     with pytest.raises(ValueError, match="must be a string like"):
         vmoe_data.preprocess(3)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("value_range('a', 1)", r"value_range: vmin='a' must be a number"),
+        ("flip_lr('x')", r"flip_lr: probability='x' must be a number"),
+        ("inception_crop(area_min='5')", r"inception_crop: area_min='5' must be a number"),
+        ("mixup(alpha='x')", r"mixup: alpha='x' must be a number"),
+        ("mixup(keys=[1])", r"mixup: keys=\[1\] must be a non-empty list of feature names"),
+        ("resize(True)", r"resize: size=True must be a positive int or \(height, width\)"),
+        ("resize((4, True))", r"resize: size=\(4, True\) must be a positive int"),
+        ("resize('ab')", r"resize: size='ab' must be a positive int"),
+        ("resize(3, method=[1])", r"resize: method=\[1\] is not one of"),
+        ("resize_small((3, 4))", r"resize_small: size=\(3, 4\) must be an int >= 1"),
+        ("normalize(mean='x')", r"normalize: mean='x' must be a number or a list of numbers"),
+        ("normalize(std=[])", r"normalize: std=\[\] must be a number or a list of numbers"),
+        ("onehot(10, on='x')", r"onehot: on='x' must be a number"),
+        ("onehot(True)", r"onehot: depth=True must be an int >= 1"),
+        ("onehot(10, key=3)", r"onehot: key=3 must be a non-empty string"),
+        ("decode(key=None)", r"decode: key=None must be a non-empty string"),
+    ],
+)
+def test_bad_argument_types_are_one_line_errors_naming_the_op(text, message):
+    with pytest.raises(ValueError, match=rf"^pp op .*{message}") as error:
+        vmoe_data.preprocess(text)
+    assert "\n" not in str(error.value)
+
+
+def test_unhashable_dict_key_is_a_literal_error():
+    with pytest.raises(ValueError, match=r"pp op 'resize\(\{\[1\]: 2\}\)': arguments must be"):
+        vmoe_data.preprocess("resize({[1]: 2})")
+
+
+def test_a_type_error_inside_a_plugin_factory_becomes_a_value_error_naming_the_op():
+    class Plugin:
+        @vmoe_routing.hookimpl
+        def vmoe_preprocess_ops(self):
+            def shift(amount=1):
+                offset = amount + 1  # 'x' + 1: TypeError
+                return lambda example, rng: {**example, "offset": offset}
+
+            return {"shift_test_op": shift}
+
+    name = vmoe_routing.register_plugin(Plugin(), name="type_error_plugin")
+    try:
+        with pytest.raises(ValueError, match=r"^pp op \"shift_test_op\('x'\)\": shift_test_op: "):
+            vmoe_data.preprocess("shift_test_op('x')")
+    finally:
+        vmoe_routing.unregister_plugin(name)

@@ -110,3 +110,25 @@ def test_a_name_claimed_twice_is_an_error_naming_both():
 def test_data_hooks_are_listed_for_the_builtin_plugin():
     hooks = vmoe_routing.list_plugins()["vmoe_data.builtins (built-in)"]
     assert hooks == ["vmoe_datasets", "vmoe_preprocess_ops"]
+
+
+def test_a_factory_that_does_not_return_a_dataset_is_an_error_naming_its_plugin():
+    class Broken:
+        @vmoe_routing.hookimpl
+        def vmoe_datasets(self):
+            return {"not_a_dataset": lambda: {"train": []}}
+
+    name = vmoe_routing.register_plugin(Broken(), name="broken_data_plugin")
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"dataset 'not_a_dataset' \(from broken_data_plugin\) returned a dict, not a",
+        ):
+            vmoe_data.get_dataset("not_a_dataset")
+    finally:
+        vmoe_routing.unregister_plugin(name)
+
+
+def test_a_prefixed_name_without_an_argument_is_an_error():
+    with pytest.raises(ValueError, match=r"^dataset name 'tfds:' has nothing after ':'; give the"):
+        vmoe_data.get_dataset("tfds:")

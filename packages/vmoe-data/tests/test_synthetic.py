@@ -28,3 +28,10 @@ def test_same_index_same_pixels_across_calls_and_splits_differ():
 def test_bad_options_are_errors(option):
     with pytest.raises(ValueError, match=f"{next(iter(option))}="):
         vmoe_data.get_dataset("synthetic", **option)
+
+
+@pytest.mark.parametrize("option", [{"image_size": True}, {"channels": 3.0}, {"seed": "1"}])
+def test_options_of_the_wrong_type_are_errors(option):
+    (name, value), *_ = option.items()
+    with pytest.raises(ValueError, match=rf"synthetic dataset: {name}={value!r} must be an int"):
+        vmoe_data.get_dataset("synthetic", **option)

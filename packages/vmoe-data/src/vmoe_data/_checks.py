@@ -24,15 +24,15 @@ def check_int(
     return int(value)
 
 
-def check_number(name: str, value: Any, where: str = "") -> float:
-    """`value` as a float, checked to be a finite int or float (not a bool)."""
+def check_number(name: str, value: Any, where: str = "") -> Any:
+    """`value`, checked to be a finite int or float (not a bool)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
         raise ValueError(f"{where}{name}={value!r} must be a number")
     if not math.isfinite(value):
         raise ValueError(f"{where}{name}={value!r} must be a finite number")
-    return float(value)
+    return value
 
 
 def check_bool(name: str, value: Any, where: str = "") -> bool:

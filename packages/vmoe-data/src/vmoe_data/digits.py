@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import io
 import os
 import pathlib
 from collections.abc import Iterator
@@ -165,12 +166,8 @@ def _exclusive(lock_path: pathlib.Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_tfds() -> Iterator[None]:
-    """No tfds progress bars while building (a few milliseconds of work)."""
-    from tensorflow_datasets.core.utils import tqdm_utils
-
-    was_active = tqdm_utils._active
-    tfds.display_progress_bar(False)
-    try:
+    """No tfds output while building (a few milliseconds of work): its progress bars (stderr)
+    and its "Downloading and preparing dataset Unknown size..." line (stdout, misleading
+    offline) go nowhere. Errors still raise; no tfds setting is changed."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
-    finally:
-        tfds.display_progress_bar(was_active)

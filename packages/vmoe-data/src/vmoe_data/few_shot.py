@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmoe_data._checks import check_int
+
 
 def few_shot_indices(
     labels: np.ndarray, shots: int, seed: int = 0, num_classes: int | None = None
@@ -23,12 +25,17 @@ def few_shot_indices(
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be a 1-D int array; got {labels.dtype} {labels.shape}")
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise ValueError(f"shots={shots!r} must be an int >= 1")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an int >= 0")
+    shots = check_int("shots", shots, 1)
+    seed = check_int("seed", seed, 0)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
+    num_classes = check_int("num_classes", num_classes, 0)
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+        raise ValueError(
+            f"labels {sorted(set(outside.tolist()))[:5]} are outside [0, num_classes="
+            f"{num_classes}); every label must be a class index"
+        )
     chosen = []
     for c in range(num_classes):
         (members,) = np.nonzero(labels == c)

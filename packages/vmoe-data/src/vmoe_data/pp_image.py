@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from vmoe_data._checks import check_str
+from vmoe_data._checks import check_int, check_number, check_str
 
 _METHODS = {
     "nearest": Image.Resampling.NEAREST,
@@ -46,10 +46,19 @@ def get_image(example: dict, key: str, op: str, dtypes: Sequence[str] = ()) -> n
 
 def _size(size: int | Sequence[int], op: str) -> tuple[int, int]:
     """`32` -> (32, 32); `(24, 32)` -> (24, 32) as (height, width)."""
-    sizes = (size, size) if isinstance(size, int) else tuple(size)
-    if len(sizes) != 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+    if _is_int(size):
+        sizes = (size, size)
+    elif isinstance(size, (tuple, list)):
+        sizes = tuple(size)
+    else:
+        sizes = ()
+    if len(sizes) != 2 or not all(_is_int(s) and s > 0 for s in sizes):
         raise ValueError(f"{op}: size={size!r} must be a positive int or (height, width)")
-    return sizes  # type: ignore[return-value]
+    return int(sizes[0]), int(sizes[1])
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def decode(channels: int | None = None, key: str = "image"):
@@ -156,7 +165,7 @@ def _resize(image: np.ndarray, height: int, width: int, method: str) -> np.ndarr
 
 
 def _check_method(method: str, op: str) -> None:
-    if method not in _METHODS:
+    if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"{op}: method={method!r} is not one of {sorted(_METHODS)}")
 
 
@@ -164,6 +173,7 @@ def resize(size: int | Sequence[int], method: str = "bilinear", key: str = "imag
     """Resizes to `size` (int: square; or (height, width))."""
     height, width = _size(size, "resize")
     _check_method(method, "resize")
+    check_str("key", key, "resize: ")
 
     def op(example, rng):
         image = get_image(example, key, "resize")
@@ -174,8 +184,9 @@ def resize(size: int | Sequence[int], method: str = "bilinear", key: str = "imag
 
 def resize_small(size: int, method: str = "area", key: str = "image"):
     """Resizes so the shorter side is `size`, keeping the aspect ratio."""
-    _size(size, "resize_small")
+    size = check_int("size", size, 1, where="resize_small: ")
     _check_method(method, "resize_small")
+    check_str("key", key, "resize_small: ")
 
     def op(example, rng):
         image = get_image(example, key, "resize_small")
@@ -202,6 +213,7 @@ def _fits(image: np.ndarray, height: int, width: int, op: str) -> None:
 def central_crop(size: int | Sequence[int], key: str = "image"):
     """Crops the central `size` window."""
     height, width = _size(size, "central_crop")
+    check_str("key", key, "central_crop: ")
 
     def op(example, rng):
         image = get_image(example, key, "central_crop")
@@ -215,6 +227,7 @@ def central_crop(size: int | Sequence[int], key: str = "image"):
 def random_crop(size: int | Sequence[int], key: str = "image"):
     """Crops a `size` window at a uniformly random position."""
     height, width = _size(size, "random_crop")
+    check_str("key", key, "random_crop: ")
 
     def op(example, rng):
         image = get_image(example, key, "random_crop")
@@ -239,6 +252,9 @@ def inception_crop(
     Ten tries to fit a window; if none fits, the central square crop is used.
     """
     out_size = None if size is None else _size(size, "inception_crop")
+    area_min = check_number("area_min", area_min, "inception_crop: ")
+    area_max = check_number("area_max", area_max, "inception_crop: ")
+    check_str("key", key, "inception_crop: ")
     if not 0 < area_min <= area_max <= 100:
         raise ValueError(
             f"inception_crop: need 0 < area_min={area_min!r} <= area_max={area_max!r} <= 100"
@@ -271,6 +287,8 @@ def inception_crop(
 
 def flip_lr(probability: float = 0.5, key: str = "image"):
     """Flips left-right with `probability`."""
+    probability = check_number("probability", probability, "flip_lr: ")
+    check_str("key", key, "flip_lr: ")
     if not 0 <= probability <= 1:
         raise ValueError(f"flip_lr: probability={probability!r} must be in [0, 1]")
 
@@ -287,6 +305,11 @@ def value_range(
     vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255, key: str = "image"
 ):
     """Maps pixel values linearly from [in_min, in_max] to [vmin, vmax]: float32."""
+    vmin, vmax, in_min, in_max = (
+        check_number(name, value, "value_range: ")
+        for name, value in [("vmin", vmin), ("vmax", vmax), ("in_min", in_min), ("in_max", in_max)]
+    )
+    check_str("key", key, "value_range: ")
     if not (vmin < vmax and in_min < in_max):
         raise ValueError(
             f"value_range: need vmin < vmax and in_min < in_max; got vmin={vmin!r}, "
@@ -309,9 +332,11 @@ def normalize(
     key: str = "image",
 ):
     """(image / scale - mean) / std per channel: float32. Defaults: ImageNet statistics."""
-    mean_c = np.atleast_1d(np.asarray(mean, np.float32))
-    std_c = np.atleast_1d(np.asarray(std, np.float32))
-    if mean_c.ndim != 1 or std_c.ndim != 1 or not np.all(std_c > 0) or scale <= 0:
+    mean_c = _per_channel("mean", mean)
+    std_c = _per_channel("std", std)
+    scale = check_number("scale", scale, "normalize: ")
+    check_str("key", key, "normalize: ")
+    if not np.all(std_c > 0) or scale <= 0:
         raise ValueError(
             f"normalize: mean={mean!r} and std={std!r} must be numbers or per-channel lists, "
             f"std > 0 and scale={scale!r} > 0"
@@ -329,6 +354,20 @@ def normalize(
         return {**example, key: out}
 
     return op
+
+
+def _per_channel(name: str, value) -> np.ndarray:
+    """A number or a non-empty list of numbers -> float32 [C]."""
+    values = list(value) if isinstance(value, (tuple, list)) else [value]
+    if not values:
+        raise ValueError(f"normalize: {name}={value!r} must be a number or a list of numbers")
+    try:
+        numbers = [check_number(name, v) for v in values]
+    except ValueError:
+        raise ValueError(
+            f"normalize: {name}={value!r} must be a number or a list of numbers"
+        ) from None
+    return np.asarray(numbers, np.float32)
 
 
 _NUMERIC = ("uint8", "uint16", "int32", "float16", "float32", "float64")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmoe_data._checks import check_int, check_number, check_str
 from vmoe_data.preprocess import batch_op
 
 
@@ -18,8 +19,11 @@ def onehot(
 
     A scalar label gives a one-hot vector; a 1-D array of labels gives a multi-hot vector.
     """
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"onehot: depth={depth!r} must be a positive int")
+    depth = check_int("depth", depth, 1, where="onehot: ")
+    on = check_number("on", on, "onehot: ")
+    off = check_number("off", off, "onehot: ")
+    check_str("key", key, "onehot: ")
+    check_str("key_result", key_result, "onehot: ")
 
     def op(example, rng):
         if key not in example:
@@ -46,9 +50,14 @@ def mixup(alpha: float = 0.2, keys: tuple[str, ...] | list[str] = ("image", "lab
     key in `keys` (float arrays with a leading batch axis B, e.g. after value_range and
     onehot). Returns float32 arrays.
     """
+    alpha = check_number("alpha", alpha, "mixup: ")
     if not alpha > 0:
         raise ValueError(f"mixup: alpha={alpha!r} must be > 0")
-    if isinstance(keys, str) or not keys:
+    if (
+        not isinstance(keys, (tuple, list))
+        or not keys
+        or not all(isinstance(k, str) and k for k in keys)
+    ):
         raise ValueError(f"mixup: keys={keys!r} must be a non-empty list of feature names")
 
     @batch_op

@@ -32,7 +32,7 @@ def batch_op(op: Op) -> Op:
     return op
 
 
-def is_batch_op(op: Op) -> bool:
+def _is_batch_op(op: Op) -> bool:
     return bool(getattr(op, "batched", False))
 
 
@@ -49,7 +49,7 @@ class Preprocess:
         self.example_ops: list[tuple[str, Op]] = []
         self.batch_ops: list[tuple[str, Op]] = []
         for text, op in ops:
-            if is_batch_op(op):
+            if _is_batch_op(op):
                 self.batch_ops.append((text, op))
             elif self.batch_ops:
                 raise ValueError(
@@ -86,7 +86,7 @@ def preprocess(spec: PPSpec) -> Preprocess:
     if spec is None:
         return Preprocess([])
     if isinstance(spec, str):
-        items: list[str | Op] = [part for part in split_spec(spec) if part.strip()]
+        items: list[str | Op] = [part for part in _split_spec(spec) if part.strip()]
     elif isinstance(spec, Sequence):
         items = list(spec)
     else:
@@ -97,7 +97,7 @@ def preprocess(spec: PPSpec) -> Preprocess:
     ops: list[tuple[str, Op]] = []
     for item in items:
         if isinstance(item, str):
-            ops.append((item.strip(), build_op(item)))
+            ops.append((item.strip(), _build_op(item)))
         elif callable(item):
             ops.append((getattr(item, "__name__", repr(item)), item))
         else:
@@ -105,7 +105,7 @@ def preprocess(spec: PPSpec) -> Preprocess:
     return Preprocess(ops)
 
 
-def split_spec(spec: str) -> list[str]:
+def _split_spec(spec: str) -> list[str]:
     """Splits a spec at the `|` that are outside parentheses, brackets and quotes."""
     parts, depth, quote, start = [], 0, "", 0
     for i, char in enumerate(spec):
@@ -124,7 +124,7 @@ def split_spec(spec: str) -> list[str]:
     return parts
 
 
-def parse_op(text: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+def _parse_op(text: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
     """`'resize(32, method="nearest")'` -> `("resize", (32,), {"method": "nearest"})`."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
@@ -140,7 +140,7 @@ def parse_op(text: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         try:
             args = tuple(ast.literal_eval(a) for a in node.args)
             kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise ValueError(
                 f"pp op {text.strip()!r}: arguments must be Python literals "
                 "(numbers, strings, tuples, lists, dicts, True/False/None)"
@@ -151,11 +151,11 @@ def parse_op(text: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
     )
 
 
-def build_op(text: str) -> Op:
-    """The op for one spec item, e.g. `build_op("resize(32)")`, with its arguments checked."""
+def _build_op(text: str) -> Op:
+    """The op for one spec item, e.g. `_build_op("resize(32)")`, with its arguments checked."""
     from vmoe_data.registry import PP_OPS  # the registry imports the built-in ops
 
-    name, args, kwargs = parse_op(text)
+    name, args, kwargs = _parse_op(text)
     factory = PP_OPS.factory(name)  # unknown names: ValueError listing the installed ops
     try:
         signature = inspect.signature(factory)
@@ -164,4 +164,10 @@ def build_op(text: str) -> Op:
         raise ValueError(f"pp op {text.strip()!r}: {error}; signature: {name}{signature}") from None
     except ValueError:  # no signature to check against: let the call decide
         pass
-    return factory(*args, **kwargs)
+    try:
+        return factory(*args, **kwargs)
+    except (TypeError, ValueError) as error:  # a safety net for factories that check less
+        message = str(error)
+        if not message.startswith(f"{name}: "):
+            message = f"{name}: {message}"
+        raise ValueError(f"pp op {text.strip()!r}: {message}") from None

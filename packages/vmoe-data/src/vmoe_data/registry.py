@@ -36,13 +36,28 @@ def get_dataset(name: str = DEFAULT_DATASET, **options: Any) -> Dataset:
         parameters = list(inspect.signature(DATASETS.factory(family)).parameters)
         if not parameters:
             raise ValueError(f"dataset {family!r} takes no argument; use {family!r} alone")
+        if not argument:
+            raise ValueError(
+                f"dataset name {name!r} has nothing after ':'; give the {parameters[0]}, "
+                f"e.g. '{family}:<{parameters[0]}>'"
+            )
         if parameters[0] in options:
             raise ValueError(
                 f"dataset {name!r} names its {parameters[0]} twice: after ':' and as "
                 f"{parameters[0]}={options[parameters[0]]!r}"
             )
-        return DATASETS.create(family, **{parameters[0]: argument}, **options)
-    return DATASETS.create(name, **options)
+        family_name, dataset = (
+            family,
+            DATASETS.create(family, **{parameters[0]: argument}, **options),
+        )
+    else:
+        family_name, dataset = name, DATASETS.create(name, **options)
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"dataset {family_name!r} (from {DATASETS.provider(family_name)}) returned a "
+            f"{type(dataset).__name__}, not a vmoe_data.Dataset"
+        )
+    return dataset
 
 
 def available_datasets() -> list[str]:

@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 
+from vmoe_data._checks import check_int
 from vmoe_data.dataset import Dataset
 
 
@@ -50,17 +51,17 @@ def synthetic(
     seed: int = 0,
 ) -> Dataset:
     """Random `[image_size, image_size, channels]` uint8 images; label i % num_classes."""
-    for name, value in [
-        ("image_size", image_size),
-        ("channels", channels),
-        ("num_classes", num_classes),
-        ("num_train", num_train),
-        ("num_test", num_test),
-    ]:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"synthetic dataset: {name}={value!r} must be a positive int")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"synthetic dataset: seed={seed!r} must be an int >= 0")
+    image_size, channels, num_classes, num_train, num_test = (
+        check_int(name, value, 1, where="synthetic dataset: ")
+        for name, value in [
+            ("image_size", image_size),
+            ("channels", channels),
+            ("num_classes", num_classes),
+            ("num_train", num_train),
+            ("num_test", num_test),
+        ]
+    )
+    seed = check_int("seed", seed, 0, where="synthetic dataset: ")
     sizes = {"train": num_train, "test": num_test}
     shape = (image_size, image_size, channels)
 
