@@ -115,6 +115,7 @@ def build(session: nox.Session) -> None:
 def bench_data(session: nox.Session) -> None:
     """Images/s of the vmoe-data train pipeline: embedded digits and synthetic 224x224 images."""
     _install(session, PROJECTS["data"], extras="")
+    _install(session, PROJECTS["layers"], extras="")  # real train steps to compare against
     session.run("python", "packages/vmoe-data/benchmarks/bench_pipeline.py", *session.posargs)
 
 
