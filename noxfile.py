@@ -121,9 +121,13 @@ def bench_data(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """MoE benchmarks: routers, dispatch paths (tables on stdout, JSON in bench-results/)."""
+    """MoE benchmarks: routers, dispatch paths, the MoE layer vs dense MLPs, train steps.
+
+    Tables on stdout, JSON in bench-results/. `nox -s bench -- --quick` for the target cases.
+    """
     folders: list[str] = []
-    for folder in (PROJECTS["routing"], PROJECTS["router-hash"]):
-        folders += [f for f in _local_closure(folder) if f not in folders]
+    for folder in (PROJECTS["layers"], PROJECTS["router-hash"]):
+        folders += [f for f in _local_closure(folder, "") if f not in folders]
     session.install(*(f"./{f}" for f in folders))
     session.run("python", "benchmarks/bench_routing.py", *session.posargs)
+    session.run("python", "benchmarks/bench_moe_layer.py", *session.posargs)
