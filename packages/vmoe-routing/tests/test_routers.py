@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import vmoe_routing as vr
 from vmoe_routing import BprRouter, Router, TopKRouter, get_router
 
 
@@ -221,3 +222,27 @@ def test_wrong_width_of_x():
     params = router.init(jax.random.key(0), 3)
     with pytest.raises(ValueError, match="x has d_model=5 but the router params expect 3"):
         router(params, jnp.ones((1, 2, 5)))
+
+
+def test_router_load_loss_equals_the_standalone_load_loss_and_its_gradient():
+    # The router reuses its top-K for the load loss bar; it must agree with load_loss().
+    router = TopKRouter(num_experts=5, k=2, importance_loss_weight=0, load_loss_weight=1.0)
+    params = router.init(jax.random.key(0), 4)
+    x = jax.random.normal(jax.random.key(1), (2, 9, 4))
+    rng = jax.random.key(2)
+
+    def via_router(params):
+        return router(params, x, rng=rng, deterministic=False).aux_losses["load"]
+
+    def standalone(params):
+        logits = jnp.einsum("gsd,de->gse", x, params["gate"])
+        noisy = logits + (1.0 / 5) * jax.random.normal(rng, logits.shape)
+        return vr.load_loss(logits, noisy, 1.0 / 5, 2)
+
+    assert float(via_router(params)) == pytest.approx(float(standalone(params)), rel=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(via_router)(params)["gate"],
+        jax.grad(standalone)(params)["gate"],
+        rtol=1e-5,
+        atol=1e-7,
+    )

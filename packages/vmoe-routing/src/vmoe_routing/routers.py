@@ -175,7 +175,8 @@ class TopKRouter:
             noisy_logits = logits
         gates = jax.nn.softmax(noisy_logits, axis=-1)
 
-        aux = self._aux_losses(logits, noisy_logits, gates, noise_std)
+        weight_gsk, expert_gsk = jax.lax.top_k(gates, self.k)
+        aux = self._aux_losses(logits, noisy_logits, gates, expert_gsk, noise_std)
         weights = {
             "importance": self.importance_loss_weight,
             "load": self.load_loss_weight,
@@ -184,7 +185,6 @@ class TopKRouter:
         }
         aux_loss = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
 
-        weight_gsk, expert_gsk = jax.lax.top_k(gates, self.k)
         return token_choice_routing(
             expert_gsk,
             weight_gsk,
@@ -195,14 +195,18 @@ class TopKRouter:
             aux_losses=aux,
         )
 
-    def _aux_losses(self, logits, noisy_logits, gates, noise_std) -> dict[str, Array]:
+    def _aux_losses(self, logits, noisy_logits, gates, expert_gsk, noise_std) -> dict[str, Array]:
         aux: dict[str, Array] = {}
         if self.importance_loss_weight > 0:
             aux["importance"] = losses.importance_loss(jax.nn.softmax(logits, axis=-1))
         if self.load_loss_weight > 0:
             # Without noise (evaluation) the bar is the clean k-th logit: the loss then reports
             # how balanced the load would be in expectation under training noise.
-            aux["load"] = losses.load_loss(logits, noisy_logits, noise_std, self.k)
+            # The bar is the k-th largest noisy logit: the smallest among the chosen experts'
+            # (softmax keeps the order), so the top-K routing already made is reused.
+            chosen = jnp.take_along_axis(noisy_logits, expert_gsk, axis=-1)
+            threshold_gs = jnp.min(chosen, axis=-1)
+            aux["load"] = losses.load_loss_from_threshold(logits, threshold_gs, noise_std)
         if self.gshard_loss_weight > 0:
             aux["gshard"] = losses.gshard_loss(gates)
         if self.z_loss_weight > 0:
