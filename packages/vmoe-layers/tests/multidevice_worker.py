@@ -1,14 +1,31 @@
-"""Runs every sharding case on 8 host devices and prints one JSON report (run as a script).
+"""Runs every sharding case, and the README's examples, on 8 host devices; prints one JSON report.
 
-The parent sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before this process starts.
+Run as a script. The parent sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before this
+process starts.
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
+import re
+import traceback
 
 import jax
 import sharding_case as case
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+
+
+def run_readme() -> str:
+    """'ok', or the traceback of the first README example that fails on 8 devices."""
+    namespace: dict = {}
+    try:
+        for block in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL):
+            exec(compile(block, str(README), "exec"), namespace)
+    except Exception:
+        return traceback.format_exc()
+    return "ok"
 
 
 def main() -> None:
@@ -24,6 +41,7 @@ def main() -> None:
             "all_to_all": "all-to-all" in run["hlo"],
             "expert_shard_shape": run["expert_shard_shape"],
         }
+    report["readme"] = run_readme()
     print(json.dumps(report))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -258,6 +260,50 @@ def test_group_size_must_divide_the_tokens(group_size):
     layer = _layer("top_k", {"k": 1}, 1.0, group_size=group_size)
     with pytest.raises(ValueError, match=rf"group_size={group_size} does not divide the 32 tokens"):
         layer.init(jax.random.key(0), _x())
+
+
+def test_a_numpy_integer_group_size_is_accepted():
+    layer = _layer("top_k", {"k": 1}, 1.0, group_size=np.int64(4))
+    params = layer.init(jax.random.key(0), _x())["params"]
+    reference = _layer("top_k", {"k": 1}, 1.0, group_size=4).apply({"params": params}, _x())
+    np.testing.assert_array_equal(layer.apply({"params": params}, _x()).output, reference.output)
+
+
+@pytest.mark.parametrize("group_size", [True, 4.0, "4"])
+def test_a_group_size_that_is_not_an_integer_is_rejected(group_size):
+    layer = _layer("top_k", {"k": 1}, 1.0, group_size=group_size)
+    with pytest.raises(ValueError, match=rf"group_size={group_size!r} must be an integer >= 1"):
+        layer.init(jax.random.key(0), _x())
+
+
+def test_a_traced_capacity_factor_must_be_a_static_number():
+    layer = _layer("top_k", {"k": 1}, 1.0)
+    params = _params(layer, _x())
+    apply = jax.jit(lambda p, c: layer.apply({"params": p}, _x(), capacity_factor=c))
+    with pytest.raises(ValueError, match=r"capacity_factor=.*Tracer.* must be a static Python"):
+        apply(params, 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class KOnlyRouter:
+    """A plugin-style router with k but no capacity factor (routes every token to expert 0)."""
+
+    num_experts: int
+    k: int = 1
+
+    def init(self, rng, d_model):
+        return {}
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def test_a_router_without_a_capacity_factor_says_what_it_supports():
+    with pytest.raises(
+        ValueError, match=r"router KOnlyRouter has no field 'capacity_factor'.*supports: \['k'\]"
+    ):
+        vl.moe.override_router(KOnlyRouter(4), capacity_factor=0.5)
+    assert vl.moe.override_router(KOnlyRouter(4), k=2) == KOnlyRouter(4, k=2)
 
 
 def test_unknown_expert_type_lists_the_installed_ones():

@@ -109,6 +109,27 @@ def test_a_dense_name_rejects_moe_options():
         vl.create_model("ViT-B/16", num_classes=10, num_experts=8)
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("num_experts", 8), ("router", "bpr"), ("router_options", {"k": 1}), ("group_size", 4),
+     ("moe_layers", "last-2")],
+)  # fmt: skip
+def test_a_dense_name_rejects_every_moe_option(option, value):
+    with pytest.raises(ValueError, match=rf"ViT-B/16 is a dense ViT: {option}= need a V-MoE name"):
+        vl.create_model("ViT-B/16", num_classes=10, **{option: value})
+
+
+@pytest.mark.parametrize("option", ["hidden_size", "num_layers", "patch_size", "moe"])
+def test_an_override_of_what_the_preset_sets_is_rejected(option):
+    with pytest.raises(ValueError, match=rf"{option}= is set by the preset 'V-MoE-B/16'"):
+        vl.create_model("V-MoE-B/16", num_classes=10, **{option: None})
+
+
+def test_an_unknown_override_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown option dropout= .*allowed: .*'dropout_rate'"):
+        vl.create_model("ViT-B/16", num_classes=10, dropout=0.1)
+
+
 def test_every_listed_preset_builds():
     for name in vl.preset_names():
         assert isinstance(vl.create_model(name, num_classes=3), vl.VisionTransformer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -70,6 +71,11 @@ def test_expert_strategy_splits_experts_and_exchanges_by_all_to_all(eight_device
     assert report["all_to_all"]
     # w_in [E=8, 16, 32]: each device holds E / (size of the expert axis) experts.
     assert report["expert_shard_shape"] == [8 // mesh_shape[1], 16, 32]
+
+
+@pytest.mark.slow
+def test_readme_examples_run_on_eight_devices(eight_devices):
+    assert eight_devices["readme"] == "ok", eight_devices["readme"]
 
 
 @pytest.mark.slow
@@ -163,7 +169,7 @@ def test_expert_strategy_splits_only_expert_params_on_their_expert_axis():
 
 def test_expert_strategy_rejects_experts_not_divisible_by_the_expert_axis():
     strategy = vl.ExpertParallel(AbstractMesh((1, 3), ("data", "expert")))
-    message = r"num_experts=\(8,\) of block_1/moe/experts/\w+ is not divisible by the 'expert'"
+    message = r"num_experts=8 of block_1/moe/experts/\w+ is not divisible by the 'expert'"
     with pytest.raises(ValueError, match=message):
         strategy.param_specs(_params_like_a_vmoe())
 
@@ -173,6 +179,17 @@ def test_all_to_all_exchange_rejects_experts_not_divisible_by_the_expert_axis():
     x_gecd = np.zeros((3, 8, 2, 4), np.float32)
     with pytest.raises(ValueError, match=r"num_experts=8 is not divisible by the 'expert' mesh"):
         exchange(lambda p, x: x, {}, x_gecd)
+
+
+def test_a_model_with_an_exchange_initialises_from_one_image():
+    # 1 image = 1 routing group, fewer than the 4 batch devices: init runs the experts locally.
+    exchange = vl.AllToAllExchange(AbstractMesh((2, 2), ("data", "expert")))
+    images, _ = case.batch()
+    with_exchange = jax.jit(case.model(exchange, group_size=None).init)(
+        jax.random.key(0), images[:1]
+    )
+    without = jax.jit(case.model(None, group_size=None).init)(jax.random.key(0), images[:1])
+    jax.tree.map(np.testing.assert_array_equal, with_exchange, without)
 
 
 def test_all_to_all_exchange_rejects_groups_not_divisible_by_the_batch_devices():
@@ -204,10 +221,21 @@ def test_on_one_device_every_strategy_builds_a_one_device_mesh():
         assert strategy.mesh.size == jax.device_count() == 1
 
 
-@pytest.mark.parametrize("name", ["expert", "fsdp"])
-def test_a_mesh_shape_must_use_every_device(name):
-    with pytest.raises(ValueError, match=r"mesh_shape=\(2, 4\) .* needs 8 devices; there are 1"):
-        vl.get_strategy(name, mesh_shape=(2, 4))
+@pytest.mark.parametrize("name, shape", [("data", (8,)), ("expert", (2, 4)), ("fsdp", (2, 4))])
+def test_a_mesh_shape_must_use_every_device(name, shape):
+    needs = rf"mesh_shape={re.escape(str(shape))} .* needs 8 devices; there are 1"
+    with pytest.raises(ValueError, match=needs):
+        vl.get_strategy(name, mesh_shape=shape)
+
+
+@pytest.mark.parametrize("name", vl.available_strategies())
+def test_every_builtin_strategy_takes_a_mesh_shape(name):
+    shape = (1,) if name == "data" else (1, 1)
+    assert vl.get_strategy(name, mesh_shape=shape).mesh.devices.shape == shape
+    with pytest.raises(
+        ValueError, match=rf"mesh_shape=\(1, 1, 1\) must be .* for strategy '{name}'"
+    ):
+        vl.get_strategy(name, mesh_shape=(1, 1, 1))
 
 
 def test_a_one_device_expert_strategy_runs_the_model():

@@ -205,3 +205,10 @@ def test_moe_groups_can_span_images():
     model = VMOE.clone(moe=vl.MoeConfig(4, [0], group_size=34))  # two images of 17 tokens
     out = _apply(model, _init(model), _images())
     assert out.logits.shape == (B, CLASSES)
+
+
+@pytest.mark.parametrize("patch_size", [0, -2])
+def test_a_patch_size_below_one_is_rejected(patch_size):
+    model = vl.create_model("ViT-Nano/2", num_classes=3).clone(patch_size=patch_size)
+    with pytest.raises(ValueError, match=rf"patch_size={patch_size} must be an integer >= 1"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

@@ -15,6 +15,7 @@ Shape legend: G groups, S tokens per group (group size), E experts, C capacity, 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import vmoe_routing
-from vmoe_layers.exchange import ExpertExchange, exchange_or_local
+from vmoe_layers.exchange import ExpertExchange, exchange_or_local, run_local_experts
 from vmoe_layers.experts import get_expert_type, init_stacked
 
 Array = jax.Array
@@ -63,7 +64,10 @@ def group_tokens(x: Array, group_size: int | None) -> Array:
         raise ValueError(f"x must have shape [..., tokens, d_model]; got {x.shape}")
     num_tokens = x.size // x.shape[-1]
     s = x.shape[-2] if group_size is None else group_size
-    if not isinstance(s, int) or s < 1 or num_tokens % s:
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+        raise ValueError(f"group_size={group_size!r} must be an integer >= 1, or None")
+    s = int(s)  # numpy integers too
+    if s < 1 or num_tokens % s:
         raise ValueError(
             f"group_size={group_size!r} does not divide the {num_tokens} tokens of the input "
             f"(shape {x.shape}); allowed: a divisor of {num_tokens}, or None (one group per image)"
@@ -71,14 +75,42 @@ def group_tokens(x: Array, group_size: int | None) -> Array:
     return x.reshape(num_tokens // s, s, x.shape[-1])
 
 
+OVERRIDABLE = ("k", "capacity_factor")  # what a call may override, if the router has it
+
+
+def _router_fields(router: Any) -> set[str]:
+    if dataclasses.is_dataclass(router):
+        return {f.name for f in dataclasses.fields(router)}
+    return {name for name in (*OVERRIDABLE, "eval_capacity_factor") if hasattr(router, name)}
+
+
 def override_router(router: Any, k: int | None = None, capacity_factor: float | None = None):
-    """`router` with K and/or the capacity factor (training and evaluation) replaced."""
+    """`router` with K and/or the capacity factor (training and evaluation) replaced.
+
+    Both must be static Python numbers: they set the capacity, a shape. A router supports the
+    overrides it has fields for (`eval_capacity_factor` is replaced too where it exists)."""
+    fields = _router_fields(router)
     changes: dict[str, Any] = {}
-    if k is not None:
-        changes["k"] = k
-    if capacity_factor is not None:
-        changes["capacity_factor"] = capacity_factor
-        changes["eval_capacity_factor"] = capacity_factor
+    for name, value, kind in (
+        ("k", k, numbers.Integral),
+        ("capacity_factor", capacity_factor, numbers.Real),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{name}={value!r} must be a static Python number (it sets the capacity, a "
+                f"shape): pass it outside jit, or as a static argument"
+            )
+        if name not in fields:
+            supported = [f for f in OVERRIDABLE if f in fields] or "nothing"
+            raise ValueError(
+                f"router {type(router).__name__} has no field {name!r}, so {name}= cannot be "
+                f"overridden per call; it supports: {supported}"
+            )
+        changes[name] = int(value) if name == "k" else float(value)
+        if name == "capacity_factor" and "eval_capacity_factor" in fields:
+            changes["eval_capacity_factor"] = float(value)
     if not changes:
         return router
     if not hasattr(router, "replace"):
@@ -106,7 +138,8 @@ class MoeLayer(nn.Module):
       dtype: computation dtype (e.g. jnp.bfloat16); the router gates in its own gate_dtype.
       param_dtype: dtype of the expert parameters.
       exchange: how buffers reach the experts (see `vmoe_layers.exchange`); None runs all
-        experts where the buffers are. Sharding strategies provide it.
+        experts where the buffers are. Sharding strategies provide it. `init` always runs the
+        experts locally (same parameters), so a model can be initialised from a single image.
       dispatch_path: "index" (default: gathers by index, no [G, S, E, C] tensor) or "einsum"
         (the one-hot reference: `Routing.to_dense()` and einsums; for tests and benchmarks).
 
@@ -195,7 +228,10 @@ class MoeLayer(nn.Module):
         def expert_fn(params_e, x_etd):
             return experts(params_e, x_etd, dtype=self.dtype)
 
-        y_gecd = exchange_or_local(self.exchange)(expert_fn, expert_params, x_gecd)
+        # At init the exchange is skipped: the parameters do not depend on it, and a sample batch
+        # (often one image) need not split into as many groups as the exchange has devices.
+        exchange = run_local_experts if self.is_initializing() else self.exchange
+        y_gecd = exchange_or_local(exchange)(expert_fn, expert_params, x_gecd)
         y_gsd = vmoe_routing.combine(y_gecd.astype(self.dtype), routing)
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(

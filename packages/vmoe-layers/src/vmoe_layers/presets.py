@@ -18,6 +18,7 @@ V-MoE presets default to the paper's setup: E=32 experts ("Mu"/"Nano": 4) on eve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, NamedTuple
@@ -58,13 +59,17 @@ def preset_names() -> list[str]:
     ]  # fmt: skip
 
 
+MOE_OPTIONS = ("num_experts", "moe_layers", "router", "router_options", "group_size")
+PRESET_FIELDS = ("patch_size", "hidden_size", "num_layers", "mlp_dim", "num_heads", "moe")
+
+
 def create_model(
     name: str,
     *,
     num_classes: int | None,
     num_experts: int | None = None,
-    moe_layers: Any = "every-2",
-    router: str = "top_k",
+    moe_layers: Any = None,
+    router: str | None = None,
     router_options: dict[str, Any] | None = None,
     group_size: int | None = None,
     **overrides: Any,
@@ -73,9 +78,11 @@ def create_model(
 
     Args:
       num_classes: head size; None for no head (pre-logits only).
-      num_experts, moe_layers, router, router_options, group_size: the MoE part (V-MoE only);
-        defaults E=32 (4 for the CPU sizes), "every-2", top_k with k=2, capacity_factor=1.05.
-      **overrides: any other `VisionTransformer` field (classifier, dropout_rate, dtype, ...).
+      num_experts, moe_layers, router, router_options, group_size: the MoE part (V-MoE names
+        only); defaults E=32 (4 for the CPU sizes), "every-2", "top_k" with k=2 and
+        capacity_factor=1.05, one group per image. `moe_layers=()` gives the V-MoE's dense twin.
+      **overrides: any other `VisionTransformer` field (classifier, dropout_rate, dtype, ...);
+        not the ones the name sets (`PRESET_FIELDS`).
     """
     match = re.fullmatch(r"(ViT|V-MoE)-([A-Za-z]+)/(\d+)", name)
     sizes = VMOE_SIZES if match and match.group(1) == "V-MoE" else VIT_SIZES
@@ -84,21 +91,49 @@ def create_model(
             f"unknown model {name!r}; allowed: <family>-<size>/<patch> with family in {FAMILIES}, "
             f"size in {list(VIT_SIZES)}, patch >= 1, e.g. {preset_names()[:4]}"
         )
+    fields = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
+    for option in overrides:
+        if option in PRESET_FIELDS:
+            raise ValueError(
+                f"{option}= is set by the preset {name!r}; allowed overrides: the other "
+                f"VisionTransformer fields, or build VisionTransformer(...) directly"
+                + (
+                    f"; set the MoE part with create_model's {list(MOE_OPTIONS)}"
+                    if option == "moe"
+                    else ""
+                )
+            )
+        if option not in fields:
+            allowed = sorted(fields - set(PRESET_FIELDS) - {"num_classes"})
+            raise ValueError(f"unknown option {option}= for {name!r}; allowed: {allowed}")
     family, size_name, patch = match.group(1), match.group(2), int(match.group(3))
+    moe_options = {
+        "num_experts": num_experts,
+        "moe_layers": moe_layers,
+        "router": router,
+        "router_options": router_options,
+        "group_size": group_size,
+    }
     moe = None
     if family == "V-MoE":
-        if num_experts is None:
-            num_experts = 4 if size_name in SMALL_SIZES else 32
-        options = {"k": 2, "capacity_factor": 1.05} if router_options is None else router_options
         moe = MoeConfig(
-            num_experts=num_experts,
-            layers=moe_layers,
-            router=router,
-            router_options=options,
+            num_experts=(4 if size_name in SMALL_SIZES else 32)
+            if num_experts is None
+            else num_experts,
+            layers="every-2" if moe_layers is None else moe_layers,
+            router="top_k" if router is None else router,
+            router_options=(
+                {"k": 2, "capacity_factor": 1.05} if router_options is None else router_options
+            ),
             group_size=group_size,
         )
-    elif num_experts is not None or router_options is not None:
-        raise ValueError(f"{name} is a dense ViT: num_experts/router_options need a V-MoE name")
+    else:
+        given = [option for option, value in moe_options.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{name} is a dense ViT: {', '.join(f'{o}=' for o in given)} need a V-MoE name "
+                f"(e.g. {name.replace('ViT-', 'V-MoE-', 1)!r})"
+            )
     return VisionTransformer(
         num_classes=num_classes,
         patch_size=patch,

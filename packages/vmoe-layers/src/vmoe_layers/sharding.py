@@ -147,9 +147,15 @@ class DataParallel(_Strategy):
     mesh: Mesh
 
     @classmethod
-    def create(cls, devices: Sequence[Any] | None = None) -> DataParallel:
+    def create(
+        cls, mesh_shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None
+    ) -> DataParallel:
+        """mesh_shape = (data,); default (number of devices,)."""
         devices = list(jax.devices() if devices is None else devices)
-        return cls(make_mesh((len(devices),), ("data",), devices))
+        shape = (len(devices),) if mesh_shape is None else tuple(mesh_shape)
+        if len(shape) != 1:
+            raise ValueError(f"mesh_shape={shape} must be (data,) for strategy 'data'")
+        return cls(make_mesh(shape, ("data",), devices))
 
     def param_spec(self, path, leaf) -> PartitionSpec:
         return PartitionSpec()
@@ -189,8 +195,9 @@ class ExpertParallel(_Strategy):
         n = self.mesh.shape["expert"]
         if np.ndim(leaf) < 1 or np.shape(leaf)[0] % n:
             name = "/".join(_path_keys(path))
+            num_experts = np.shape(leaf)[0] if np.ndim(leaf) else None
             raise ValueError(
-                f"num_experts={np.shape(leaf)[:1]} of {name} is not divisible by the 'expert' "
+                f"num_experts={num_experts} of {name} is not divisible by the 'expert' "
                 f"mesh axis of size {n}; allowed: a multiple of {n} experts"
             )
         return PartitionSpec("expert")

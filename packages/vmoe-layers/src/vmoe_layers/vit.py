@@ -218,6 +218,8 @@ class VisionTransformer(nn.Module):
         if images.ndim != 4:
             raise ValueError(f"images must be [batch, height, width, channels]; got {images.shape}")
         p, (h, w) = self.patch_size, images.shape[1:3]
+        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+            raise ValueError(f"patch_size={p!r} must be an integer >= 1")
         if h % p or w % p:
             raise ValueError(
                 f"image size {h}x{w} is not divisible by patch_size={p}; allowed: height and "
