@@ -73,15 +73,38 @@ def test_vmoe_b16_every_2_with_32_experts():
 
 
 @pytest.mark.parametrize(
-    "layers, moe_blocks", [("every-2", (1, 3, 5, 7)), ("last-2", (5, 7))], ids=["every-2", "last-2"]
+    "layers, moe_blocks, expected",
+    [("last-2", (5, 7), 166_417_779), ("every-2", (1, 3, 5, 7), 296_632_691)],
+    ids=["last-2", "every-2"],
 )
-def test_vmoe_s32_with_32_experts(layers, moe_blocks):
-    # The V-MoE "S/32": 8 blocks of width 512 (not the 12-layer ViT-S); 7x7 patches + class token.
-    model = vl.create_model("V-MoE-S/32", num_classes=1000, num_experts=32, moe_layers=layers)
+def test_vmoe_s32_with_32_experts_and_the_jft_head(layers, moe_blocks, expected):
+    """V-MoE-S/32 counted term by term from the architecture, not from the code's structure.
+
+    Sources: the V-MoE release's S/32 (DESIGN.md: 8 blocks, D=512, MLP H=2048, 8 heads; "last 2"
+    = blocks 5 and 7), the ViT paper's encoder (pre-LN blocks: LayerNorm, multi-head attention
+    with query/key/value/out projections, LayerNorm, MLP Dense-GELU-Dense; a class token; learned
+    1-D position embeddings; a final LayerNorm; a linear head), the V-MoE paper's MoE layer (E
+    expert MLPs and a gate W [D, E] without bias) and JFT-300M's 18,291 classes. Images 224x224x3.
+    The paper's own table is not cited: its S/32 counts could not be checked against its text.
+    """
+    d, blocks, h, e, patch, classes = 512, 8, 2048, 32, 32, 18_291
+    tokens = (224 // patch) ** 2 + 1  # 7x7 patches + the class token = 50
+    layer_norm = 2 * d  # scale and bias
+    embedding = patch * patch * 3 * d + d  # a PxP stride-P convolution to D, with bias
+    class_token, position = d, tokens * d
+    attention = 4 * d * d + 4 * d  # q, k, v, out: [D, D] kernels (heads split D) with biases
+    one_mlp = 2 * d * h + h + d  # Dense D->H and H->D with biases
+    dense_block = layer_norm + attention + layer_norm + one_mlp
+    moe_block = layer_norm + attention + layer_norm + e * one_mlp + d * e
+    head = layer_norm + d * classes + classes  # final LayerNorm, then the linear head
+    n_moe = len(moe_blocks)
+    by_hand = (
+        embedding + class_token + position + (blocks - n_moe) * dense_block
+        + n_moe * moe_block + head
+    )  # fmt: skip
+    model = vl.create_model("V-MoE-S/32", num_classes=classes, num_experts=e, moe_layers=layers)
     assert model.moe_blocks() == moe_blocks
-    dense = vit_params(512, 8, 2048, 32, 50, 1000)
-    expected = dense + moe_extra(512, 2048, 32, len(moe_blocks))
-    assert vl.count_params(model) == expected
+    assert vl.count_params(model) == by_hand == expected
 
 
 def test_a_dense_vit_matches_its_vmoe_with_no_moe_blocks():
