@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vmoe_layers as vl
+import vmoe_routing
 
 B, IMAGE, CHANNELS, CLASSES = 4, 8, 1, 10  # 8x8 one-channel images, like the embedded digits
 
@@ -35,7 +39,7 @@ def test_vit_outputs_logits_and_pre_logits():
     out = _apply(VIT, _init(VIT), _images())
     assert out.logits.shape == (B, CLASSES)
     assert out.pre_logits.shape == (B, 32)
-    assert float(out.aux_loss) == 0 and out.metrics == {}
+    assert float(out.aux_loss) == 0 and out.metrics == {} and out.aux_losses == {}
 
 
 def test_logits_are_the_head_applied_to_the_pre_logits():
@@ -103,9 +107,12 @@ def test_moe_blocks_hold_experts_and_dense_blocks_an_mlp():
 def test_vmoe_reports_aux_loss_and_metrics_per_moe_block():
     out = _apply(VMOE, _init(VMOE), _images())
     assert set(out.metrics) == {"moe_block_0", "moe_block_1"}
-    block = out.metrics["moe_block_0"]
-    assert {"dropped_fraction", "expert_load", "importance", "load"} <= set(block)
-    weighted = sum(0.005 * (m["importance"] + m["load"]) for m in out.metrics.values())
+    assert set(out.aux_losses) == {"moe_block_0", "moe_block_1"}
+    assert {"dropped_fraction", "expert_load"} <= set(out.metrics["moe_block_0"])
+    # Losses and metrics are kept apart: a loss can never overwrite a metric of the same name.
+    assert set(out.aux_losses["moe_block_0"]) == {"importance", "load"}
+    assert not set(out.metrics["moe_block_0"]) & {"importance", "load"}
+    weighted = sum(0.005 * (m["importance"] + m["load"]) for m in out.aux_losses.values())
     np.testing.assert_allclose(out.aux_loss, weighted, rtol=1e-5)
 
 
@@ -212,3 +219,66 @@ def test_a_patch_size_below_one_is_rejected(patch_size):
     model = vl.create_model("ViT-Nano/2", num_classes=3).clone(patch_size=patch_size)
     with pytest.raises(ValueError, match=rf"patch_size={patch_size} must be an integer >= 1"):
         model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_attention_is_vits_xavier_uniform_with_a_dropout_mask_per_head():
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.MultiHeadDotProductAttention):
+            seen.append(context.module)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        params = VIT.init(jax.random.key(0), _images())["params"]
+    assert seen and all(not m.broadcast_dropout for m in seen)
+    # xavier_uniform over the flattened [D, D] kernel: bound sqrt(6 / (D + D)) (lecun_normal,
+    # flax's default, would exceed it for some of the 1,024 entries).
+    kernel = np.asarray(params["block_0"]["attention"]["query"]["kernel"])
+    bound = np.sqrt(6 / (32 + 32))
+    assert 0.8 * bound < np.abs(kernel).max() <= bound
+
+
+def test_the_dense_feed_forward_drops_hidden_activations_in_training():
+    ff = vl.FeedForward(mlp_dim=64, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 16))
+    params = ff.init(jax.random.key(1), x)
+    clean = ff.apply(params, x)
+    np.testing.assert_array_equal(ff.apply(params, x, deterministic=True), clean)
+    train = ff.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    # Dropout on the hidden units mixes into every output: unlike output dropout, outputs are
+    # neither 0 nor 2x the clean ones.
+    output_dropout_like = np.isclose(train, 0) | np.isclose(train, 2 * clean, rtol=1e-5)
+    assert output_dropout_like.mean() < 0.05
+    # With the hidden layer zeroed the built-in MLP returns its output bias.
+    mlp = vl.get_expert_type("mlp", mlp_dim=64)
+    expert_params = {n: p[None] for n, p in params["params"].items()}
+    y = mlp(expert_params, x.reshape(1, -1, 16), dtype=jnp.float32, hidden=lambda h: 0 * h)
+    np.testing.assert_allclose(y[0], np.broadcast_to(params["params"]["b_out"], y[0].shape))
+
+
+def test_an_expert_type_without_hidden_runs_densely_without_hidden_dropout():
+    @dataclasses.dataclass(frozen=True)
+    class Linear:
+        mlp_dim: int
+
+        def param_specs(self, d):
+            return {"w": vl.ParamSpec((d, d), jax.nn.initializers.lecun_normal())}
+
+        def __call__(self, params, x_etd, *, dtype):
+            return jnp.einsum("etd,edf->etf", x_etd, params["w"].astype(dtype))
+
+    @vmoe_routing.hookimpl
+    def vmoe_expert_types():
+        return {"linear_test": Linear}
+
+    plugin = types.SimpleNamespace(vmoe_expert_types=vmoe_expert_types)
+    vmoe_routing.register_plugin(plugin, "linear_test")
+    try:
+        ff = vl.FeedForward(mlp_dim=1, expert_type="linear_test", dropout_rate=0.5)
+        x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+        params = ff.init(jax.random.key(1), x)
+        train = ff.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+        np.testing.assert_allclose(train, ff.apply(params, x), rtol=1e-6)
+    finally:
+        vmoe_routing.unregister_plugin("linear_test")

@@ -25,6 +25,7 @@ from vmoe_routing import Registry
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
+Hidden = Callable[[Array], Array] | None  # applied to the hidden activations [E, T, H]
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": jax.nn.gelu,  # tanh approximation, as flax.linen.gelu and the ViT MLP
@@ -55,7 +56,12 @@ class ExpertType(Protocol):
         ...
 
     def __call__(self, params: Mapping[str, Array], x_etd: Array, *, dtype: Any) -> Array:
-        """Applies E experts: params with a leading E axis, x [E, T, D] -> [E, T, D]."""
+        """Applies E experts: params with a leading E axis, x [E, T, D] -> [E, T, D].
+
+        A type may also take `hidden=fn` (keyword, default None) and apply fn to its hidden
+        activations [E, T, H] before the output projection: the dense ViT MLP passes its
+        hidden dropout that way. Types without it are called without it (no hidden dropout).
+        """
         ...
 
 
@@ -100,10 +106,14 @@ class MlpExperts:
             "b_out": ParamSpec((d_model,), _bias_init),
         }
 
-    def __call__(self, params: Mapping[str, Array], x_etd: Array, *, dtype: Any) -> Array:
+    def __call__(
+        self, params: Mapping[str, Array], x_etd: Array, *, dtype: Any, hidden: Hidden = None
+    ) -> Array:
         p = {name: value.astype(dtype) for name, value in params.items()}
         h_eth = jnp.einsum("etd,edh->eth", x_etd.astype(dtype), p["w_in"]) + p["b_in"][:, None]
         h_eth = ACTIVATIONS[self.activation](h_eth)
+        if hidden is not None:
+            h_eth = hidden(h_eth)
         return jnp.einsum("eth,ehd->etd", h_eth, p["w_out"]) + p["b_out"][:, None]
 
 
@@ -130,12 +140,16 @@ class GluExperts:
             "w_out": ParamSpec((h, d_model), _kernel_init),
         }
 
-    def __call__(self, params: Mapping[str, Array], x_etd: Array, *, dtype: Any) -> Array:
+    def __call__(
+        self, params: Mapping[str, Array], x_etd: Array, *, dtype: Any, hidden: Hidden = None
+    ) -> Array:
         p = {name: value.astype(dtype) for name, value in params.items()}
         x_etd = x_etd.astype(dtype)
         gate_eth = ACTIVATIONS[self.activation](jnp.einsum("etd,edh->eth", x_etd, p["w_gate"]))
-        up_eth = jnp.einsum("etd,edh->eth", x_etd, p["w_up"])
-        return jnp.einsum("eth,ehd->etd", gate_eth * up_eth, p["w_out"])
+        h_eth = gate_eth * jnp.einsum("etd,edh->eth", x_etd, p["w_up"])
+        if hidden is not None:
+            h_eth = hidden(h_eth)
+        return jnp.einsum("eth,ehd->etd", h_eth, p["w_out"])
 
 
 EXPERT_TYPES: Registry[ExpertType] = Registry("vmoe_expert_types", "expert type")

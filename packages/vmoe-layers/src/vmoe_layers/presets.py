@@ -12,6 +12,9 @@ Names are "<family>-<size>/<patch>": family "ViT" (dense) or "V-MoE"; any positi
   Mu    64      4       128   4       vmoe (CPU: tests, examples, the embedded digits)
   Nano  32      2       64    2       vmoe (CPU: the smallest that is still a real V-MoE)
 
+"ViT-S" is the 12-layer, width-384 model; the dense twin of V-MoE-S/32 (same 8 blocks of 512,
+no experts) is `create_model("V-MoE-S/32", moe_layers=())`.
+
 V-MoE presets default to the paper's setup: E=32 experts ("Mu"/"Nano": 4) on every other block
 ("every-2"), top-K routing with K=2 and capacity factor 1.05, group = one image.
 """

@@ -12,6 +12,7 @@ dense expert of the same type (`mlp`: Dense-GELU-Dense, the ViT MLP).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,31 +71,41 @@ class ModelOutput:
       logits: [B, num_classes]; equal to pre_logits when the model has no head.
       pre_logits: [B, D or representation_size], the representation (few-shot features).
       aux_loss: scalar, the sum of the MoE layers' weighted auxiliary losses (0 for a ViT).
-      metrics: {"moe_block_<i>": {routing metrics and unweighted aux losses}} per MoE block.
+      metrics: {"moe_block_<i>": {routing metrics}} per MoE block.
+      aux_losses: {"moe_block_<i>": {unweighted aux losses}} per MoE block (kept apart from
+        metrics, so a loss and a metric of the same name never overwrite each other).
     """
 
     logits: Array
     pre_logits: Array
     aux_loss: Array
     metrics: dict[str, dict[str, Array]]
+    aux_losses: dict[str, dict[str, Array]] = dataclasses.field(default_factory=dict)
 
 
 jax.tree_util.register_dataclass(
-    ModelOutput, data_fields=["logits", "pre_logits", "aux_loss", "metrics"], meta_fields=[]
+    ModelOutput,
+    data_fields=["logits", "pre_logits", "aux_loss", "metrics", "aux_losses"],
+    meta_fields=[],
 )
 
 
 class FeedForward(nn.Module):
-    """One dense expert of a registered expert type on every token: [..., D] -> [..., D]."""
+    """One dense expert of a registered expert type on every token: [..., D] -> [..., D].
+
+    As ViT's MlpBlock, dropout (`dropout_rate`, training only) is applied to the hidden
+    activations (after GELU), for expert types that take a `hidden=` callable (the built-ins do).
+    The dropout on the output is the encoder block's."""
 
     mlp_dim: int
     expert_type: str = "mlp"
     expert_options: Mapping[str, Any] | None = None
+    dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
         experts = get_expert_type(
             self.expert_type, mlp_dim=self.mlp_dim, **dict(self.expert_options or {})
         )
@@ -104,12 +115,21 @@ class FeedForward(nn.Module):
             for name, spec in sorted(experts.param_specs(d).items())
         }
         x_1td = x.reshape(1, -1, d)
-        y_1td = experts({n: p[None] for n, p in params.items()}, x_1td, dtype=self.dtype)
+        options = {}
+        if "hidden" in inspect.signature(experts.__call__).parameters:
+            dropout = nn.Dropout(self.dropout_rate, name="hidden_dropout")
+            options["hidden"] = lambda h: dropout(h, deterministic=deterministic)
+        y_1td = experts({n: p[None] for n, p in params.items()}, x_1td, dtype=self.dtype, **options)
         return y_1td.reshape(x.shape)
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN Transformer block; the feed-forward is dense, or a `MoeLayer` when `moe` is set."""
+    """Pre-LN Transformer block; the feed-forward is dense, or a `MoeLayer` when `moe` is set.
+
+    Dropout as ViT's Encoder1DBlock: on the attention output, and in the dense feed-forward on its
+    hidden activations and its output. A MoE feed-forward has dropout on its output only (the
+    `MoeLayer`'s `dropout_rate`), not inside the experts.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -132,6 +152,8 @@ class EncoderBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             dropout_rate=self.attention_dropout_rate,
+            broadcast_dropout=False,  # as ViT: an independent mask per head and query
+            kernel_init=nn.initializers.xavier_uniform(),  # as ViT
             deterministic=deterministic,
             name="attention",
         )(y, y)
@@ -142,10 +164,11 @@ class EncoderBlock(nn.Module):
                 self.mlp_dim,
                 self.mlp_type,
                 self.mlp_options,
+                dropout_rate=self.dropout_rate,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="mlp",
-            )(y)
+            )(y, deterministic=deterministic)
             return x_btd + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic), None
         moe = self.moe
         out = MoeLayer(
@@ -248,6 +271,7 @@ class VisionTransformer(nn.Module):
         moe_blocks = set(self.moe_blocks())
         aux_loss = jnp.zeros((), jnp.float32)
         metrics: dict[str, dict[str, Array]] = {}
+        aux_losses: dict[str, dict[str, Array]] = {}
         for i in range(self.num_layers):
             x_btd, out = EncoderBlock(
                 num_heads=self.num_heads,
@@ -263,7 +287,8 @@ class VisionTransformer(nn.Module):
             )(x_btd, deterministic=not train, k=k, capacity_factor=capacity_factor)
             if out is not None:
                 aux_loss = aux_loss + out.aux_loss
-                metrics[f"moe_block_{i}"] = {**out.metrics, **out.aux_losses}
+                metrics[f"moe_block_{i}"] = dict(out.metrics)
+                aux_losses[f"moe_block_{i}"] = dict(out.aux_losses)
         x_btd = nn.LayerNorm(name="encoder_norm", **dense)(x_btd)
 
         pre_logits = x_btd[:, 0] if self.classifier == "token" else jnp.mean(x_btd, axis=1)
@@ -276,4 +301,10 @@ class VisionTransformer(nn.Module):
             logits = nn.Dense(
                 self.num_classes, kernel_init=nn.initializers.zeros, name="head", **dense
             )(pre_logits)
-        return ModelOutput(logits=logits, pre_logits=pre_logits, aux_loss=aux_loss, metrics=metrics)
+        return ModelOutput(
+            logits=logits,
+            pre_logits=pre_logits,
+            aux_loss=aux_loss,
+            metrics=metrics,
+            aux_losses=aux_losses,
+        )
