@@ -223,6 +223,17 @@ def test_dropout_zeroes_and_rescales_outputs_in_training_only():
     np.testing.assert_allclose(dropped[~zero], 2.0 * clean[~zero], rtol=1e-6)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (jit, custom_jvp, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 def test_bfloat16_compute_with_float32_params():
     x = _x()
     layer = _layer("bpr", {"k": 2}, 4.0)
@@ -231,6 +242,17 @@ def test_bfloat16_compute_with_float32_params():
     high = layer.apply({"params": params}, x)
     assert low.output.dtype == jnp.bfloat16
     np.testing.assert_allclose(low.output.astype(jnp.float32), high.output, rtol=0.05, atol=0.05)
+    # The expert matmuls really run in bf16: their inputs (tokens and weights) are bf16.
+    jaxpr = jax.make_jaxpr(lambda p: layer.clone(dtype=jnp.bfloat16).apply({"params": p}, x))
+    expert_dots = [
+        eqn
+        for eqn in _equations(jaxpr(params).jaxpr)
+        if eqn.primitive.name == "dot_general"
+        and tuple(eqn.invars[1].aval.shape) in {(E, D, H), (E, H, D)}
+    ]
+    assert len(expert_dots) == 2
+    for eqn in expert_dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16]
     grads = jax.grad(
         lambda p: jnp.sum(layer.clone(dtype=jnp.bfloat16).apply({"params": p}, x).output)
     )(params)

@@ -21,3 +21,13 @@ def test_declared_vmoe_dependencies_import():
     for name in (n for n in names if n.startswith("vmoe-")):
         module = importlib.import_module(name.replace("-", "_"))
         assert module.__version__ == importlib.metadata.version(name)
+
+
+def _lower_bound(requires_python: str) -> tuple[int, ...]:
+    (spec,) = [part.strip() for part in requires_python.split(",") if ">=" in part]
+    return tuple(int(n) for n in spec.removeprefix(">=").split("."))
+
+
+def test_requires_python_is_at_least_what_the_installed_jax_requires():
+    jax_requires = importlib.metadata.metadata("jax")["Requires-Python"]
+    assert _lower_bound(PROJECT["requires-python"]) >= _lower_bound(jax_requires)
