@@ -12,7 +12,10 @@ import re
 import traceback
 
 import jax
+import numpy as np
 import sharding_case as case
+
+import vmoe_layers as vl
 
 README = pathlib.Path(__file__).parents[1] / "README.md"
 
@@ -41,6 +44,15 @@ def main() -> None:
             "all_to_all": "all-to-all" in run["hlo"],
             "expert_shard_shape": run["expert_shard_shape"],
         }
+    report["init_sharded"] = {
+        f"{name}-{shape}": case.init_sharded_matches(name, shape)
+        for name, shape in [("data", None), ("expert", (2, 4)), ("fsdp", (2, 4))]
+    }
+    try:
+        vl.shard_batch(vl.get_strategy("expert", mesh_shape=(2, 4)), np.zeros((6, 3)))
+        report["shard_batch_error"] = None
+    except ValueError as error:
+        report["shard_batch_error"] = str(error)
     report["readme"] = run_readme()
     print(json.dumps(report))
 

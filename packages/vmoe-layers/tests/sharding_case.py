@@ -92,8 +92,8 @@ def sharded_run(strategy_name: str, mesh_shape=None, **options):
     strategy = vl.get_strategy(strategy_name, **options)
     params = init_params()
     images, labels = batch()
-    sharded_params = strategy.shard_params(params)
-    sharded_batch = strategy.shard_batch((images, labels))
+    sharded_params = vl.shard_params(strategy, params)
+    sharded_batch = vl.shard_batch(strategy, (images, labels))
     replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
     step = jax.jit(
         jax.value_and_grad(loss_fn(model(strategy.exchange))),
@@ -123,3 +123,22 @@ def max_relative_difference(grads, reference) -> float:
         scale = max(float(np.max(np.abs(r))), floor)
         worst = max(worst, float(np.max(np.abs(g - r))) / scale)
     return worst
+
+
+def init_sharded_matches(strategy_name: str, mesh_shape=None) -> dict:
+    """Whether `init_sharded` (from 2 images) gives, on this process's devices, the slices of
+    the single-device `model.init` and the layout of the strategy's specs."""
+    options = {} if mesh_shape is None else {"mesh_shape": mesh_shape}
+    strategy = vl.get_strategy(strategy_name, **options)
+    images, _ = batch()
+    sharded = vl.init_sharded(strategy, model(strategy.exchange), jax.random.key(0), images[:2])
+    reference = jax.jit(model().init)(jax.random.key(0), images)["params"]
+    specs = strategy.param_specs(sharded)
+    values_equal = layout_ok = True
+    for leaf, ref, spec in zip(
+        jax.tree.leaves(sharded), jax.tree.leaves(reference), jax.tree.leaves(specs), strict=True
+    ):
+        layout_ok &= leaf.sharding == jax.sharding.NamedSharding(strategy.mesh, spec)
+        for shard in leaf.addressable_shards:
+            values_equal &= bool(np.array_equal(shard.data, np.asarray(ref)[shard.index]))
+    return {"values_equal": bool(values_equal), "layout_ok": bool(layout_ok)}

@@ -12,6 +12,7 @@ gradient is 0). Only float32 summation order differs between the runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -74,6 +75,25 @@ def test_expert_strategy_splits_experts_and_exchanges_by_all_to_all(eight_device
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case_id", ["data-None", "expert-(2, 4)", "fsdp-(2, 4)"])
+def test_init_sharded_creates_the_single_device_params_in_the_strategys_layout(
+    eight_devices, case_id
+):
+    assert eight_devices["init_sharded"][case_id] == {"values_equal": True, "layout_ok": True}
+
+
+@pytest.mark.slow
+def test_shard_batch_rejects_a_batch_not_divisible_by_the_batch_devices(eight_devices):
+    message = eight_devices["shard_batch_error"]
+    assert message is not None
+    assert re.fullmatch(
+        r"batch of 6 is not divisible by the 8 devices of the batch axes \('data', 'expert'\); "
+        r"allowed: a multiple of 8",
+        message,
+    ), message
+
+
+@pytest.mark.slow
 def test_readme_examples_run_on_eight_devices(eight_devices):
     assert eight_devices["readme"] == "ok", eight_devices["readme"]
 
@@ -124,6 +144,7 @@ def test_two_processes_with_the_expert_strategy_equal_one_process(tmp_path):
         with np.load(output) as result:
             assert bool(result["all_to_all"])
             assert result["expert_shard_shape"].tolist() == [2, 16, 32]  # 8 experts / 4 devices
+            assert bool(result["init_sharded_ok"])
             assert float(result["loss"]) == pytest.approx(loss, rel=LOSS_RTOL)
             got = {key: result[f"grad{key}"] for key in expected}
             assert case.max_relative_difference(got, expected) < GRAD_RTOL
@@ -241,8 +262,42 @@ def test_every_builtin_strategy_takes_a_mesh_shape(name):
 def test_a_one_device_expert_strategy_runs_the_model():
     strategy = vl.get_strategy("expert")
     model = case.model(strategy.exchange)
-    params = strategy.shard_params(case.init_params())
-    images, labels = strategy.shard_batch(case.batch())
+    params = vl.shard_params(strategy, case.init_params())
+    images, labels = vl.shard_batch(strategy, case.batch())
     loss = jax.jit(case.loss_fn(model))(params, images, labels)
     reference, _ = case.single_device_run()
     assert float(loss) == pytest.approx(reference, rel=LOSS_RTOL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicated:
+    """A plugin-style strategy: only the protocol (mesh, param_specs, batch_spec, exchange)."""
+
+    mesh: jax.sharding.Mesh
+    exchange = None
+
+    def param_specs(self, params):
+        return jax.tree.map(lambda _: PartitionSpec(), params)
+
+    def batch_spec(self):
+        return PartitionSpec()
+
+
+def test_the_free_functions_work_with_a_plugin_strategy():
+    strategy = Replicated(vl.make_mesh((1,), ("data",)))
+    assert isinstance(strategy, vl.ShardingStrategy)
+    images, labels = vl.shard_batch(strategy, case.batch())
+    params = vl.init_sharded(strategy, case.model(), jax.random.key(0), images[:2])
+    reference = jax.jit(case.model().init)(jax.random.key(0), images)["params"]
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    assert vl.shard_params(strategy, params)["head"]["bias"].sharding.spec == PartitionSpec()
+    loss = jax.jit(case.loss_fn(case.model()))(params, images, labels)
+    assert np.isfinite(float(loss))
+
+
+def test_init_sharded_accepts_a_raw_uint32_key():
+    strategy = vl.get_strategy("data")
+    images, _ = case.batch()
+    raw = vl.init_sharded(strategy, case.model(), jax.random.PRNGKey(0), images[:2])
+    typed = vl.init_sharded(strategy, case.model(), jax.random.key(0), images[:2])
+    jax.tree.map(np.testing.assert_array_equal, raw, typed)

@@ -23,6 +23,7 @@ import sharding_case as case  # noqa: E402
 def main() -> None:
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
     run = case.sharded_run("expert", (1, 4))
+    init = case.init_sharded_matches("expert", (1, 4))
     leaves = {
         jax.tree_util.keystr(path): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(run["grads"])
@@ -32,6 +33,7 @@ def main() -> None:
         loss=run["loss"],
         all_to_all="all-to-all" in run["hlo"],
         expert_shard_shape=np.asarray(run["expert_shard_shape"]),
+        init_sharded_ok=init["values_equal"] and init["layout_ok"],
         **{f"grad{key}": value for key, value in leaves.items()},
     )
     jax.distributed.shutdown()

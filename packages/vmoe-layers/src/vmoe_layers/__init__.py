@@ -36,8 +36,11 @@ from vmoe_layers.sharding import (
     ShardingStrategy,
     available_strategies,
     get_strategy,
+    init_sharded,
     is_expert_param,
     make_mesh,
+    shard_batch,
+    shard_params,
 )
 from vmoe_layers.vit import EncoderBlock, FeedForward, ModelOutput, MoeConfig, VisionTransformer
 from vmoe_routing import plugins as _plugins
@@ -86,9 +89,12 @@ __all__ = [
     "get_expert_type",
     "get_strategy",
     "group_tokens",
+    "init_sharded",
     "is_expert_param",
     "make_mesh",
     "moe_block_indices",
     "preset_names",
     "run_local_experts",
+    "shard_batch",
+    "shard_params",
 ]

@@ -16,7 +16,8 @@ Built-ins:
           largest divisible dimension (gathered by XLA when used), batch split over both axes.
 
 All work on one device, on many host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)
-and across processes (jax.distributed): `shard_params` and `shard_batch` build global arrays.
+and across processes (jax.distributed). The free functions `shard_params`, `shard_batch` and
+`init_sharded` work with any strategy (built-in or plugin): they use only its mesh and specs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -83,7 +85,7 @@ def is_expert_param(path) -> bool:
 
 
 class _Strategy:
-    """Shared helpers: shardings from specs and global arrays from host values."""
+    """What the built-ins share: the batch split over `batch_axes`, params spec'd per leaf."""
 
     mesh: Mesh
     batch_axes: tuple[str, ...]
@@ -95,46 +97,76 @@ class _Strategy:
     def batch_spec(self) -> PartitionSpec:
         return PartitionSpec(self.batch_axes)
 
-    def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, self.batch_spec())
-
-    def param_shardings(self, params: Any) -> Any:
-        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.param_specs(params))
-
     def param_specs(self, params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(self.param_spec, params)
 
     def param_spec(self, path, leaf) -> PartitionSpec:
         raise NotImplementedError
 
-    @property
-    def num_batch_shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.batch_axes)
 
-    def shard_params(self, params: Any) -> Any:
-        """Global arrays laid out by `param_specs` from the same host values on every process."""
-        return jax.tree.map(_global_array, params, self.param_shardings(params))
-
-    def shard_batch(self, batch: Any) -> Any:
-        """Global arrays split by `batch_spec` from the same host batch on every process.
-
-        The leading axis must be divisible by the number of batch shards."""
-        sharding = self.batch_sharding()
-
-        def put(x):
-            if np.shape(x)[0] % self.num_batch_shards:
-                raise ValueError(
-                    f"batch of {np.shape(x)[0]} is not divisible by the {self.num_batch_shards} "
-                    f"devices of the batch axes {self.batch_axes}"
-                )
-            return _global_array(x, sharding)
-
-        return jax.tree.map(put, batch)
+# Global arrays from any strategy (built-in or plugin): only its mesh and specs are used.
 
 
 def _global_array(x: Any, sharding: NamedSharding) -> Array:
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def param_shardings(strategy: ShardingStrategy, params: Any) -> Any:
+    """A NamedSharding per leaf of `params` (arrays or jax.ShapeDtypeStructs)."""
+    specs = strategy.param_specs(params)
+    return jax.tree.map(lambda _, spec: NamedSharding(strategy.mesh, spec), params, specs)
+
+
+def shard_params(strategy: ShardingStrategy, params: Any) -> Any:
+    """Global arrays laid out by `strategy.param_specs`, from the same host values in every
+    process (each process reads only the slices its devices hold)."""
+    return jax.tree.map(_global_array, params, param_shardings(strategy, params))
+
+
+def shard_batch(strategy: ShardingStrategy, batch: Any) -> Any:
+    """Global arrays split by `strategy.batch_spec()`, from the same host batch in every process.
+
+    The leading axis of every leaf must be divisible by the number of devices it is split over."""
+    spec = strategy.batch_spec()
+    sharding = NamedSharding(strategy.mesh, spec)
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(strategy.mesh.shape[a] for a in axes)
+
+    def put(x):
+        if np.shape(x)[0] % shards:
+            raise ValueError(
+                f"batch of {np.shape(x)[0]} is not divisible by the {shards} devices of the batch "
+                f"axes {axes}; allowed: a multiple of {shards}"
+            )
+        return _global_array(x, sharding)
+
+    return jax.tree.map(put, batch)
+
+
+def init_sharded(strategy: ShardingStrategy, model: Any, rng: Array, sample: Any) -> Any:
+    """`model.init(rng, sample)["params"]`, created already laid out by the strategy.
+
+    Shapes come from `jax.eval_shape`; then one `jax.jit` with `out_shardings` makes every device
+    initialise only its own slices: no full copy of the parameters exists on any host. Only the
+    shape and dtype of `sample` matter (e.g. one image). The same `rng` in every process gives
+    the same parameters as `model.init` on one device.
+    """
+    sample_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), sample)
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    key_data = np.asarray(jax.random.key_data(rng) if typed else rng)  # a constant in the jit
+    impl = jax.random.key_impl(rng) if typed else None
+
+    def init():
+        key = jnp.asarray(key_data)
+        if typed:
+            key = jax.random.wrap_key_data(key, impl=impl)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sample_shapes)
+        return model.init(key, zeros)["params"]
+
+    shapes = jax.eval_shape(init)
+    return jax.jit(init, out_shardings=param_shardings(strategy, shapes))()
 
 
 @dataclasses.dataclass(frozen=True)
