@@ -169,6 +169,17 @@ def init_sharded(strategy: ShardingStrategy, model: Any, rng: Array, sample: Any
     return jax.jit(init, out_shardings=param_shardings(strategy, shapes))()
 
 
+def _strategy_mesh(strategy: str, names: tuple[str, ...], mesh_shape, devices) -> Mesh:
+    """The mesh of a built-in strategy: `mesh_shape` (default: every device on the last axis)."""
+    devices = list(jax.devices() if devices is None else devices)
+    default = (1,) * (len(names) - 1) + (len(devices),)
+    shape = default if mesh_shape is None else tuple(mesh_shape)
+    if len(shape) != len(names):
+        axes = "(" + ", ".join(names) + ("," if len(names) == 1 else "") + ")"
+        raise ValueError(f"mesh_shape={shape} must be {axes} for strategy {strategy!r}")
+    return make_mesh(shape, names, devices)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel(_Strategy):
     """Params replicated on every device; the batch split over the one mesh axis 'data'."""
@@ -183,11 +194,7 @@ class DataParallel(_Strategy):
         cls, mesh_shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None
     ) -> DataParallel:
         """mesh_shape = (data,); default (number of devices,)."""
-        devices = list(jax.devices() if devices is None else devices)
-        shape = (len(devices),) if mesh_shape is None else tuple(mesh_shape)
-        if len(shape) != 1:
-            raise ValueError(f"mesh_shape={shape} must be (data,) for strategy 'data'")
-        return cls(make_mesh(shape, ("data",), devices))
+        return cls(_strategy_mesh("data", ("data",), mesh_shape, devices))
 
     def param_spec(self, path, leaf) -> PartitionSpec:
         return PartitionSpec()
@@ -211,11 +218,7 @@ class ExpertParallel(_Strategy):
         cls, mesh_shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None
     ) -> ExpertParallel:
         """mesh_shape = (data, expert); default (1, number of devices)."""
-        devices = list(jax.devices() if devices is None else devices)
-        shape = (1, len(devices)) if mesh_shape is None else tuple(mesh_shape)
-        if len(shape) != 2:
-            raise ValueError(f"mesh_shape={shape} must be (data, expert) for strategy 'expert'")
-        return cls(make_mesh(shape, ("data", "expert"), devices))
+        return cls(_strategy_mesh("expert", ("data", "expert"), mesh_shape, devices))
 
     @property
     def exchange(self) -> AllToAllExchange:
@@ -254,13 +257,9 @@ class FullySharded(_Strategy):
         min_size: int = 1024,
     ) -> FullySharded:
         """mesh_shape = (data, fsdp); default (1, number of devices)."""
-        devices = list(jax.devices() if devices is None else devices)
-        shape = (1, len(devices)) if mesh_shape is None else tuple(mesh_shape)
-        if len(shape) != 2:
-            raise ValueError(f"mesh_shape={shape} must be (data, fsdp) for strategy 'fsdp'")
         if not isinstance(min_size, int) or min_size < 0:
             raise ValueError(f"min_size={min_size!r} must be an integer >= 0")
-        return cls(make_mesh(shape, ("data", "fsdp"), devices), min_size)
+        return cls(_strategy_mesh("fsdp", ("data", "fsdp"), mesh_shape, devices), min_size)
 
     def param_spec(self, path, leaf) -> PartitionSpec:
         shape = np.shape(leaf)
