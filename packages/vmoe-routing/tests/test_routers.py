@@ -246,3 +246,12 @@ def test_router_load_loss_equals_the_standalone_load_loss_and_its_gradient():
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def test_numpy_numbers_are_accepted_as_options_and_bools_are_not():
+    router = TopKRouter(num_experts=np.int64(4), k=np.int32(2), capacity_factor=np.float32(0.5))
+    assert router.capacity(16) == 4
+    with pytest.raises(ValueError, match="k=True must be an integer"):
+        TopKRouter(num_experts=4, k=True)
+    with pytest.raises(ValueError, match="capacity_factor=True must be a number > 0"):
+        TopKRouter(num_experts=4, capacity_factor=True)

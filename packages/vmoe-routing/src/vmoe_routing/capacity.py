@@ -12,6 +12,7 @@ adds slack; C < 1 (with Batch Priority Routing) deliberately processes only part
 from __future__ import annotations
 
 import math
+import numbers
 
 ROUNDINGS = ("ceil", "round", "floor")
 
@@ -44,13 +45,13 @@ def compute_capacity(
       ValueError: for a non-positive argument, an unknown rounding, or a capacity below 1.
     """
     for name, value in (("group_size", group_size), ("num_experts", num_experts), ("k", k)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r} must be one of {ROUNDINGS}")
-    if not isinstance(multiple_of, int) or multiple_of < 1:
+    if not isinstance(multiple_of, numbers.Integral) or multiple_of < 1:
         raise ValueError(f"multiple_of={multiple_of!r} must be an integer >= 1")
     exact = k * capacity_factor * group_size / num_experts
     capacity = {"ceil": math.ceil, "round": round, "floor": math.floor}[rounding](exact)
@@ -61,4 +62,4 @@ def compute_capacity(
             "capacity_factor or group_size, or use rounding='ceil'"
         )
     capacity += -capacity % multiple_of
-    return min(capacity, group_size)
+    return int(min(capacity, group_size))

@@ -19,6 +19,7 @@ would still be picked if the noise were drawn again.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import jax
@@ -52,6 +53,10 @@ class Router(Protocol):
     def replace(self, **changes: Any) -> Router:
         """A copy with some options changed (e.g. k, capacity_factor), params unaffected."""
         ...
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
@@ -97,13 +102,14 @@ class TopKRouter:
 
     def __post_init__(self) -> None:
         e, k = self.num_experts, self.k
-        if not isinstance(e, int) or e < 1:
+        if not _is_int(e) or e < 1:
             raise ValueError(f"num_experts={e!r} must be an integer >= 1")
-        if not isinstance(k, int) or not 1 <= k <= e:
+        if not _is_int(k) or not 1 <= k <= e:
             raise ValueError(f"k={k!r} must be an integer with 1 <= k <= num_experts={e}")
         for field in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, field)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if value is not None and not (is_number and value > 0):
                 raise ValueError(f"{field}={value!r} must be a number > 0")
         if self.capacity_rounding not in ROUNDINGS:
             raise ValueError(f"capacity_rounding={self.capacity_rounding!r} must be in {ROUNDINGS}")
