@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from bench_moe_layer import DenseMlp
+from bench_moe_layer import DenseMlp, sgd_step
 from harness import environment, print_table, time_ms
 
 import vmoe_layers as vl
@@ -83,22 +83,10 @@ def train_rows(batch: int, image: int, dtype, peak, **moe_options):
     images = jax.random.normal(jax.random.key(0), (batch, image, image, 3), dtype)
     labels = jax.random.randint(jax.random.key(1), (batch,), 0, 1000)
     vmoe = vl.create_model(moe_options.pop("name"), num_classes=1000, dtype=dtype, **moe_options)
-    rngs = {"gating": jax.random.key(3), "dropout": jax.random.key(4)}
     rows = []
     for name, model in (("V-MoE", vmoe), ("ViT twin", vmoe.clone(moe=None))):
         params = model.init(jax.random.key(2), images)["params"]
-
-        def loss(params, images, labels, model=model):
-            out = model.apply({"params": params}, images, train=True, rngs=rngs)
-            logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
-            ce = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-            return ce + out.aux_loss
-
-        @jax.jit
-        def step(params, images, labels, loss=loss):
-            grads = jax.grad(loss)(params, images, labels)
-            return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
-
+        step = sgd_step(model)
         ms = time_ms(step, params, images, labels, repeats=5)
         flops = compiled_flops(step, params, images, labels)
         rows.append(

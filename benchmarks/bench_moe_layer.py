@@ -126,6 +126,24 @@ def memory_row(e, k, c, tokens=8192, group=200 * 8, d=512, h=2048):
     return row
 
 
+def sgd_step(model: nn.Module):
+    """A jitted SGD train step (cross-entropy + the MoE aux loss; forward, backward, update)."""
+    rngs = {"gating": jax.random.key(3), "dropout": jax.random.key(4)}
+
+    def loss_fn(params, images, labels):
+        out = model.apply({"params": params}, images, train=True, rngs=rngs)
+        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
+        ce = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+        return ce + out.aux_loss
+
+    @jax.jit
+    def step(params, images, labels):
+        grads = jax.grad(loss_fn)(params, images, labels)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
+
+    return step
+
+
 def train_step_row(name, model_name, image_shape, batch, repeats, **model_kw):
     """Images/s of SGD train steps (forward, backward, update) of a V-MoE and its ViT twin."""
     vmoe = vl.create_model(model_name, num_classes=10, **model_kw)
@@ -133,25 +151,8 @@ def train_step_row(name, model_name, image_shape, batch, repeats, **model_kw):
     images = jax.random.normal(jax.random.key(0), (batch, *image_shape))
     labels = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
     for tag, model in (("V-MoE", vmoe), ("ViT twin", vmoe.clone(moe=None))):
-        variables = model.init(jax.random.key(2), images)
-
-        def loss_fn(params, images, labels, model=model):
-            out = model.apply(
-                {"params": params},
-                images,
-                train=True,
-                rngs={"gating": jax.random.key(3), "dropout": jax.random.key(4)},
-            )
-            logp = jax.nn.log_softmax(out.logits)
-            ce = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-            return ce + out.aux_loss
-
-        @jax.jit
-        def step(params, images, labels, loss_fn=loss_fn):
-            grads = jax.grad(loss_fn)(params, images, labels)
-            return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
-
-        ms = time_ms(step, variables["params"], images, labels, repeats=repeats)
+        params = model.init(jax.random.key(2), images)["params"]
+        ms = time_ms(sgd_step(model), params, images, labels, repeats=repeats)
         row[f"{tag} img/s"] = batch / ms * 1e3
     row["V-MoE/ViT step time"] = row["ViT twin img/s"] / row["V-MoE img/s"]
     return row
