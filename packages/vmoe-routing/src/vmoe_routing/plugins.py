@@ -75,10 +75,15 @@ def _get_host() -> _Host:
         for module in _spec_modules:
             host.pm.add_hookspecs(module)
         for name, plugin in _builtin_plugins:
-            host.pm.register(plugin, name=name)
-            host.labels[name] = f"{name} (built-in)"
+            _register_builtin_in(host, name, plugin)
         _host = host
     return _host
+
+
+def _register_builtin_in(host: _Host, name: str, plugin: object) -> None:
+    host.pm.register(plugin, name=name)
+    host.labels[name] = f"{name} (built-in)"
+    host.generation += 1
 
 
 def add_hookspecs(module: types.ModuleType) -> None:
@@ -95,9 +100,7 @@ def register_builtin(name: str, plugin: object) -> None:
         _builtin_plugins.append((name, plugin))
         if _host is not None:
             with _host.lock:
-                _host.pm.register(plugin, name=name)
-                _host.labels[name] = f"{name} (built-in)"
-                _host.generation += 1
+                _register_builtin_in(_host, name, plugin)
 
 
 def plugin_manager() -> pluggy.PluginManager:
