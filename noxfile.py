@@ -131,3 +131,8 @@ def bench(session: nox.Session) -> None:
     session.install(*(f"./{f}" for f in folders))
     session.run("python", "benchmarks/bench_routing.py", *session.posargs)
     session.run("python", "benchmarks/bench_moe_layer.py", *session.posargs)
+    # The target cases again with the C library's default allocator, for comparison.
+    default_json = "--json=bench-results/moe_layer_default_malloc.json"
+    session.run(
+        "python", "benchmarks/bench_moe_layer.py", "--quick", "--malloc=default", default_json
+    )

@@ -80,6 +80,42 @@ def layer_row(shape, e, k, c, router, repeats, with_einsum):
     return row
 
 
+def grouped_matmul_rows(tokens_per_expert, e, d, h, repeats, dtype=jnp.float32):
+    """The experts' matmul [E, T, D] x [E, D, H] (forward+backward) computed four ways.
+
+    The MoE layer needs E independent matmuls, one per expert. Candidates:
+      one GEMM        [E*T, D] x [D, H]: the same FLOPs with no expert structure (lower bound),
+      batched         one batched matmul over the [E, T, D] buffers (the layer's default),
+      loop            one matmul per expert under lax.map,
+      ragged_dot      jax.lax.ragged_dot over the tokens sorted by expert, with group sizes
+                      (the dropless / grouped-GEMM form).
+    Ratios are over the one-GEMM time.
+    """
+    t = tokens_per_expert
+    x_etd = jax.random.normal(jax.random.key(0), (e, t, d), dtype)
+    w_edh = jax.random.normal(jax.random.key(1), (e, d, h), dtype) * 0.02
+    x_nd = x_etd.reshape(e * t, d)
+    sizes = jnp.full((e,), t, jnp.int32)
+    candidates = {
+        "one GEMM": (lambda x, w: x @ w[0], x_nd),
+        "batched": (lambda x, w: jnp.einsum("etd,edh->eth", x, w), x_etd),
+        "loop": (lambda x, w: jax.lax.map(lambda xw: xw[0] @ xw[1], (x, w)), x_etd),
+        "ragged_dot": (lambda x, w: jax.lax.ragged_dot(x, w, sizes), x_nd),
+    }
+    row: dict[str, Any] = {"E": e, "T": t, "D": d, "H": h, "dtype": jnp.dtype(dtype).name}
+    for name, (matmul, x) in candidates.items():
+
+        def loss(x, w, matmul=matmul):
+            return jnp.mean(matmul(x, w).astype(jnp.float32) ** 2)
+
+        row[f"{name} ms"] = time_ms(
+            jax.jit(jax.grad(loss, argnums=(0, 1))), x, w_edh, repeats=repeats
+        )
+    for name in list(candidates)[1:]:
+        row[f"{name}/one GEMM"] = row[f"{name} ms"] / row["one GEMM ms"]
+    return row
+
+
 def router_share_row(shape, e, k, c, router, repeats):
     """Router alone (gate, noise, top-K, priority sort, slot assignment, losses) vs the layer."""
     tokens, group, d, h = SHAPES[shape]
@@ -162,10 +198,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the target case only")
     parser.add_argument("--json", default="bench-results/moe_layer.json")
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: vmoe_layers.tune_cpu_malloc() first (the setting we recommend for CPU "
+        "training); default: the C library's own behaviour",
+    )
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
+    malloc = args.malloc
+    if malloc == "tuned" and not vl.tune_cpu_malloc():
+        malloc = "default (tuning does not apply here)"
 
-    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}, malloc: {malloc}")
     layers = [layer_row("S/32 g200", 32, 2, 1.05, "top_k", repeats, with_einsum=True)]
     layers.append(layer_row("S/32 g1600", 32, 2, 1.05, "top_k", repeats, with_einsum=False))
     if not args.quick:
@@ -190,6 +236,13 @@ def main() -> None:
         ],
     )  # fmt: skip
 
+    # Tokens per expert at S/32, C=1.05: 112 with E=32 (groups of 200), 424 with E=8.
+    matmuls = [grouped_matmul_rows(112, 32, 512, 2048, repeats)]
+    if not args.quick:
+        matmuls.append(grouped_matmul_rows(424, 8, 512, 2048, repeats))
+    print("\nThe experts' matmul, forward+backward, four ways (ms; ratios over one GEMM)")
+    print_table(matmuls, list(matmuls[0]))
+
     shares = [router_share_row("S/32 g200", 32, 2, 1.05, r, repeats) for r in ("top_k", "bpr")]
     print("\nRouter share of the layer's forward+backward time")
     print_table(shares, list(shares[0]))
@@ -206,7 +259,15 @@ def main() -> None:
 
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     write_json(
-        args.json, {"layers": layers, "router_share": shares, "memory": memory, "train": steps}
+        args.json,
+        {
+            "malloc": malloc,
+            "layers": layers,
+            "expert_matmul": matmuls,
+            "router_share": shares,
+            "memory": memory,
+            "train": steps,
+        },
     )
 
 

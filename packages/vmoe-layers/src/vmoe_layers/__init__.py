@@ -25,6 +25,7 @@ from vmoe_layers.experts import (
     available_expert_types,
     get_expert_type,
 )
+from vmoe_layers.host import tune_cpu_malloc
 from vmoe_layers.moe import EXPERTS_KEY, GATING_RNG, MoeLayer, MoeOutput, group_tokens
 from vmoe_layers.placement import moe_block_indices
 from vmoe_layers.presets import count_params, create_model, preset_names
@@ -97,4 +98,5 @@ __all__ = [
     "run_local_experts",
     "shard_batch",
     "shard_params",
+    "tune_cpu_malloc",
 ]
