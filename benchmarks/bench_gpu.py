@@ -8,6 +8,9 @@ Reports, all measured in the same run:
   layer    the MoE layer (B/16 shape: D=768, H=3072, E=32, K=2, C=1.05) forward+backward, in
            TFLOP/s of the expert matmuls it actually runs (capacity slots included) and as a
            fraction of the peak; also the one-hot einsum path and a dense MLP of hidden K*H,
+  matmul   the experts' matmul computed as one batched matmul over [E, T, D] buffers (the
+           layer's default), a loop over experts, and jax.lax.ragged_dot over sorted tokens
+           (grouped GEMM), against one GEMM of the same FLOPs: which form to use on this GPU,
   train    V-MoE-B/16 (every-2, E=32) and ViT-B/16 SGD train steps: time, the ratio, and MFU
            (XLA's FLOP count of the compiled step over time over the peak).
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from bench_moe_layer import DenseMlp, sgd_step
+from bench_moe_layer import DenseMlp, grouped_matmul_rows, sgd_step
 from harness import environment, print_table, time_ms
 
 import vmoe_layers as vl
@@ -115,16 +118,21 @@ def main() -> None:
     if args.smoke:
         peak = matmul_peak_tflops(256, dtype)
         layer = layer_rows(256, 64, 32, 64, 4, 2, 1.05, dtype, peak)
+        matmuls = [grouped_matmul_rows(16, 4, 32, 64, 3, dtype)]
         train = train_rows(4, 16, dtype, peak, name="V-MoE-Nano/4")
     else:
         peak = matmul_peak_tflops(8192, dtype)
         # B/16 at 224px: 197 tokens an image; 256 images, groups of 2 images.
         layer = layer_rows(197 * 256, 394, 768, 3072, 32, 2, 1.05, dtype, peak)
+        # Tokens per expert for that layer: 128 groups x capacity 26.
+        matmuls = [grouped_matmul_rows(3328, 32, 768, 3072, 5, dtype)]
         train = train_rows(64, 224, dtype, peak, name="V-MoE-B/16", moe_layers="every-2")
 
     print(f"{environment()}\nbf16 matmul peak: {peak:.1f} TFLOP/s")
     print("\nMoE layer forward+backward")
     print_table(layer, list(layer[0]))
+    print("\nThe experts' matmul, forward+backward, four ways (ms; ratios over one GEMM)")
+    print_table(matmuls, list(matmuls[0]))
     print("\nTrain step (SGD)")
     print_table(
         train, ["model", "step ms", "img/s", "TFLOP/s (XLA count)", "MFU", "step / ViT step"]
@@ -132,7 +140,13 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(
-            {"environment": environment(), "peak_tflops": peak, "layer": layer, "train": train},
+            {
+                "environment": environment(),
+                "peak_tflops": peak,
+                "layer": layer,
+                "expert_matmul": matmuls,
+                "train": train,
+            },
             f,
             indent=2,
         )
