@@ -124,6 +124,8 @@ def bench(session: nox.Session) -> None:
     """MoE benchmarks: routers, dispatch paths, the MoE layer vs dense MLPs, train steps.
 
     Tables on stdout, JSON in bench-results/. `nox -s bench -- --quick` for the target cases.
+    The MoE layer suite runs with vmoe_layers.tune_cpu_malloc(), then its target cases again
+    with the C library's default allocator (bench-results/moe_layer_default_malloc.json).
     """
     folders: list[str] = []
     for folder in (PROJECTS["layers"], PROJECTS["router-hash"]):

@@ -1,14 +1,18 @@
 """MoE layer vs dense MLPs of equal parameters-per-token and equal active FLOPs, on this backend.
 
-    python benchmarks/bench_moe_layer.py [--quick] [--json bench-results/moe_layer.json]
+    python benchmarks/bench_moe_layer.py [--quick] [--malloc tuned|default] [--json FILE]
 
 For each layer shape it times the vmoe MoE layer (forward, and forward+backward with respect to
 params and input), next to, in the same run:
   dense H     a dense MLP with hidden H (the MLP the MoE layer replaces),
   dense K*H   a dense MLP with hidden K*H: the same active FLOPs as the MoE layer at capacity 1,
   einsum      the same MoE layer on the one-hot [G, S, E, C] reference dispatch path.
-Ratios are MoE time / dense K*H time. Then: the router's share of the layer's time, memory at
-8,192 tokens, and whole-model train-step throughput (V-MoE vs its ViT twin).
+Ratios are MoE time / dense K*H time. Then: the experts' matmul computed four ways (batched,
+loop, ragged_dot, against one GEMM of the same FLOPs), the router's share of the layer's time,
+memory at 8,192 tokens, and whole-model train-step throughput (V-MoE vs its ViT twin).
+
+`--malloc tuned` (the default) calls vmoe_layers.tune_cpu_malloc() before anything runs;
+`--malloc default` leaves the C library's allocator as it is. `--quick`: the target cases only.
 
 Shapes follow the V-MoE paper at 224px: S/32 has 50 tokens an image (D=512, H=2048), B/16 has
 197 (D=768, H=3072). Groups are whole images: 4 images (200 tokens) or 32 (1,600) for S/32.
@@ -96,21 +100,19 @@ def grouped_matmul_rows(tokens_per_expert, e, d, h, repeats, dtype=jnp.float32):
     w_edh = jax.random.normal(jax.random.key(1), (e, d, h), dtype) * 0.02
     x_nd = x_etd.reshape(e * t, d)
     sizes = jnp.full((e,), t, jnp.int32)
-    candidates = {
-        "one GEMM": (lambda x, w: x @ w[0], x_nd),
-        "batched": (lambda x, w: jnp.einsum("etd,edh->eth", x, w), x_etd),
-        "loop": (lambda x, w: jax.lax.map(lambda xw: xw[0] @ xw[1], (x, w)), x_etd),
-        "ragged_dot": (lambda x, w: jax.lax.ragged_dot(x, w, sizes), x_nd),
+    candidates = {  # name: (matmul, x, w); "one GEMM" gets one [D, H] weight (its grad too)
+        "one GEMM": (lambda x, w: x @ w, x_nd, w_edh[0]),
+        "batched": (lambda x, w: jnp.einsum("etd,edh->eth", x, w), x_etd, w_edh),
+        "loop": (lambda x, w: jax.lax.map(lambda xw: xw[0] @ xw[1], (x, w)), x_etd, w_edh),
+        "ragged_dot": (lambda x, w: jax.lax.ragged_dot(x, w, sizes), x_nd, w_edh),
     }
     row: dict[str, Any] = {"E": e, "T": t, "D": d, "H": h, "dtype": jnp.dtype(dtype).name}
-    for name, (matmul, x) in candidates.items():
+    for name, (matmul, x, w) in candidates.items():
 
         def loss(x, w, matmul=matmul):
             return jnp.mean(matmul(x, w).astype(jnp.float32) ** 2)
 
-        row[f"{name} ms"] = time_ms(
-            jax.jit(jax.grad(loss, argnums=(0, 1))), x, w_edh, repeats=repeats
-        )
+        row[f"{name} ms"] = time_ms(jax.jit(jax.grad(loss, argnums=(0, 1))), x, w, repeats=repeats)
     for name in list(candidates)[1:]:
         row[f"{name}/one GEMM"] = row[f"{name} ms"] / row["one GEMM ms"]
     return row
@@ -196,7 +198,7 @@ def train_step_row(name, model_name, image_shape, batch, repeats, **model_kw):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the target case only")
+    parser.add_argument("--quick", action="store_true", help="the target cases only")
     parser.add_argument("--json", default="bench-results/moe_layer.json")
     parser.add_argument(
         "--malloc",
@@ -251,9 +253,10 @@ def main() -> None:
     print("\nMemory of forward+backward without params and param grads (XLA buffers, MB)")
     print_table(memory, list(memory[0]))
 
-    steps = [train_step_row("digits 8x8 Mu/2", "V-MoE-Mu/2", (8, 8, 1), 128, repeats)]
-    if not args.quick:
-        steps.append(train_step_row("S/32 224px", "V-MoE-S/32", (224, 224, 3), 32, 3))
+    steps = [
+        train_step_row("digits 8x8 Mu/2", "V-MoE-Mu/2", (8, 8, 1), 128, repeats),
+        train_step_row("S/32 224px", "V-MoE-S/32", (224, 224, 3), 32, 3),
+    ]
     print("\nTrain step throughput (SGD step: forward, backward, update)")
     print_table(steps, list(steps[0]))
 

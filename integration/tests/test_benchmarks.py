@@ -25,6 +25,10 @@ def test_gpu_benchmark_smoke_run(tmp_path):
     assert report["peak_tflops"] > 0
     assert [r["path"] for r in report["layer"]] == ["dense K*H", "moe (index)", "moe (einsum)"]
     assert all(r["TFLOP/s"] > 0 and r["fwd+bwd ms"] > 0 for r in report["layer"])
+    (matmul,) = report["expert_matmul"]
+    for form in ("one GEMM", "batched", "loop", "ragged_dot"):
+        assert matmul[f"{form} ms"] > 0
+    assert matmul["dtype"] == "bfloat16"
     assert [r["model"] for r in report["train"]] == ["V-MoE", "ViT twin"]
     assert report["train"][0]["step / ViT step"] > 0
 
