@@ -4,8 +4,8 @@ XLA:CPU gets every output and temporary buffer of a step from the C allocator. g
 serves blocks over 32 MB with a fresh mmap and unmaps them on free, so each step page-faults
 its large buffers in again (parameter gradients above all). MoE layers have E/K times the
 parameters of the dense MLP they replace, so they pay this E/K times over. Measured on a 2-core
-CPU with jax 0.10.2 (benchmarks/bench_moe_layer.py, two runs): V-MoE-S/32 SGD train step at
-batch 32, 15.7 -> 22.7-25.9 img/s; its ViT twin 36.6 -> 40.4-44.3 img/s.
+CPU with jax 0.10.2 (benchmarks/bench_moe_layer.py, three runs): V-MoE-S/32 SGD train step at
+batch 32, 15.7-16.4 -> 22.5-25.9 img/s; its ViT twin 36.6-37.0 -> 40.4-44.3 img/s.
 
 `tune_cpu_malloc()` makes glibc keep freed memory for reuse instead: no mmap for large blocks,
 one arena, and no trimming below 2 GB. It is opt-in (a process-wide setting; a library must
