@@ -115,41 +115,41 @@ def main() -> None:
         sys.exit(f"no GPU (backend {backend!r}); use --smoke to check the script on this backend")
 
     dtype = jnp.bfloat16
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    report: dict[str, Any] = {"environment": environment()}
+
+    def section(key: str, title: str, rows: list[dict[str, Any]], columns=None) -> None:
+        """Prints one table as soon as it is measured and rewrites the JSON with it, so a run
+        cut short (a device lease ends) still leaves what it measured."""
+        report[key] = rows
+        print(f"\n{title}", flush=True)
+        print_table(rows, columns or list(rows[0]))
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+    print(environment(), flush=True)
+    peak = matmul_peak_tflops(256 if args.smoke else 8192, dtype)
+    report["peak_tflops"] = peak
+    print(f"bf16 matmul peak: {peak:.1f} TFLOP/s", flush=True)
     if args.smoke:
-        peak = matmul_peak_tflops(256, dtype)
         layer = layer_rows(256, 64, 32, 64, 4, 2, 1.05, dtype, peak)
-        matmuls = [grouped_matmul_rows(16, 4, 32, 64, 3, dtype)]
-        train = train_rows(4, 16, dtype, peak, name="V-MoE-Nano/4")
     else:
-        peak = matmul_peak_tflops(8192, dtype)
         # B/16 at 224px: 197 tokens an image; 256 images, groups of 2 images.
         layer = layer_rows(197 * 256, 394, 768, 3072, 32, 2, 1.05, dtype, peak)
+    section("layer", "MoE layer forward+backward", layer)
+    if args.smoke:
+        matmuls = [grouped_matmul_rows(16, 4, 32, 64, 3, dtype)]
+    else:
         # Tokens per expert for that layer: 128 groups x capacity 26.
         matmuls = [grouped_matmul_rows(3328, 32, 768, 3072, 5, dtype)]
-        train = train_rows(64, 224, dtype, peak, name="V-MoE-B/16", moe_layers="every-2")
-
-    print(f"{environment()}\nbf16 matmul peak: {peak:.1f} TFLOP/s")
-    print("\nMoE layer forward+backward")
-    print_table(layer, list(layer[0]))
-    print("\nThe experts' matmul, forward+backward, four ways (ms; ratios over one GEMM)")
-    print_table(matmuls, list(matmuls[0]))
-    print("\nTrain step (SGD)")
-    print_table(
-        train, ["model", "step ms", "img/s", "TFLOP/s (XLA count)", "MFU", "step / ViT step"]
-    )
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(
-            {
-                "environment": environment(),
-                "peak_tflops": peak,
-                "layer": layer,
-                "expert_matmul": matmuls,
-                "train": train,
-            },
-            f,
-            indent=2,
-        )
+    title = "The experts' matmul, forward+backward, four ways (ms; ratios over one GEMM)"
+    section("expert_matmul", title, matmuls)
+    if args.smoke:
+        train = train_rows(4, 16, dtype, peak, name="V-MoE-Nano/4")
+    else:
+        train = train_rows(128, 224, dtype, peak, name="V-MoE-B/16", moe_layers="every-2")
+    columns = ["model", "step ms", "img/s", "TFLOP/s (XLA count)", "MFU", "step / ViT step"]
+    section("train", "Train step (SGD)", train, columns)
     print(f"wrote {args.json}")
 
 
