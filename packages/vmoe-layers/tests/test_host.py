@@ -23,7 +23,7 @@ from vmoe_layers import host
 
 IS_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 glibc_only = pytest.mark.skipif(
-    not IS_GLIBC or not hasattr(ctypes.CDLL("libc.so.6" if IS_GLIBC else None), "mallinfo2"),
+    not (IS_GLIBC and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")),
     reason="glibc >= 2.33 (mallinfo2) only",
 )
 
