@@ -16,6 +16,7 @@ import nox
 ROOT = pathlib.Path(__file__).parent
 # Every separately versioned distribution in the repo, by short session name.
 PROJECTS = {
+    "plugins": "packages/vmoe-plugins",
     "routing": "packages/vmoe-routing",
     "layers": "packages/vmoe-layers",
     "data": "packages/vmoe-data",
@@ -31,6 +32,14 @@ nox.options.error_on_external_run = True
 def _project(folder: str) -> dict:
     with open(ROOT / folder / "pyproject.toml", "rb") as f:
         return tomllib.load(f)["project"]
+
+
+def _dist_name(requirement: str) -> str:
+    """The distribution a requirement names: "vmoe-routing>=0.1,<0.2" -> "vmoe-routing"."""
+    dist = requirement.split(";")[0].split("[")[0]
+    for sep in "<>=!~ ":
+        dist = dist.split(sep)[0]
+    return dist
 
 
 _FOLDER_BY_DIST = {_project(folder)["name"]: folder for folder in PROJECTS.values()}
@@ -50,9 +59,7 @@ def _local_closure(folder: str, extras: str = "") -> list[str]:
     def visit(f: str) -> None:
         own_extras = extra_requirements if f == folder else []
         for requirement in [*_project(f).get("dependencies", []), *own_extras]:
-            dist = requirement.split(";")[0].split("[")[0]
-            for sep in "<>=!~ ":
-                dist = dist.split(sep)[0]
+            dist = _dist_name(requirement)
             if dist in _FOLDER_BY_DIST and _FOLDER_BY_DIST[dist] not in order:
                 visit(_FOLDER_BY_DIST[dist])
         if f not in order:
@@ -113,10 +120,14 @@ def build(session: nox.Session) -> None:
 
 @nox.session(name="bench-data")
 def bench_data(session: nox.Session) -> None:
-    """Images/s of the vmoe-data train pipeline: embedded digits and synthetic 224x224 images."""
+    """Images/s of the vmoe-data train pipeline vs measured train steps (is it the bottleneck?).
+
+    benchmarks/bench_data.py runs vmoe-data's own pipeline benchmark
+    (packages/vmoe-data/benchmarks/bench_pipeline.py, vmoe-data only) next to vmoe-layers models.
+    """
     _install(session, PROJECTS["data"], extras="")
     _install(session, PROJECTS["layers"], extras="")  # real train steps to compare against
-    session.run("python", "packages/vmoe-data/benchmarks/bench_pipeline.py", *session.posargs)
+    session.run("python", "benchmarks/bench_data.py", *session.posargs)
 
 
 @nox.session
@@ -124,11 +135,11 @@ def bench(session: nox.Session) -> None:
     """MoE benchmarks: routers, dispatch paths, the MoE layer vs dense MLPs, train steps.
 
     Tables on stdout, JSON in bench-results/. `nox -s bench -- --quick` for the target cases.
-    The MoE layer suite runs with vmoe_layers.tune_cpu_malloc(), then its target cases again
+    The MoE layer suite runs with vmoe_train.tune_cpu_malloc(), then its target cases again
     with the C library's default allocator (bench-results/moe_layer_default_malloc.json).
     """
     folders: list[str] = []
-    for folder in (PROJECTS["layers"], PROJECTS["router-hash"]):
+    for folder in (PROJECTS["train"], PROJECTS["router-hash"]):  # train: tune_cpu_malloc
         folders += [f for f in _local_closure(folder, "") if f not in folders]
     session.install(*(f"./{f}" for f in folders))
     session.run("python", "benchmarks/bench_routing.py", *session.posargs)
@@ -138,3 +149,31 @@ def bench(session: nox.Session) -> None:
     session.run(
         "python", "benchmarks/bench_moe_layer.py", "--quick", "--malloc=default", default_json
     )
+
+
+@nox.session(name="lowest-routing")
+def lowest_routing(session: nox.Session) -> None:
+    """vmoe-plugins and vmoe-routing tests at the lowest versions their pyprojects allow.
+
+    Every requirement of the two pyprojects (dependencies and the `test` extra) is handed to uv
+    as a direct requirement with `--resolution lowest-direct`, so jax, numpy, pluggy, pytest and
+    hypothesis install at their floors (transitive ones, e.g. jaxlib, at the newest that fits).
+    Not in the default set: it downloads old wheels. A floor that fails here must be raised.
+    """
+    session.install("uv")
+    folders = (PROJECTS["plugins"], PROJECTS["routing"])
+    requirements: list[str] = []
+    for folder in folders:
+        project = _project(folder)
+        optional = project.get("optional-dependencies", {})
+        for requirement in [*project.get("dependencies", []), *optional.get("test", [])]:
+            if _dist_name(requirement) not in _FOLDER_BY_DIST and requirement not in requirements:
+                requirements.append(requirement)  # ours come from their folders below
+    python = str(pathlib.Path(session.bin) / "python")
+    session.run(
+        *("uv", "pip", "install", "--python", python, "--resolution", "lowest-direct"),
+        *(f"./{folder}" for folder in folders),
+        *requirements,
+    )
+    session.run("uv", "pip", "list", "--python", python)
+    session.run("pytest", *(f"{folder}/tests" for folder in folders), *session.posargs)

@@ -2,9 +2,12 @@
 
     python benchmarks/bench_routing.py [--quick] [--json out.json]
 
-For each layer shape, E and K it prints the router's forward+backward time and, for the
-index-based dispatch/combine and the one-hot einsum reference, forward+backward time and XLA's
-peak memory. Ratios are against the index path measured in the same run.
+For each layer shape, E and K it prints the router's forward+backward time in training mode
+(deterministic=False: gating noise, the training capacity factor C) and, for the index-based
+dispatch/combine and the one-hot einsum reference, forward+backward time and XLA's peak memory,
+moving tokens by a routing decided in evaluation mode (no noise; the capacity is the same, as
+these routers' evaluation capacity factor defaults to C). Ratios are against the index path
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ def router_case(name, tokens, group, d, e, k, c, router_name, repeats):
     step = jax.jit(jax.grad(route_loss, argnums=(0, 1)))
     return {
         "shape": name,
+        "tokens": tokens,
+        "group": group,
+        "D": d,
         "E": e,
         "K": k,
         "C": c,
+        "mode": "train",
+        "capacity": router(params, x, rng=key, deterministic=False).capacity,  # as it ran
         "router": router_name,
         "router fwd+bwd ms": time_ms(step, params, x, repeats=repeats),
     }
@@ -50,14 +58,15 @@ def dispatch_case(name, tokens, group, d, e, k, c, repeats):
     key = jax.random.key(0)
     params = router.init(key, d)
     x = jax.random.normal(key, (tokens // group, group, d))
-    routing = router(params, x)
+    routing = router(params, x, deterministic=True)
 
     def move(x, routing, dense):
         if dense:
             routing = routing.to_dense()
         return jnp.sum(vr.combine(vr.dispatch(x, routing) * 2.0, routing) ** 2)
 
-    row = {"shape": name, "E": e, "K": k, "C": c, "capacity": routing.capacity}
+    row = {"shape": name, "tokens": tokens, "group": group, "D": d, "E": e, "K": k, "C": c}
+    row.update({"routing mode": "eval", "capacity": routing.capacity})
     for path, dense in (("index", False), ("einsum", True)):
         step = jax.jit(jax.grad(functools.partial(move, dense=dense), (0, 1), allow_int=True))
         row[f"{path} ms"] = time_ms(step, x, routing, repeats=repeats)
@@ -82,10 +91,11 @@ def main() -> None:
         for c in (0.5, 1.05, 2.0):
             moves.append(dispatch_case(name, tokens, group, d, e, k, c, repeats))
 
-    print("\nRouter forward+backward (gate, noise, top-K, slot assignment, aux losses)")
-    print_table(routers, ["shape", "E", "K", "router", "router fwd+bwd ms"])
+    labels = ["shape", "tokens", "group", "D", "E", "K", "C"]
+    print("\nRouter forward+backward, training mode (gate, noise, top-K, slots, aux losses)")
+    print_table(routers, [*labels, "mode", "capacity", "router", "router fwd+bwd ms"])
     print("\nDispatch + combine forward+backward: index path vs one-hot einsum reference")
-    columns = ["shape", "E", "K", "C", "capacity", "index ms", "einsum ms", "einsum/index time"]
+    columns = [*labels, "routing mode", "capacity", "index ms", "einsum ms", "einsum/index time"]
     print_table(moves, [*columns, "index MB", "einsum MB"])
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     write_json(args.json, {"routers": routers, "dispatch_combine": moves})

@@ -29,6 +29,23 @@ def time_ms(fn: Callable, *args: Any, repeats: int = 7, warmup: int = 2) -> floa
     return statistics.median(samples)
 
 
+def time_interleaved_ms(
+    calls: Sequence[tuple[Callable, tuple]], repeats: int = 7, warmup: int = 2
+) -> list[float]:
+    """Median wall times in ms of several jitted `(fn, args)` calls, timed in turns (one run of
+    each per round), so that a ratio between them sees the same machine load on a shared host."""
+    for fn, args in calls:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    samples: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for (fn, args), times in zip(calls, samples, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(times) for times in samples]
+
+
 def peak_memory_mb(jitted: Callable, *args: Any) -> float:
     """Memory (MB) of the compiled program: arguments + outputs + XLA's temporary buffers.
 

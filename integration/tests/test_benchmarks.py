@@ -1,9 +1,12 @@
 """The GPU benchmark script runs (on tiny shapes, any backend), so it is ready when a GPU is."""
 
+import ast
 import json
 import pathlib
+import re
 import subprocess
 import sys
+import tomllib
 
 import jax
 import pytest
@@ -43,3 +46,74 @@ def test_gpu_benchmark_refuses_to_run_full_size_without_a_gpu(tmp_path):
         check=False,
     )
     assert result.returncode != 0 and "no GPU" in result.stderr
+
+
+LABELS = ("shape", "tokens", "group", "D", "H", "E", "K", "C", "mode", "capacity")
+
+
+@pytest.mark.slow
+def test_moe_layer_benchmark_rows_run_in_training_mode_at_the_capacity_they_report(tmp_path):
+    """The layer, router-share and memory rows measure the MoE layer the way training runs it
+    (deterministic=False, gating noise, the training capacity factor), the router-share row's
+    router and layer are the same configuration, and each row's labels are what ran (the script
+    records the router call made inside the timed layer and labels the row from it)."""
+    out = tmp_path / "moe_layer.json"
+    script = ROOT / "benchmarks" / "bench_moe_layer.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--malloc=default", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    expected_call = {"mode": "train", "noise": True, "C": 1.05}
+
+    (layer,) = report["layers"]
+    call = layer["layer's router call"]
+    assert {k: call[k] for k in expected_call} == expected_call
+    assert [layer[k] for k in ("E", "K", "C", "mode", "capacity")] == [
+        call[k] for k in ("E", "K", "C", "mode", "capacity")
+    ]
+    assert call["G, S, D"] == [layer["tokens"] // layer["group"], layer["group"], layer["D"]]
+
+    assert [r["router"] for r in report["router_share"]] == ["top_k", "bpr"]
+    for share in report["router_share"]:
+        assert share["router call"] == share["layer's router call"]
+        assert {k: share["router call"][k] for k in expected_call} == expected_call
+        # The same layer configuration as the layer table's first row (bpr next to top_k).
+        assert {k: share[k] for k in LABELS} == {k: layer[k] for k in LABELS}
+        assert share["router fwd+bwd ms"] > 0 and share["layer fwd+bwd ms"] > 0
+
+    (memory,) = report["memory"]
+    assert (memory["mode"], memory["C"], memory["capacity"]) == ("train", 1.05, layer["capacity"])
+    assert all(step["mode"] == "train" for step in report["train"])
+
+
+PACKAGE_BENCHMARKS = sorted(ROOT.glob("packages/*/benchmarks/*.py")) + sorted(
+    ROOT.glob("plugins/*/benchmarks/*.py")
+)
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", PACKAGE_BENCHMARKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_package_benchmark_imports_only_vmoe_packages_its_package_declares(path):
+    """Benchmarks that compare packages live in the root benchmarks/ (which may use them all)."""
+    folder = path.parents[1]
+    project = tomllib.loads((folder / "pyproject.toml").read_text())["project"]
+    declared = {project["name"]} | {
+        re.split(r"[<>=!~ \[;]", r)[0] for r in project.get("dependencies", [])
+    }
+    allowed = {name.replace("-", "_") for name in declared}
+    ours = {m for m in _imported_modules(path) if m.startswith("vmoe_")}
+    assert ours <= allowed, f"{path.relative_to(ROOT)} imports {sorted(ours - allowed)}"

@@ -13,9 +13,10 @@ FOLDERS = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml")) + sor
 OURS = {tomllib.loads((f / "pyproject.toml").read_text())["project"]["name"] for f in FOLDERS}
 
 
-def test_the_five_packages_and_a_plugin_exist():
+def test_the_six_packages_and_a_plugin_exist():
     names = {f.name for f in FOLDERS}
-    expected = {"vmoe-routing", "vmoe-layers", "vmoe-data", "vmoe-train", "vmoe-eval"}
+    expected = {"vmoe-plugins", "vmoe-routing", "vmoe-layers", "vmoe-data", "vmoe-train"}
+    expected |= {"vmoe-eval"}
     assert expected | {"vmoe-router-hash"} <= names
 
 
@@ -43,3 +44,25 @@ def test_dependencies_on_our_packages_are_ranges_capped_at_the_next_minor(folder
             assert match, f"{folder.name}: {requirement!r} must be a range like {name}>=0.1,<0.2"
             major, minor, cap_major, cap_minor = map(int, match.groups())
             assert (cap_major, cap_minor) == (major, minor + 1), requirement
+
+
+def _our_closure(dist: str) -> set[str]:
+    """Our distributions `dist` needs at run time (transitively), read from installed metadata."""
+    import importlib.metadata
+
+    seen: set[str] = set()
+    todo = [dist]
+    while todo:
+        for requirement in importlib.metadata.requires(todo.pop()) or []:
+            name = re.split(r"[<>=!~ \[;]", requirement)[0]
+            if "extra ==" not in requirement and name in OURS and name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+def test_lower_packages_never_depend_on_higher_ones():
+    assert _our_closure("vmoe-plugins") == set()
+    assert _our_closure("vmoe-routing") == {"vmoe-plugins"}
+    assert _our_closure("vmoe-data") == {"vmoe-plugins"}  # not vmoe-routing any more
+    assert _our_closure("vmoe-layers") == {"vmoe-plugins", "vmoe-routing"}

@@ -3,16 +3,18 @@ the real sklearn pixels."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from sklearn.datasets import load_digits
 
 import vmoe_data
-from vmoe_data.digits import digits_builder
+from vmoe_data.digits import _quiet_not_prepared_warning, digits_builder
 
 SPLIT_SIZES = {"train": 1253, "validation": 180, "test": 364}
 LABEL_COUNTS = {
@@ -120,8 +122,42 @@ def test_two_processes_building_at_once_both_get_the_dataset(tmp_path):
     assert [o.strip().splitlines()[-1] for o in outputs] == ["1253", "1253"]
 
 
-def test_building_prints_nothing(tmp_path, run_python):
+def test_first_build_and_second_use_print_nothing(tmp_path, run_python):
+    # No tfds progress bars or "Downloading and preparing..." line, and no absl warning that the
+    # not-yet-built dataset "has no dataset_info.json": nothing on stdout or stderr.
     code = "import sys, vmoe_data; vmoe_data.get_dataset('digits', data_dir=sys.argv[1])"
-    result = run_python(code, str(tmp_path))
-    assert result.stdout == ""
-    assert "Downloading" not in result.stderr
+    first = run_python(code, str(tmp_path))
+    assert (first.stdout + first.stderr) == "", first.stdout + first.stderr
+    assert (tmp_path / "vmoe_digits" / "1.0.0" / "dataset_info.json").is_file()
+    second = run_python(code, str(tmp_path))
+    assert (second.stdout + second.stderr) == "", second.stdout + second.stderr
+
+
+def _logging_state():
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    return (
+        [(lg.level, list(lg.filters), list(lg.handlers), lg.disabled) for lg in loggers],
+        [(h.level, list(h.filters)) for lg in loggers for h in lg.handlers],
+        logging.root.manager.disable,
+        absl_logging.get_verbosity(),
+    )
+
+
+def test_first_build_leaves_logging_as_it_was(tmp_path):
+    before = _logging_state()
+    vmoe_data.get_dataset("digits", data_dir=str(tmp_path))
+    assert _logging_state() == before
+
+
+def test_only_the_expected_not_prepared_warning_is_dropped(tmp_path, caplog):
+    variant = tmp_path / "vmoe_digits" / "1.0.0"
+    with caplog.at_level(logging.WARNING, logger="absl"), _quiet_not_prepared_warning(variant):
+        absl_logging.warning("Variant folder %s has no %s", variant, "dataset_info.json")
+        absl_logging.warning("Variant folder %s has no %s", tmp_path / "other", "dataset_info.json")
+        absl_logging.warning("Variant folder %s has no %s", variant, "features.json")
+        absl_logging.error("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Variant folder {tmp_path / 'other'} has no dataset_info.json",
+        f"Variant folder {variant} has no features.json",
+        "something else went wrong",
+    ]

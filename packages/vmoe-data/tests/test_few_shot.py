@@ -81,5 +81,5 @@ def test_numpy_ints_are_accepted_for_shots_and_seed():
 
 @pytest.mark.parametrize(("option", "value"), [("shots", True), ("seed", 1.0)])
 def test_bools_and_floats_are_not_ints(option, value):
-    with pytest.raises(ValueError, match=rf"{option}={value!r} must be an int"):
+    with pytest.raises(ValueError, match=rf"{option}={value!r} must be an integer"):
         vmoe_data.few_shot_indices(np.array([0, 1]), **{"shots": 1, option: value})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vmoe_data
-import vmoe_routing
+import vmoe_plugins
 from vmoe_data.preprocess import _parse_op, _split_spec
 
 
@@ -80,7 +80,7 @@ def test_missing_required_argument_is_an_error():
 
 
 def test_bad_argument_value_is_an_error_naming_the_value():
-    with pytest.raises(ValueError, match=r"resize: size=-2 must be a positive int"):
+    with pytest.raises(ValueError, match=r"resize: size=-2 must be a positive integer"):
         vmoe_data.preprocess("resize(-2)")
 
 
@@ -103,20 +103,20 @@ def test_spec_of_the_wrong_type_is_an_error():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("value_range('a', 1)", r"value_range: vmin='a' must be a number"),
-        ("flip_lr('x')", r"flip_lr: probability='x' must be a number"),
-        ("inception_crop(area_min='5')", r"inception_crop: area_min='5' must be a number"),
-        ("mixup(alpha='x')", r"mixup: alpha='x' must be a number"),
+        ("value_range('a', 1)", r"value_range: vmin='a' must be a finite number"),
+        ("flip_lr('x')", r"flip_lr: probability='x' must be a finite number"),
+        ("inception_crop(area_min='5')", r"inception_crop: area_min='5' must be a finite number"),
+        ("mixup(alpha='x')", r"mixup: alpha='x' must be a finite number"),
         ("mixup(keys=[1])", r"mixup: keys=\[1\] must be a non-empty list of feature names"),
-        ("resize(True)", r"resize: size=True must be a positive int or \(height, width\)"),
+        ("resize(True)", r"resize: size=True must be a positive integer or \(height, width\)"),
         ("resize((4, True))", r"resize: size=\(4, True\) must be a positive int"),
         ("resize('ab')", r"resize: size='ab' must be a positive int"),
         ("resize(3, method=[1])", r"resize: method=\[1\] is not one of"),
-        ("resize_small((3, 4))", r"resize_small: size=\(3, 4\) must be an int >= 1"),
+        ("resize_small((3, 4))", r"resize_small: size=\(3, 4\) must be an integer >= 1"),
         ("normalize(mean='x')", r"normalize: mean='x' must be a number or a list of numbers"),
         ("normalize(std=[])", r"normalize: std=\[\] must be a number or a list of numbers"),
-        ("onehot(10, on='x')", r"onehot: on='x' must be a number"),
-        ("onehot(True)", r"onehot: depth=True must be an int >= 1"),
+        ("onehot(10, on='x')", r"onehot: on='x' must be a finite number"),
+        ("onehot(True)", r"onehot: depth=True must be an integer >= 1"),
         ("onehot(10, key=3)", r"onehot: key=3 must be a non-empty string"),
         ("decode(key=None)", r"decode: key=None must be a non-empty string"),
     ],
@@ -134,7 +134,7 @@ def test_unhashable_dict_key_is_a_literal_error():
 
 def test_a_type_error_inside_a_plugin_factory_becomes_a_value_error_naming_the_op():
     class Plugin:
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_preprocess_ops(self):
             def shift(amount=1):
                 offset = amount + 1  # 'x' + 1: TypeError
@@ -142,9 +142,9 @@ def test_a_type_error_inside_a_plugin_factory_becomes_a_value_error_naming_the_o
 
             return {"shift_test_op": shift}
 
-    name = vmoe_routing.register_plugin(Plugin(), name="type_error_plugin")
+    name = vmoe_plugins.register_plugin(Plugin(), name="type_error_plugin")
     try:
         with pytest.raises(ValueError, match=r"^pp op \"shift_test_op\('x'\)\": shift_test_op: "):
             vmoe_data.preprocess("shift_test_op('x')")
     finally:
-        vmoe_routing.unregister_plugin(name)
+        vmoe_plugins.unregister_plugin(name)

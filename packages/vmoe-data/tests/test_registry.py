@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 import vmoe_data
-import vmoe_routing
+import vmoe_plugins
 from vmoe_data import ArraySource, Dataset
 
 
 class _Plugin:
     """A third-party plugin: one dataset and one op."""
 
-    @vmoe_routing.hookimpl
+    @vmoe_plugins.hookimpl
     def vmoe_datasets(self):
         def ones(size: int = 4):
             arrays = {"image": np.ones((size, 2, 2, 1), np.uint8), "label": np.zeros(size, int)}
@@ -21,7 +21,7 @@ class _Plugin:
 
         return {"ones": ones}
 
-    @vmoe_routing.hookimpl
+    @vmoe_plugins.hookimpl
     def vmoe_preprocess_ops(self):
         def invert():
             def op(example, rng):
@@ -34,9 +34,9 @@ class _Plugin:
 
 @pytest.fixture
 def plugin():
-    name = vmoe_routing.register_plugin(_Plugin(), name="test_data_plugin")
+    name = vmoe_plugins.register_plugin(_Plugin(), name="test_data_plugin")
     yield
-    vmoe_routing.unregister_plugin(name)
+    vmoe_plugins.unregister_plugin(name)
 
 
 def test_builtin_datasets_are_registered():
@@ -88,37 +88,37 @@ def test_plugin_op_is_usable_in_a_spec(plugin):
 
 
 def test_plugin_names_disappear_when_unregistered():
-    name = vmoe_routing.register_plugin(_Plugin(), name="test_data_plugin_2")
-    vmoe_routing.unregister_plugin(name)
+    name = vmoe_plugins.register_plugin(_Plugin(), name="test_data_plugin_2")
+    vmoe_plugins.unregister_plugin(name)
     assert "ones" not in vmoe_data.available_datasets()
 
 
 def test_a_name_claimed_twice_is_an_error_naming_both():
     class Clash:
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_datasets(self):
             return {"digits": lambda: None}
 
-    name = vmoe_routing.register_plugin(Clash(), name="clashing_plugin")
+    name = vmoe_plugins.register_plugin(Clash(), name="clashing_plugin")
     try:
         with pytest.raises(ValueError, match=r"'digits' is claimed by two plugins.*clashing"):
             vmoe_data.get_dataset("digits")
     finally:
-        vmoe_routing.unregister_plugin(name)
+        vmoe_plugins.unregister_plugin(name)
 
 
 def test_data_hooks_are_listed_for_the_builtin_plugin():
-    hooks = vmoe_routing.list_plugins()["vmoe_data.builtins (built-in)"]
+    hooks = vmoe_plugins.list_plugins()["vmoe_data.builtins (built-in)"]
     assert hooks == ["vmoe_datasets", "vmoe_preprocess_ops"]
 
 
 def test_a_factory_that_does_not_return_a_dataset_is_an_error_naming_its_plugin():
     class Broken:
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_datasets(self):
             return {"not_a_dataset": lambda: {"train": []}}
 
-    name = vmoe_routing.register_plugin(Broken(), name="broken_data_plugin")
+    name = vmoe_plugins.register_plugin(Broken(), name="broken_data_plugin")
     try:
         with pytest.raises(
             ValueError,
@@ -126,7 +126,7 @@ def test_a_factory_that_does_not_return_a_dataset_is_an_error_naming_its_plugin(
         ):
             vmoe_data.get_dataset("not_a_dataset")
     finally:
-        vmoe_routing.unregister_plugin(name)
+        vmoe_plugins.unregister_plugin(name)
 
 
 def test_a_prefixed_name_without_an_argument_is_an_error():

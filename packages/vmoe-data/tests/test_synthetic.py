@@ -33,5 +33,7 @@ def test_bad_options_are_errors(option):
 @pytest.mark.parametrize("option", [{"image_size": True}, {"channels": 3.0}, {"seed": "1"}])
 def test_options_of_the_wrong_type_are_errors(option):
     (name, value), *_ = option.items()
-    with pytest.raises(ValueError, match=rf"synthetic dataset: {name}={value!r} must be an int"):
+    with pytest.raises(
+        ValueError, match=rf"synthetic dataset: {name}={value!r} must be an integer"
+    ):
         vmoe_data.get_dataset("synthetic", **option)

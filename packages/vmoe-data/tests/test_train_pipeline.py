@@ -124,7 +124,7 @@ def test_batch_size_not_divisible_by_process_count_is_an_error():
 
 
 def test_process_index_out_of_range_is_an_error():
-    with pytest.raises(ValueError, match=r"process_index=2 must be an int in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"process_index=2 must be an integer in \[0, 1\]"):
         train(process_index=2, process_count=2)
 
 
@@ -143,11 +143,11 @@ def test_shuffle_and_drop_remainder_must_be_bools(value):
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        ({"batch_size": 0}, r"batch_size=0 must be an int >= 1"),
-        ({"seed": -1}, r"seed=-1 must be an int in \[0, 4294967295\]"),
-        ({"num_epochs": 0}, r"num_epochs=0 must be an int >= 1"),
-        ({"num_workers": -1}, r"num_workers=-1 must be an int >= 0"),
-        ({"batch_size": 2.0}, r"batch_size=2.0 must be an int"),
+        ({"batch_size": 0}, r"batch_size=0 must be an integer >= 1"),
+        ({"seed": -1}, r"seed=-1 must be an integer in \[0, 4294967295\]"),
+        ({"num_epochs": 0}, r"num_epochs=0 must be an integer >= 1"),
+        ({"num_workers": -1}, r"num_workers=-1 must be an integer >= 0"),
+        ({"batch_size": 2.0}, r"batch_size=2.0 must be an integer"),
     ],
 )
 def test_bad_arguments_are_errors(option, message):

@@ -9,8 +9,8 @@ import re
 import pytest
 
 import vmoe_layers
+import vmoe_plugins as plugins
 from vmoe_layers import hookspecs
-from vmoe_routing import plugins
 
 README = pathlib.Path(__file__).parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)

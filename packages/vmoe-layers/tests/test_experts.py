@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import vmoe_layers as vl
+import vmoe_plugins as plugins
 import vmoe_routing
-from vmoe_routing import plugins
 
 E, T, D, H = 3, 5, 4, 7
 

@@ -166,7 +166,12 @@ def test_returns_the_routers_aux_loss_and_metrics():
     routing = layer.make_router()(params["router"], x, deterministic=True)
     np.testing.assert_allclose(out.aux_loss, routing.aux_loss, rtol=1e-6)
     assert set(out.aux_losses) == {"importance", "load", "gshard"}
-    assert set(out.metrics) == {"dropped_fraction", "expert_load", "expert_fill"}
+    assert set(out.metrics) == {
+        "dropped_fraction",
+        "no_expert_fraction",
+        "expert_load",
+        "expert_fill",
+    }
     assert out.metrics["expert_load"].shape == (E,)
 
 
@@ -361,7 +366,7 @@ def test_dropout_rate_out_of_range_is_rejected():
 
 def test_a_router_option_error_names_the_option():
     layer = _layer("top_k", {"k": 9}, 1.0)
-    with pytest.raises(ValueError, match=r"k=9 must be an integer with 1 <= k <= num_experts=4"):
+    with pytest.raises(ValueError, match=r"k=9 must be <= num_experts=4"):
         layer.init(jax.random.key(0), _x())
 
 

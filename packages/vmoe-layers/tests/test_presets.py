@@ -117,7 +117,10 @@ def test_a_dense_vit_matches_its_vmoe_with_no_moe_blocks():
 def test_vmoe_defaults_are_the_papers():
     moe = vl.create_model("V-MoE-B/16", num_classes=10).moe
     assert (moe.num_experts, moe.layers, moe.router) == (32, "every-2", "top_k")
-    assert dict(moe.router_options) == {"k": 2, "capacity_factor": 1.05}
+    assert dict(moe.router_options) == {}  # the user's options: none
+    layer = vl.MoeLayer(moe.num_experts, 64, router=moe.router, router_options=moe.router_options)
+    router = layer.make_router()  # what every MoE block of the model builds
+    assert (router.k, router.capacity_factor) == (2, 1.05)
     assert vl.create_model("V-MoE-Mu/2", num_classes=10).moe.num_experts == 4
 
 

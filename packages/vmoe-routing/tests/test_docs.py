@@ -5,8 +5,8 @@ import re
 
 import pytest
 
+import vmoe_plugins as plugins
 import vmoe_routing
-from vmoe_routing import plugins
 
 README = pathlib.Path(__file__).parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)

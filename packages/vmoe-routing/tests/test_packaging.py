@@ -1,4 +1,5 @@
-"""vmoe-routing installs with its pyproject version and depends only on jax, numpy and pluggy."""
+"""vmoe-routing installs with its pyproject version and depends only on jax, numpy and the plugin
+host vmoe-plugins (pluggy)."""
 
 import importlib.metadata
 import pathlib
@@ -18,13 +19,13 @@ def test_installed_version_is_the_pyproject_version():
     )
 
 
-def test_runtime_dependencies_are_only_jax_numpy_pluggy():
+def test_runtime_dependencies_are_only_jax_numpy_and_the_plugin_host():
     names = {
         re.split(r"[<>=!~ \[;]", r)[0]
         for r in importlib.metadata.requires("vmoe-routing")
         if "extra ==" not in r
     }
-    assert names == {"jax", "numpy", "pluggy"}
+    assert names == {"jax", "numpy", "vmoe-plugins"}
 
 
 def test_ships_type_information():

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import vmoe_plugins as plugins
 import vmoe_routing
-from vmoe_routing import plugins
 
 
 @pytest.fixture(autouse=True)
@@ -204,9 +204,8 @@ def test_plugin_router_works_end_to_end(installed_plugins):
 
 def test_a_factory_may_have_an_option_called_name():
     @dataclasses.dataclass(frozen=True)
-    class Named:
-        name: str
-        num_experts: int = 2
+    class Named(ConstantRouter):
+        name: str = ""
 
     class NamedPlugin:
         @vmoe_routing.hookimpl
@@ -214,4 +213,42 @@ def test_a_factory_may_have_an_option_called_name():
             return {"named": Named}
 
     vmoe_routing.register_plugin(NamedPlugin(), name="named-plugin")
-    assert vmoe_routing.get_router("named", name="mine").name == "mine"
+    assert vmoe_routing.get_router("named", name="mine", num_experts=2).name == "mine"
+
+
+def test_a_plugin_router_without_the_protocol_members_is_refused_naming_the_plugin():
+    @dataclasses.dataclass(frozen=True)
+    class NoReplace:  # a router cannot be changed at inference (k, capacity) without replace
+        num_experts: int
+
+        def init(self, rng, d_model):
+            return {}
+
+        def __call__(self, params, x_gsd, *, rng=None, deterministic=True):
+            raise AssertionError("never called")
+
+    class Incomplete:
+        @vmoe_routing.hookimpl
+        def vmoe_routers(self):
+            return {"no_replace": NoReplace}
+
+    vmoe_routing.register_plugin(Incomplete(), name="incomplete-plugin")
+    with pytest.raises(
+        ValueError,
+        match=r"router 'no_replace' from incomplete-plugin is a NoReplace without \['replace'\]",
+    ):
+        vmoe_routing.get_router("no_replace", num_experts=2)
+
+
+def test_protocol_members_hookspec_and_registry_agree():
+    # The Protocol, the registry's check and the hookspec's documentation list the same members.
+    protocol = {
+        name
+        for name in (*vmoe_routing.Router.__annotations__, *vars(vmoe_routing.Router))
+        if not name.startswith("_") or name == "__call__"
+    }
+    assert set(vmoe_routing.ROUTER_MEMBERS) == protocol
+    assert vmoe_routing.ROUTERS.members == vmoe_routing.ROUTER_MEMBERS
+    doc = vmoe_routing.hookspecs.vmoe_routers.__doc__
+    for member in vmoe_routing.ROUTER_MEMBERS:
+        assert f"`{member}" in doc, member

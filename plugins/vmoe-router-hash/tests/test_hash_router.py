@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import vmoe_routing
+import vmoe_routing as vr
 from vmoe_router_hash import HashRouter
 from vmoe_router_hash.router import mix32
 
@@ -71,9 +72,9 @@ def test_mix32_is_a_bijection_on_a_sample():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(num_experts=4, k=5), "k=5 must be an integer with 1 <= k <= num_experts=4"),
-        (dict(num_experts=4, seed=-1), r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
-        (dict(num_experts=4, capacity_factor=0), "capacity_factor=0 must be a number > 0"),
+        (dict(num_experts=4, k=5), "k=5 must be <= num_experts=4"),
+        (dict(num_experts=4, seed=-1), r"seed=-1 must be an integer in \[0, 4294967295\]"),
+        (dict(num_experts=4, capacity_factor=0), "capacity_factor=0 must be a finite number > 0"),
     ],
 )
 def test_bad_options(options, message):
@@ -84,3 +85,15 @@ def test_bad_options(options, message):
 def test_wrong_rank_of_x():
     with pytest.raises(ValueError, match="x must have rank 3"):
         HashRouter(num_experts=2)({}, jnp.ones((4, 3)))
+
+
+def test_capacity_uses_the_shared_rounding_and_multiple_of():
+    # The plugin once re-implemented capacity selection and ignored these two options.
+    x = jnp.ones((1, 16, 3))
+    router = HashRouter(num_experts=4, k=1, capacity_factor=0.3, capacity_multiple_of=4)
+    assert router(router.init(None, 3), x).capacity == 4  # ceil(0.3 * 16 / 4) = 2 -> 4
+    floor = router.replace(capacity_rounding="floor", capacity_multiple_of=1)
+    assert floor(floor.init(None, 3), x).capacity == 1  # floor(1.2)
+    assert floor.capacity(16) == vr.TopKRouter(
+        num_experts=4, capacity_factor=0.3, capacity_rounding="floor"
+    ).capacity(16)

@@ -7,7 +7,7 @@ from vmoe_data.digits import digits
 from vmoe_data.image_folder import image_folder
 from vmoe_data.synthetic import synthetic
 from vmoe_data.tfds_dataset import tfds_dataset
-from vmoe_routing.plugins import hookimpl
+from vmoe_plugins import hookimpl
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from typing import Any
 
 import grain
 
-from vmoe_data._checks import check_int
+from vmoe_plugins import check_int
 
 MAX_DEFAULT_THREADS = 8
 

@@ -4,7 +4,10 @@ scikit-learn ships the digits (`sklearn.datasets.load_digits`, from the UCI optd
 so this dataset needs no network. On first use a `tfds.core.GeneratorBasedBuilder` writes them as
 ArrayRecord files into the data dir (`data_dir=`, else `$VMOE_DATA_DIR`, else
 `~/.cache/vmoe/tensorflow_datasets`); later uses read those files through
-`builder.as_data_source(split)`, the same path as any prepared tfds dataset.
+`builder.as_data_source(split)`, the same path as any prepared tfds dataset. The first build
+prints nothing (it takes about a second): tfds's output while building goes nowhere, and so does
+its expected warning that the not-yet-built dataset "has no dataset_info.json"; any other warning
+or error still shows.
 
 Features of every example:
   image: uint8 `[8, 8, 1]`; pixel = round(sklearn value (0..16) * 255 / 16), so 0..255.
@@ -22,6 +25,7 @@ import contextlib
 import fcntl
 import functools
 import io
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -29,7 +33,7 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import registered
+from tensorflow_datasets.core import constants, registered
 
 from vmoe_data.dataset import Dataset
 
@@ -124,7 +128,9 @@ def digits_builder(data_dir: str | os.PathLike | None = None) -> tfds.core.Datas
     """The digits builder over `data_dir`, built into ArrayRecord files if not there yet."""
     root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
     builder = VmoeDigits(data_dir=str(root), file_format="array_record")
-    if not builder.is_prepared():
+    with _quiet_not_prepared_warning(builder.data_path):
+        if builder.is_prepared():
+            return builder
         root.mkdir(parents=True, exist_ok=True)
         with _exclusive(root / "vmoe_digits.lock"), _quiet_tfds():
             builder = VmoeDigits(data_dir=str(root), file_format="array_record")
@@ -171,3 +177,25 @@ def _quiet_tfds() -> Iterator[None]:
     offline) go nowhere. Errors still raise; no tfds setting is changed."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+@contextlib.contextmanager
+def _quiet_not_prepared_warning(variant_dir: str | os.PathLike) -> Iterator[None]:
+    """Drops tfds's "Variant folder <variant_dir> has no dataset_info.json" absl warning while
+    inside: `builder.is_prepared()` logs it whenever the dataset is not built yet, which on first
+    use is expected, not an error. Only that message about that folder is dropped (a filter on
+    the "absl" logger, which tfds logs through); it is removed on exit, so logging is as before."""
+    expected = f"Variant folder {variant_dir} has no {constants.DATASET_INFO_FILENAME}"
+
+    def keep(record: logging.LogRecord) -> bool:
+        try:
+            return record.getMessage() != expected
+        except Exception:  # a malformed record: let the handlers report it, as without us
+            return True
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(keep)

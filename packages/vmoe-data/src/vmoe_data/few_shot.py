@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vmoe_data._checks import check_int
+from vmoe_plugins import check_int
 
 
 def few_shot_indices(

@@ -1,14 +1,14 @@
 """Hooks owned by vmoe-data. This module is the reference for writing a data plugin.
 
-A plugin is a module (or object) with `@vmoe_routing.hookimpl` functions named like the hooks
-below, registered through the "vmoe" entry-point group or `vmoe_routing.register_plugin`.
+A plugin is a module (or object) with `@vmoe_plugins.hookimpl` functions named like the hooks
+below, registered through the "vmoe" entry-point group or `vmoe_plugins.register_plugin`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from vmoe_routing.plugins import hookspec
+from vmoe_plugins import hookspec
 
 
 @hookspec
@@ -25,7 +25,7 @@ def vmoe_datasets() -> Mapping[str, Callable[..., object]]:
 
     Example::
 
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_datasets():
             return {"my_images": lambda root="/data": vmoe_data.Dataset(...)}
     """
@@ -49,7 +49,7 @@ def vmoe_preprocess_ops() -> Mapping[str, Callable[..., object]]:
 
     Example::
 
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_preprocess_ops():
             def invert():
                 def op(example, rng):

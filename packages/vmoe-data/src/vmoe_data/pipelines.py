@@ -19,12 +19,12 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from vmoe_data._checks import check_bool, check_int
 from vmoe_data._iterator import ResumableDataset
 from vmoe_data.dataset import Dataset, IndexedSource, Source
 from vmoe_data.few_shot import few_shot_indices
 from vmoe_data.preprocess import PPSpec, Preprocess, preprocess
 from vmoe_data.registry import DEFAULT_DATASET, get_dataset
+from vmoe_plugins import check_bool, check_int
 
 
 def train_pipeline(

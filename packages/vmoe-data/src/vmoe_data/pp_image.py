@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from vmoe_data._checks import check_int, check_number, check_str
+from vmoe_plugins import check_int, check_number, check_str, is_int
 
 _METHODS = {
     "nearest": Image.Resampling.NEAREST,
@@ -46,19 +46,15 @@ def get_image(example: dict, key: str, op: str, dtypes: Sequence[str] = ()) -> n
 
 def _size(size: int | Sequence[int], op: str) -> tuple[int, int]:
     """`32` -> (32, 32); `(24, 32)` -> (24, 32) as (height, width)."""
-    if _is_int(size):
+    if is_int(size):
         sizes = (size, size)
     elif isinstance(size, (tuple, list)):
         sizes = tuple(size)
     else:
         sizes = ()
-    if len(sizes) != 2 or not all(_is_int(s) and s > 0 for s in sizes):
-        raise ValueError(f"{op}: size={size!r} must be a positive int or (height, width)")
+    if len(sizes) != 2 or not all(is_int(s) and s > 0 for s in sizes):
+        raise ValueError(f"{op}: size={size!r} must be a positive integer or (height, width)")
     return int(sizes[0]), int(sizes[1])
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def decode(channels: int | None = None, key: str = "image"):
@@ -252,8 +248,8 @@ def inception_crop(
     Ten tries to fit a window; if none fits, the central square crop is used.
     """
     out_size = None if size is None else _size(size, "inception_crop")
-    area_min = check_number("area_min", area_min, "inception_crop: ")
-    area_max = check_number("area_max", area_max, "inception_crop: ")
+    area_min = check_number("area_min", area_min, where="inception_crop: ")
+    area_max = check_number("area_max", area_max, where="inception_crop: ")
     check_str("key", key, "inception_crop: ")
     if not 0 < area_min <= area_max <= 100:
         raise ValueError(
@@ -287,7 +283,7 @@ def inception_crop(
 
 def flip_lr(probability: float = 0.5, key: str = "image"):
     """Flips left-right with `probability`."""
-    probability = check_number("probability", probability, "flip_lr: ")
+    probability = check_number("probability", probability, where="flip_lr: ")
     check_str("key", key, "flip_lr: ")
     if not 0 <= probability <= 1:
         raise ValueError(f"flip_lr: probability={probability!r} must be in [0, 1]")
@@ -306,7 +302,7 @@ def value_range(
 ):
     """Maps pixel values linearly from [in_min, in_max] to [vmin, vmax]: float32."""
     vmin, vmax, in_min, in_max = (
-        check_number(name, value, "value_range: ")
+        check_number(name, value, where="value_range: ")
         for name, value in [("vmin", vmin), ("vmax", vmax), ("in_min", in_min), ("in_max", in_max)]
     )
     check_str("key", key, "value_range: ")
@@ -334,7 +330,7 @@ def normalize(
     """(image / scale - mean) / std per channel: float32. Defaults: ImageNet statistics."""
     mean_c = _per_channel("mean", mean)
     std_c = _per_channel("std", std)
-    scale = check_number("scale", scale, "normalize: ")
+    scale = check_number("scale", scale, where="normalize: ")
     check_str("key", key, "normalize: ")
     if not np.all(std_c > 0) or scale <= 0:
         raise ValueError(

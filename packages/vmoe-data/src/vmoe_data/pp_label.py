@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vmoe_data._checks import check_int, check_number, check_str
 from vmoe_data.preprocess import batch_op
+from vmoe_plugins import check_int, check_number, check_str
 
 
 def onehot(
@@ -20,8 +20,8 @@ def onehot(
     A scalar label gives a one-hot vector; a 1-D array of labels gives a multi-hot vector.
     """
     depth = check_int("depth", depth, 1, where="onehot: ")
-    on = check_number("on", on, "onehot: ")
-    off = check_number("off", off, "onehot: ")
+    on = check_number("on", on, where="onehot: ")
+    off = check_number("off", off, where="onehot: ")
     check_str("key", key, "onehot: ")
     check_str("key_result", key_result, "onehot: ")
 
@@ -50,7 +50,7 @@ def mixup(alpha: float = 0.2, keys: tuple[str, ...] | list[str] = ("image", "lab
     key in `keys` (float arrays with a leading batch axis B, e.g. after value_range and
     onehot). Returns float32 arrays.
     """
-    alpha = check_number("alpha", alpha, "mixup: ")
+    alpha = check_number("alpha", alpha, where="mixup: ")
     if not alpha > 0:
         raise ValueError(f"mixup: alpha={alpha!r} must be > 0")
     if (

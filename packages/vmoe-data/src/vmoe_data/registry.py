@@ -1,7 +1,7 @@
 """The dataset and preprocessing-op registries (built-ins plus installed plugins).
 
 Importing this module adds vmoe-data's hookspecs and built-in plugin to the shared vmoe plugin
-manager (`vmoe_routing.plugins`), so both registries see built-ins and plugins alike.
+manager (`vmoe_plugins`), so both registries see built-ins and plugins alike.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import vmoe_plugins as plugins
 from vmoe_data import _builtins, hookspecs
 from vmoe_data.dataset import Dataset
-from vmoe_routing import plugins
 
 plugins.add_hookspecs(hookspecs)
 plugins.register_builtin("vmoe_data.builtins", _builtins)

@@ -11,8 +11,8 @@ import zlib
 
 import numpy as np
 
-from vmoe_data._checks import check_int
 from vmoe_data.dataset import Dataset
+from vmoe_plugins import check_int
 
 
 class SyntheticSource:

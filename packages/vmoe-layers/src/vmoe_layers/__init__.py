@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import vmoe_plugins
 from vmoe_layers import hookspecs
 from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, run_local_experts
 from vmoe_layers.experts import (
@@ -25,8 +26,14 @@ from vmoe_layers.experts import (
     available_expert_types,
     get_expert_type,
 )
-from vmoe_layers.host import tune_cpu_malloc
-from vmoe_layers.moe import EXPERTS_KEY, GATING_RNG, MoeLayer, MoeOutput, group_tokens
+from vmoe_layers.moe import (
+    DEFAULT_ROUTER_OPTIONS,
+    EXPERTS_KEY,
+    GATING_RNG,
+    MoeLayer,
+    MoeOutput,
+    group_tokens,
+)
 from vmoe_layers.placement import moe_block_indices
 from vmoe_layers.presets import count_params, create_model, preset_names
 from vmoe_layers.sharding import (
@@ -44,23 +51,23 @@ from vmoe_layers.sharding import (
     shard_params,
 )
 from vmoe_layers.vit import EncoderBlock, FeedForward, ModelOutput, MoeConfig, VisionTransformer
-from vmoe_routing import plugins as _plugins
 
 __version__ = importlib.metadata.version("vmoe-layers")
 
-_plugins.add_hookspecs(hookspecs)
+vmoe_plugins.add_hookspecs(hookspecs)
 
 
 def _register_builtins() -> None:
     from vmoe_layers import _builtins
 
-    _plugins.register_builtin("vmoe_layers.builtins", _builtins)
+    vmoe_plugins.register_builtin("vmoe_layers.builtins", _builtins)
 
 
 _register_builtins()
 
 __all__ = [
     "ACTIVATIONS",
+    "DEFAULT_ROUTER_OPTIONS",
     "EXPERTS_KEY",
     "EXPERT_TYPES",
     "GATING_RNG",
@@ -98,5 +105,4 @@ __all__ = [
     "run_local_experts",
     "shard_batch",
     "shard_params",
-    "tune_cpu_malloc",
 ]

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from vmoe_routing import Registry
+from vmoe_plugins import Registry
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -152,7 +152,9 @@ class GluExperts:
         return jnp.einsum("eth,ehd->etd", h_eth, p["w_out"])
 
 
-EXPERT_TYPES: Registry[ExpertType] = Registry("vmoe_expert_types", "expert type")
+EXPERT_TYPES: Registry[ExpertType] = Registry(
+    "vmoe_expert_types", "expert type", members=("param_specs", "__call__")
+)
 
 
 def get_expert_type(name: str, **options: Any) -> ExpertType:

@@ -1,9 +1,11 @@
 """Hooks owned by vmoe-layers: expert types and sharding strategies.
 
 This module is the reference for writing a vmoe-layers plugin. Ship a module with
-`@vmoe_routing.hookimpl` functions named like the hooks below and point an entry point of the
-group "vmoe" at it (`[project.entry-points.vmoe] my_plugin = "my_package.plugin"`), or register it
-at run time with `vmoe_routing.register_plugin(module)`.
+`@vmoe_plugins.hookimpl` functions (`vmoe_routing.hookimpl` is the same object) named like the
+hooks below and point an entry point of the group "vmoe" at it
+(`[project.entry-points.vmoe] my_plugin = "my_package.plugin"`), or register it at run time with
+`vmoe_plugins.register_plugin(module)`. What a factory returns is checked to have the members of
+the protocol (`ExpertType`, `ShardingStrategy`); the error names the plugin.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vmoe_routing import hookspec
+from vmoe_plugins import hookspec
 
 
 @hookspec

@@ -4,10 +4,11 @@
                --dispatch--> x_gecd [G, E, C, D] --experts (exchange)--> y_gecd [G, E, C, D]
                --combine--> y_gsd [G, S, D] --dropout, ungroup--> y [..., D]
 
-Routers come from vmoe-routing by name (`top_k`, `bpr`, or any plugin such as `hash`), expert
-types from this package's registry (`mlp`, `glu`, or plugins). Dispatch and combine go through
-indices, so nothing of shape [G, S, E, C] is built. Tokens that lose their place in every chosen
-expert come out as zeros (the residual connection of the block carries them).
+Routers come from vmoe-routing by name (`top_k`, `bpr`, or any plugin such as `hash`) or as a
+router object; expert types from this package's registry (`mlp`, `glu`, or plugins). Dispatch and
+combine go through indices, so nothing of shape [G, S, E, C] is built. Tokens that lose their
+place in every chosen expert come out as zeros (the residual connection of the block carries
+them); the layer reports their share as `no_expert_fraction`.
 
 Shape legend: G groups, S tokens per group (group size), E experts, C capacity, D model dim.
 """
@@ -22,7 +23,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
+import vmoe_plugins
 import vmoe_routing
 from vmoe_layers.exchange import ExpertExchange, exchange_or_local, run_local_experts
 from vmoe_layers.experts import get_expert_type, init_stacked
@@ -34,6 +37,12 @@ Array = jax.Array
 EXPERTS_KEY = "experts"
 GATING_RNG = "gating"  # rng collection for the router's training noise
 DISPATCH_PATHS = ("index", "einsum")
+
+# V-MoE's routing defaults (K=2, C=1.05 in pre-training). The one place they live: a router named
+# by `MoeLayer.router` gets these, with the user's `router_options` merged over them (a default
+# the named router does not take is left out, so routers without a K still work). Router objects
+# are used as they were built.
+DEFAULT_ROUTER_OPTIONS: Mapping[str, Any] = FrozenDict({"k": 2, "capacity_factor": 1.05})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,13 @@ def group_tokens(x: Array, group_size: int | None) -> Array:
             f"(shape {x.shape}); allowed: a divisor of {num_tokens}, or None (one group per image)"
         )
     return x.reshape(num_tokens // s, s, x.shape[-1])
+
+
+def router_name(router: Any) -> str:
+    """A router's registered name if it is a name or has one, else its type name."""
+    if isinstance(router, str):
+        return router
+    return getattr(type(router), "name", type(router).__name__)
 
 
 OVERRIDABLE = ("k", "capacity_factor")  # what a call may override, if the router has it
@@ -127,9 +143,12 @@ class MoeLayer(nn.Module):
     Attributes:
       num_experts: E.
       mlp_dim: hidden width of each expert.
-      router: a vmoe-routing router name ("top_k", "bpr", or a plugin's, e.g. "hash").
-      router_options: options for the router (k, capacity_factor, noise_std, ...); num_experts
-        comes from this layer.
+      router: a vmoe-routing router name ("top_k", "bpr", or a plugin's, e.g. "hash"), or a router
+        object (anything with the members of `vmoe_routing.Router`, e.g.
+        `vmoe_routing.BprRouter(num_experts=8, k=2)`); its num_experts must equal this layer's.
+      router_options: options for the router (k, capacity_factor, noise_std, ...), merged over
+        `DEFAULT_ROUTER_OPTIONS` (k=2, capacity_factor=1.05) for a router name; num_experts comes
+        from this layer. With a router object they are applied with `router.replace(...)`.
       expert_type: a registered expert type name ("mlp", "glu", or a plugin's).
       expert_options: options for the expert type besides mlp_dim (e.g. activation).
       group_size: S, tokens per routing group; must divide the number of tokens of the batch.
@@ -152,7 +171,7 @@ class MoeLayer(nn.Module):
 
     num_experts: int
     mlp_dim: int
-    router: str = "top_k"
+    router: str | vmoe_routing.Router = "top_k"
     router_options: Mapping[str, Any] | None = None
     expert_type: str = "mlp"
     expert_options: Mapping[str, Any] | None = None
@@ -164,13 +183,38 @@ class MoeLayer(nn.Module):
     dispatch_path: str = "index"
 
     def make_router(self) -> Any:
+        """The router this layer uses: built from its name, or the given object (checked)."""
         options = dict(self.router_options or {})
         if "num_experts" in options:
             raise ValueError(
                 f"router_options must not set num_experts={options['num_experts']!r}; it comes "
                 f"from the layer's num_experts={self.num_experts}"
             )
-        return vmoe_routing.get_router(self.router, num_experts=self.num_experts, **options)
+        if isinstance(self.router, str):
+            registry = vmoe_routing.ROUTERS
+            defaults = {
+                name: value
+                for name, value in DEFAULT_ROUTER_OPTIONS.items()
+                if registry.accepts(self.router, name)
+            }
+            return vmoe_routing.get_router(
+                self.router, num_experts=self.num_experts, **{**defaults, **options}
+            )
+        router = self.router
+        missing = vmoe_plugins.missing_members(router, vmoe_routing.ROUTER_MEMBERS)
+        if missing:
+            raise ValueError(
+                f"router={router!r} is neither a router name nor a router: a "
+                f"{type(router).__name__} without {missing}; allowed: a name in "
+                f"{vmoe_routing.available_routers()} or an object with "
+                f"{list(vmoe_routing.ROUTER_MEMBERS)}"
+            )
+        if router.num_experts != self.num_experts:
+            raise ValueError(
+                f"router {type(router).__name__} has num_experts={router.num_experts} but the "
+                f"layer has num_experts={self.num_experts}; they must be equal"
+            )
+        return router.replace(**options) if options else router
 
     def make_experts(self) -> Any:
         return get_expert_type(
@@ -193,7 +237,10 @@ class MoeLayer(nn.Module):
                 f"dispatch_path={self.dispatch_path!r} must be one of {DISPATCH_PATHS}"
             )
         d = x.shape[-1]
-        x_gsd = group_tokens(x.astype(self.dtype), self.group_size)
+        # The router sees the tokens before the compute-dtype cast, so a float32 gate_dtype gates
+        # in float32 even when the experts compute in bfloat16.
+        x_in_gsd = group_tokens(x, self.group_size)
+        x_gsd = x_in_gsd.astype(self.dtype)
         router = self.make_router()
         experts = self.make_experts()
         router_params = self.param("router", lambda key: router.init(key, d))
@@ -216,10 +263,14 @@ class MoeLayer(nn.Module):
                 rng = self.make_rng(GATING_RNG)
             elif getattr(router, "noise_std", 0) > 0:
                 raise ValueError(
-                    f"training (deterministic=False) with router {self.router!r} and noise_std="
+                    f"training (deterministic=False) with router {router_name(self.router)!r} "
+                    f"and noise_std="
                     f"{router.noise_std} needs rngs={{'{GATING_RNG}': key}} in apply()"
                 )
-        routing = router(router_params, x_gsd, rng=rng, deterministic=deterministic)
+        routing = router(router_params, x_in_gsd, rng=rng, deterministic=deterministic)
+        metrics = dict(routing.metrics)
+        # Every layer reports it, whatever the router (plugins need not compute it).
+        metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
         if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
             routing = routing.to_dense()
 
@@ -236,7 +287,7 @@ class MoeLayer(nn.Module):
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(
             output=y_gsd.reshape(x.shape).astype(self.dtype),
-            aux_loss=routing.aux_loss,
+            aux_loss=jnp.asarray(routing.aux_loss, jnp.float32),
             aux_losses=dict(routing.aux_losses),
-            metrics=dict(routing.metrics),
+            metrics=metrics,
         )

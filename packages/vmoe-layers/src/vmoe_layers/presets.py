@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import vmoe_routing
 from vmoe_layers.vit import MoeConfig, VisionTransformer
 
 
@@ -72,7 +73,7 @@ def create_model(
     num_classes: int | None,
     num_experts: int | None = None,
     moe_layers: Any = None,
-    router: str | None = None,
+    router: str | vmoe_routing.Router | None = None,
     router_options: dict[str, Any] | None = None,
     group_size: int | None = None,
     **overrides: Any,
@@ -82,8 +83,10 @@ def create_model(
     Args:
       num_classes: head size; None for no head (pre-logits only).
       num_experts, moe_layers, router, router_options, group_size: the MoE part (V-MoE names
-        only); defaults E=32 (4 for the CPU sizes), "every-2", "top_k" with k=2 and
-        capacity_factor=1.05, one group per image. `moe_layers=()` gives the V-MoE's dense twin.
+        only); defaults E=32 (4 for the CPU sizes), "every-2", "top_k", one group per image.
+        `router` is a name or a router object; `router_options` are merged over the layer's
+        `DEFAULT_ROUTER_OPTIONS` (k=2, capacity_factor=1.05), so `{"noise_std": 0.5}` keeps
+        k=2 and C=1.05. `moe_layers=()` gives the V-MoE's dense twin.
       **overrides: any other `VisionTransformer` field (classifier, dropout_rate, dtype, ...);
         not the ones the name sets (`PRESET_FIELDS`).
     """
@@ -125,9 +128,7 @@ def create_model(
             else num_experts,
             layers="every-2" if moe_layers is None else moe_layers,
             router="top_k" if router is None else router,
-            router_options=(
-                {"k": 2, "capacity_factor": 1.05} if router_options is None else router_options
-            ),
+            router_options=router_options or {},
             group_size=group_size,
         )
     else:

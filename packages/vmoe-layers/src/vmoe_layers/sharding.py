@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vmoe_layers.exchange import AllToAllExchange, ExpertExchange
 from vmoe_layers.moe import EXPERTS_KEY
-from vmoe_routing import Registry
+from vmoe_plugins import Registry
 
 Array = jax.Array
 
@@ -273,7 +273,11 @@ class FullySharded(_Strategy):
         return PartitionSpec(*(["fsdp" if i == axis else None for i in range(len(shape))]))
 
 
-STRATEGIES: Registry[ShardingStrategy] = Registry("vmoe_sharding_strategies", "sharding strategy")
+STRATEGIES: Registry[ShardingStrategy] = Registry(
+    "vmoe_sharding_strategies",
+    "sharding strategy",
+    members=("mesh", "param_specs", "batch_spec", "exchange"),
+)
 
 
 def get_strategy(name: str, **options: Any) -> ShardingStrategy:

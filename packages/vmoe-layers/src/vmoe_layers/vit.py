@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+import vmoe_routing
 from vmoe_layers.exchange import ExpertExchange
 from vmoe_layers.experts import get_expert_type
 from vmoe_layers.moe import MoeLayer
@@ -37,8 +38,11 @@ class MoeConfig:
     Attributes:
       num_experts: E per MoE layer.
       layers: which blocks are MoE: "every-2", "last-2", ... or explicit 0-indexed blocks.
-      router: vmoe-routing router name ("top_k", "bpr", plugins such as "hash").
-      router_options: router options (k, capacity_factor, eval_capacity_factor, noise_std, ...).
+      router: vmoe-routing router name ("top_k", "bpr", plugins such as "hash"), or a router
+        object (see `MoeLayer.router`).
+      router_options: router options (k, capacity_factor, eval_capacity_factor, noise_std, ...),
+        merged over `vmoe_layers.DEFAULT_ROUTER_OPTIONS` (k=2, capacity_factor=1.05) by the layer;
+        {} means exactly those defaults.
       group_size: tokens per routing group (must divide batch x tokens); None: one image each.
       expert_type: expert type of the MoE layers; None: the model's `mlp_type`.
       expert_options: its options besides mlp_dim; None: the model's `mlp_options`.
@@ -46,10 +50,8 @@ class MoeConfig:
 
     num_experts: int
     layers: str | Sequence[int] = "every-2"
-    router: str = "top_k"
-    router_options: Mapping[str, Any] = dataclasses.field(
-        default_factory=lambda: {"k": 2, "capacity_factor": 1.05}
-    )
+    router: str | vmoe_routing.Router = "top_k"
+    router_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     group_size: int | None = None
     expert_type: str | None = None
     expert_options: Mapping[str, Any] | None = None
@@ -58,7 +60,7 @@ class MoeConfig:
         # Hashable (flax modules holding this config can be hashed, e.g. as static jit args).
         if not isinstance(self.layers, str):
             object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "router_options", FrozenDict(self.router_options))
+        object.__setattr__(self, "router_options", FrozenDict(self.router_options or {}))
         if self.expert_options is not None:
             object.__setattr__(self, "expert_options", FrozenDict(self.expert_options))
 

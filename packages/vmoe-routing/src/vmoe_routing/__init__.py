@@ -16,13 +16,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from vmoe_routing import _builtins, hookspecs
-from vmoe_routing import plugins as _plugins
-from vmoe_routing.capacity import compute_capacity
-from vmoe_routing.decision import DenseRouting, Routing
-from vmoe_routing.dispatch import combine, dispatch
-from vmoe_routing.losses import gshard_loss, importance_loss, load_loss, z_loss
-from vmoe_routing.plugins import (
+import vmoe_plugins
+from vmoe_plugins import (
     PluginError,
     PluginImportWarning,
     Registry,
@@ -33,19 +28,35 @@ from vmoe_routing.plugins import (
     register_plugin,
     unregister_plugin,
 )
-from vmoe_routing.routers import BprRouter, Router, TopKRouter, check_tokens
+from vmoe_routing import _builtins, hookspecs
+from vmoe_routing.capacity import compute_capacity
+from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.dispatch import combine, dispatch
+from vmoe_routing.losses import gshard_loss, importance_loss, load_loss, z_loss
+from vmoe_routing.routers import (
+    ROUTER_MEMBERS,
+    BprRouter,
+    Router,
+    TokenChoiceRouter,
+    TopKRouter,
+    check_tokens,
+)
 from vmoe_routing.token_choice import token_choice_metrics, token_choice_routing
 
 __version__ = importlib.metadata.version("vmoe-routing")
 
-_plugins.add_hookspecs(hookspecs)
-_plugins.register_builtin("vmoe_routing.builtins", _builtins)
+vmoe_plugins.add_hookspecs(hookspecs)
+vmoe_plugins.register_builtin("vmoe_routing.builtins", _builtins)
 
-ROUTERS: Registry[Router] = Registry("vmoe_routers", "router")
+ROUTERS: Registry[Router] = Registry("vmoe_routers", "router", members=ROUTER_MEMBERS)
 
 
 def get_router(name: str, /, **options) -> Router:
-    """The router registered as `name`, built with `options` (e.g. num_experts=8, k=2)."""
+    """The router registered as `name`, built with `options` (e.g. num_experts=8, k=2).
+
+    What the plugin's factory returns is checked to have every member of the `Router` protocol
+    (`ROUTER_MEMBERS`); a ValueError names the plugin, its entry point and what is missing.
+    """
     return ROUTERS.create(name, **options)
 
 
@@ -56,6 +67,7 @@ def available_routers() -> list[str]:
 
 __all__ = [
     "ROUTERS",
+    "ROUTER_MEMBERS",
     "BprRouter",
     "DenseRouting",
     "PluginError",
@@ -63,6 +75,7 @@ __all__ = [
     "Registry",
     "Router",
     "Routing",
+    "TokenChoiceRouter",
     "TopKRouter",
     "__version__",
     "available_routers",

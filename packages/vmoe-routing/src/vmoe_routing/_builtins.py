@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmoe_routing.plugins import hookimpl
+from vmoe_plugins import hookimpl
 from vmoe_routing.routers import BprRouter, TopKRouter
 
 

@@ -41,12 +41,14 @@ class Routing:
       valid: [G, N] bool, False for choices dropped because the expert's buffer was full.
         Valid assignments of a group have distinct (expert, slot) pairs, and a token appears at
         most once per expert.
-      aux_loss: scalar, the weighted sum of the router's auxiliary losses (add it to the loss).
-      aux_losses: unweighted auxiliary losses by name (scalars), for logging.
-      metrics: routing statistics by name, averaged over groups (see `token_choice_metrics`).
       group_size: S (static).
       num_experts: E (static).
       capacity: C (static).
+      aux_loss: scalar, the weighted sum of the router's auxiliary losses (add it to the loss);
+        0.0 for a router without any.
+      aux_losses: unweighted auxiliary losses by name (scalars), for logging; {} by default.
+      metrics: routing statistics by name, averaged over groups (see `token_choice_metrics`);
+        {} by default (the MoE layer adds the ones it can compute from the decision).
     """
 
     token: Array
@@ -54,12 +56,12 @@ class Routing:
     slot: Array
     weight: Array
     valid: Array
-    aux_loss: Array
-    aux_losses: dict[str, Array]
-    metrics: dict[str, Array]
     group_size: int
     num_experts: int
     capacity: int
+    aux_loss: Array | float = 0.0
+    aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Array] = dataclasses.field(default_factory=dict)
 
     @property
     def num_groups(self) -> int:
@@ -69,6 +71,17 @@ class Routing:
         """[G, N] flat index `expert * C + slot` into an [E*C] buffer; E*C where not valid."""
         flat = self.expert * self.capacity + self.slot
         return jnp.where(self.valid, flat, self.num_experts * self.capacity)
+
+    def no_expert_fraction(self) -> Array:
+        """Scalar: the fraction of the G*S tokens that no expert processes (every choice of the
+        token was dropped). Their MoE output is 0: only the residual connection carries them."""
+        g, s = self.num_groups, self.group_size
+        kept_gs = (
+            jnp.zeros((g, s), jnp.int32)
+            .at[jnp.arange(g)[:, None], self.token]
+            .add(self.valid.astype(jnp.int32))
+        )
+        return jnp.mean((kept_gs == 0).astype(jnp.float32))
 
     def to_dense(self) -> DenseRouting:
         """The same decision as one-hot [G, S, E, C] tensors (a slow, obvious reference)."""
@@ -105,14 +118,14 @@ class DenseRouting:
     Attributes:
       dispatch_weights: [G, S, E, C], buffer[g, e, c] = sum_s dispatch[g, s, e, c] * x[g, s].
       combine_weights: [G, S, E, C], out[g, s] = sum_{e, c} combine[g, s, e, c] * y[g, e, c].
-      aux_loss, aux_losses, metrics: as in `Routing`.
+      aux_loss, aux_losses, metrics: as in `Routing` (with the same defaults).
     """
 
     dispatch_weights: Array
     combine_weights: Array
-    aux_loss: Array
-    aux_losses: dict[str, Array]
-    metrics: dict[str, Array]
+    aux_loss: Array | float = 0.0
+    aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Array] = dataclasses.field(default_factory=dict)
 
     @property
     def num_groups(self) -> int:
@@ -129,6 +142,11 @@ class DenseRouting:
     @property
     def capacity(self) -> int:
         return self.dispatch_weights.shape[3]
+
+    def no_expert_fraction(self) -> Array:
+        """Scalar: the fraction of tokens with no dispatch weight into any slot."""
+        reached_gs = jnp.any(self.dispatch_weights != 0, axis=(2, 3))
+        return 1.0 - jnp.mean(reached_gs.astype(jnp.float32))
 
 
 _register(

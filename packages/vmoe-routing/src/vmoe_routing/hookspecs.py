@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from vmoe_routing.plugins import hookspec
+from vmoe_plugins import hookspec
 from vmoe_routing.routers import Router
 
 
@@ -16,10 +16,18 @@ def vmoe_routers() -> Mapping[str, Callable[..., Router]]:
     implementation's mapping is merged; a name returned by two plugins is an error naming both.
 
     Returns:
-      name -> factory. `factory(**options)` returns a router: an object with
-      `init(rng, d_model) -> params` and `__call__(params, x_gsd, *, rng, deterministic)`
-      returning a `vmoe_routing.Routing` (or `DenseRouting`). A frozen dataclass whose fields
-      are the options is the simplest factory; options must include `num_experts`.
+      name -> factory. `factory(**options)` returns a router: an object with every member of
+      the `vmoe_routing.Router` protocol (`vmoe_routing.ROUTER_MEMBERS`):
+        - `num_experts`: E;
+        - `init(rng, d_model) -> params` (a pytree);
+        - `__call__(params, x_gsd, *, rng=None, deterministic=True)` returning a
+          `vmoe_routing.Routing` (or `DenseRouting`);
+        - `replace(**changes)`: a copy with some options changed (K or the capacity factor at
+          inference).
+      A router that lacks one is refused at lookup with an error naming this plugin. Options
+      must include `num_experts`. For token choice, subclass `vmoe_routing.TokenChoiceRouter`
+      (a frozen dataclass whose fields are the options): it brings K, the capacity options,
+      `replace` and `assign`.
 
     Example::
 

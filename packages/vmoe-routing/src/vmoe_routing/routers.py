@@ -1,5 +1,8 @@
 """Built-in routers: vanilla top-K token choice, and Batch Priority Routing (BPR).
 
+`TokenChoiceRouter` is their base, and the base for any token-choice router a plugin writes: it
+holds K and the capacity options and turns each token's K choices into a `Routing`.
+
 A router is an immutable config object with two pure functions:
 
     params = router.init(rng, d_model)
@@ -19,12 +22,12 @@ would still be picked if the noise were drawn again.
 from __future__ import annotations
 
 import dataclasses
-import numbers
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
+from vmoe_plugins import checks
 from vmoe_routing import losses
 from vmoe_routing.capacity import ROUNDINGS, compute_capacity
 from vmoe_routing.decision import DenseRouting, Routing
@@ -32,11 +35,17 @@ from vmoe_routing.token_choice import token_choice_routing
 
 Array = jax.Array
 PRIORITIES = ("max", "sum")
+_R = TypeVar("_R", bound="TokenChoiceRouter")
+
+
+# What every router has: the Router protocol's members. The router registry checks them on every
+# router a plugin returns, and MoeLayer on every router object it is given.
+ROUTER_MEMBERS = ("num_experts", "init", "__call__", "replace")
 
 
 @runtime_checkable
 class Router(Protocol):
-    """What every router provides (built-in or from a plugin)."""
+    """What every router provides (built-in or from a plugin): `ROUTER_MEMBERS`."""
 
     num_experts: int
 
@@ -55,10 +64,6 @@ class Router(Protocol):
         ...
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
     """Raises a ValueError unless x is [G, S, D] (with D == d_model when given)."""
     if getattr(x_gsd, "ndim", None) != 3:
@@ -69,8 +74,13 @@ def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKRouter:
-    """Vanilla token-choice top-K routing (V-MoE, GShard): buffers filled in token order.
+class TokenChoiceRouter:
+    """What every token-choice router shares: K choices per token under a per-expert capacity.
+
+    Subclass it (a frozen dataclass) and write `init` and `__call__`; in `__call__`, pick each
+    token's K experts and weights and return `self.assign(expert_gsk, weight_gsk, ...)`, which
+    selects the capacity (training or evaluation factor, rounding, multiple-of) and fills the
+    buffers. `replace` and the option checks come with it.
 
     Attributes:
       num_experts: E.
@@ -79,13 +89,7 @@ class TopKRouter:
         ceil(k * C * group_size / E), see `compute_capacity`.
       eval_capacity_factor: C used when `deterministic=True`; None means `capacity_factor`.
       capacity_rounding, capacity_multiple_of: passed to `compute_capacity`.
-      noise_std: gating noise has std noise_std / E, in training only. 0 disables it.
-      gate_dtype: dtype of the gate matmul (softmax and losses always run in float32).
-      importance_loss_weight, load_loss_weight, gshard_loss_weight, z_loss_weight: the
-        auxiliary losses' weights; a loss with weight 0 is not computed.
     """
-
-    name: ClassVar[str] = "top_k"
 
     num_experts: int
     k: int = 1
@@ -93,41 +97,23 @@ class TopKRouter:
     eval_capacity_factor: float | None = None
     capacity_rounding: str = "ceil"
     capacity_multiple_of: int = 1
-    noise_std: float = 1.0
-    gate_dtype: Any = jnp.float32
-    importance_loss_weight: float = 0.005
-    load_loss_weight: float = 0.005
-    gshard_loss_weight: float = 0.0
-    z_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        e, k = self.num_experts, self.k
-        if not _is_int(e) or e < 1:
-            raise ValueError(f"num_experts={e!r} must be an integer >= 1")
-        if not _is_int(k) or not 1 <= k <= e:
-            raise ValueError(f"k={k!r} must be an integer with 1 <= k <= num_experts={e}")
-        for field in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, field)
-            is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if value is not None and not (is_number and value > 0):
-                raise ValueError(f"{field}={value!r} must be a number > 0")
-        if self.capacity_rounding not in ROUNDINGS:
-            raise ValueError(f"capacity_rounding={self.capacity_rounding!r} must be in {ROUNDINGS}")
-        if not isinstance(self.capacity_multiple_of, int) or self.capacity_multiple_of < 1:
-            raise ValueError(f"capacity_multiple_of={self.capacity_multiple_of!r} must be >= 1")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std={self.noise_std!r} must be >= 0")
-        for field in ("importance", "load", "gshard", "z"):
-            if not getattr(self, f"{field}_loss_weight") >= 0:
-                weight = getattr(self, f"{field}_loss_weight")
-                raise ValueError(f"{field}_loss_weight={weight!r} must be >= 0")
-        if self.load_loss_weight > 0 and self.noise_std == 0:
-            raise ValueError(
-                f"load_loss_weight={self.load_loss_weight} needs noise_std > 0 (the load loss is "
-                "the selection probability under gating noise); set one of them differently"
-            )
+        e = checks.check_int("num_experts", self.num_experts, low=1)
+        k = checks.check_int("k", self.k, low=1)
+        if k > e:
+            raise ValueError(f"k={k} must be <= num_experts={e}")
+        checks.check_number("capacity_factor", self.capacity_factor, above=0)
+        if self.eval_capacity_factor is not None:
+            checks.check_number("eval_capacity_factor", self.eval_capacity_factor, above=0)
+        checks.check_choice("capacity_rounding", self.capacity_rounding, ROUNDINGS)
+        multiple_of = checks.check_int("capacity_multiple_of", self.capacity_multiple_of, low=1)
+        # Plain ints, so that equal routers hash equal (they are static arguments under jit).
+        object.__setattr__(self, "num_experts", e)
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "capacity_multiple_of", multiple_of)
 
-    def replace(self, **changes: Any) -> TopKRouter:
+    def replace(self: _R, **changes: Any) -> _R:
         """A copy with some options changed (validated), e.g. `router.replace(k=1)`."""
         return dataclasses.replace(self, **changes)
 
@@ -144,6 +130,68 @@ class TopKRouter:
             rounding=self.capacity_rounding,
             multiple_of=self.capacity_multiple_of,
         )
+
+    def assign(
+        self,
+        expert_gsk: Array,
+        weight_gsk: Array,
+        *,
+        deterministic: bool,
+        priority_gs: Array | None = None,
+        aux_loss: Array | float = 0.0,
+        aux_losses: dict[str, Array] | None = None,
+    ) -> Routing:
+        """The `Routing` of each token's K choices [G, S, K] at this router's capacity.
+
+        `priority_gs` [G, S] (higher first) fills buffers by priority instead of token order.
+        """
+        if expert_gsk.ndim != 3 or expert_gsk.shape[-1] != self.k:
+            raise ValueError(
+                f"expert_gsk must have shape [G, S, k={self.k}]; got {expert_gsk.shape}"
+            )
+        return token_choice_routing(
+            expert_gsk,
+            weight_gsk,
+            num_experts=self.num_experts,
+            capacity=self.capacity(expert_gsk.shape[1], deterministic),
+            priority_gs=priority_gs,
+            aux_loss=aux_loss,
+            aux_losses=aux_losses,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKRouter(TokenChoiceRouter):
+    """Vanilla token-choice top-K routing (V-MoE, GShard): buffers filled in token order.
+
+    Attributes (besides `TokenChoiceRouter`'s num_experts, k, capacity options):
+      noise_std: gating noise has std noise_std / E, in training only. 0 disables it.
+      gate_dtype: dtype of the gate matmul (softmax and losses always run in float32).
+      importance_loss_weight, load_loss_weight, gshard_loss_weight, z_loss_weight: the
+        auxiliary losses' weights; a loss with weight 0 is not computed.
+    """
+
+    name: ClassVar[str] = "top_k"
+
+    noise_std: float = 1.0
+    gate_dtype: Any = jnp.float32
+    importance_loss_weight: float = 0.005
+    load_loss_weight: float = 0.005
+    gshard_loss_weight: float = 0.0
+    z_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.check_number("noise_std", self.noise_std, at_least=0)
+        for field in ("importance", "load", "gshard", "z"):
+            checks.check_number(
+                f"{field}_loss_weight", getattr(self, f"{field}_loss_weight"), at_least=0
+            )
+        if self.load_loss_weight > 0 and self.noise_std == 0:
+            raise ValueError(
+                f"load_loss_weight={self.load_loss_weight} needs noise_std > 0 (the load loss is "
+                "the selection probability under gating noise); set one of them differently"
+            )
 
     def init(self, rng: Array, d_model: int) -> dict[str, Array]:
         """{"gate": [D, E] float32}, LeCun-normal initialised."""
@@ -191,11 +239,10 @@ class TopKRouter:
         }
         aux_loss = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
 
-        return token_choice_routing(
+        return self.assign(
             expert_gsk,
             weight_gsk,
-            num_experts=self.num_experts,
-            capacity=self.capacity(x_gsd.shape[1], deterministic),
+            deterministic=deterministic,
             priority_gs=self.priority(weight_gsk),
             aux_loss=aux_loss,
             aux_losses=aux,
@@ -239,8 +286,7 @@ class BprRouter(TopKRouter):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.priority_score not in PRIORITIES:
-            raise ValueError(f"priority_score={self.priority_score!r} must be one of {PRIORITIES}")
+        checks.check_choice("priority_score", self.priority_score, PRIORITIES)
 
     def priority(self, weight_gsk: Array) -> Array:
         if self.priority_score == "max":

@@ -14,6 +14,8 @@ memory, no [S, E] or [S, E, C] one-hot tensor.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -47,25 +49,26 @@ def _assign_group(expert_sk, weight_sk, priority_s, num_experts, capacity):
     return token, expert, jnp.where(valid, slot, capacity), jnp.where(valid, weight, 0), valid
 
 
-def token_choice_metrics(expert: Array, valid: Array, num_experts: int, capacity: int):
+def token_choice_metrics(routing: Routing) -> dict[str, Array]:
     """Routing statistics of token-choice assignments, averaged over groups.
 
     Returns a dict with:
       dropped_fraction: scalar, fraction of token-choices dropped for lack of capacity.
+      no_expert_fraction: scalar, fraction of tokens that lost every choice (no expert at all);
+        what Batch Priority Routing keeps low for the tokens that matter.
       expert_load: [E], fraction of the token-choices that chose each expert (sums to 1).
       expert_fill: [E], fraction of each expert's capacity that was used.
     """
+    expert, valid, e = routing.expert, routing.valid, routing.num_experts
     g, n = expert.shape
-    chosen = jnp.zeros((g, num_experts), jnp.float32).at[jnp.arange(g)[:, None], expert].add(1.0)
-    kept = (
-        jnp.zeros((g, num_experts), jnp.float32)
-        .at[jnp.arange(g)[:, None], expert]
-        .add(valid.astype(jnp.float32))
-    )
+    rows = jnp.arange(g)[:, None]
+    chosen = jnp.zeros((g, e), jnp.float32).at[rows, expert].add(1.0)
+    kept = jnp.zeros((g, e), jnp.float32).at[rows, expert].add(valid.astype(jnp.float32))
     return {
         "dropped_fraction": 1.0 - jnp.mean(valid.astype(jnp.float32)),
+        "no_expert_fraction": routing.no_expert_fraction(),
         "expert_load": jnp.mean(chosen, axis=0) / n,
-        "expert_fill": jnp.mean(kept, axis=0) / capacity,
+        "expert_fill": jnp.mean(kept, axis=0) / routing.capacity,
     }
 
 
@@ -113,16 +116,16 @@ def token_choice_routing(
     token, expert, slot, weight, valid = jax.vmap(assign, in_axes)(
         expert_gsk, weight_gsk, priority_gs
     )
-    return Routing(
+    routing = Routing(
         token=token,
         expert=expert,
         slot=slot,
         weight=weight,
         valid=valid,
-        aux_loss=jnp.asarray(aux_loss, jnp.float32),
-        aux_losses=dict(aux_losses or {}),
-        metrics=token_choice_metrics(expert, valid, num_experts, capacity),
         group_size=expert_gsk.shape[1],
         num_experts=num_experts,
         capacity=capacity,
+        aux_loss=jnp.asarray(aux_loss, jnp.float32),
+        aux_losses=dict(aux_losses or {}),
     )
+    return dataclasses.replace(routing, metrics=token_choice_metrics(routing))

@@ -9,11 +9,12 @@ positions. Combine weights are 1/K. Capacity and dropping work as for any token-
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+import vmoe_plugins
 import vmoe_routing
 
 
@@ -28,37 +29,24 @@ def mix32(x: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class HashRouter:
+class HashRouter(vmoe_routing.TokenChoiceRouter):
     """Routes token position s to the K experts with the largest hash(seed, s, e).
 
     Attributes:
-      num_experts: E.
-      k: experts per position, 1 <= k <= E.
-      capacity_factor, eval_capacity_factor: as in `vmoe_routing.TopKRouter`.
+      num_experts, k, capacity_factor, eval_capacity_factor, capacity_rounding,
+        capacity_multiple_of: as in `vmoe_routing.TokenChoiceRouter` (capacity selection is
+        the shared one, not re-implemented here).
       seed: picks the hash function; different seeds give different position -> expert maps.
     """
 
     name: ClassVar[str] = "hash"
 
-    num_experts: int
-    k: int = 1
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # One source of truth for option checks: the built-in top-K router's validation.
-        vmoe_routing.TopKRouter(
-            num_experts=self.num_experts,
-            k=self.k,
-            capacity_factor=self.capacity_factor,
-            eval_capacity_factor=self.eval_capacity_factor,
-        )
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
-
-    def replace(self, **changes: Any) -> HashRouter:
-        return dataclasses.replace(self, **changes)
+        super().__post_init__()
+        seed = vmoe_plugins.check_int("seed", self.seed, low=0, high=2**32 - 1)
+        object.__setattr__(self, "seed", seed)
 
     def init(self, rng: jax.Array, d_model: int) -> dict:
         del rng, d_model
@@ -88,10 +76,4 @@ class HashRouter:
         g, s, _ = x_gsd.shape
         expert_gsk = jnp.broadcast_to(self.experts_for_positions(s), (g, s, self.k))
         weight_gsk = jnp.full((g, s, self.k), 1.0 / self.k, jnp.float32)
-        factor = self.capacity_factor
-        if deterministic and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
-        capacity = vmoe_routing.compute_capacity(s, self.num_experts, self.k, factor)
-        return vmoe_routing.token_choice_routing(
-            expert_gsk, weight_gsk, num_experts=self.num_experts, capacity=capacity
-        )
+        return self.assign(expert_gsk, weight_gsk, deterministic=deterministic)

@@ -18,8 +18,8 @@ import sys
 
 import pytest
 
-import vmoe_layers as vl
-from vmoe_layers import host
+import vmoe_train
+from vmoe_train import host
 
 IS_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 glibc_only = pytest.mark.skipif(
@@ -29,7 +29,7 @@ glibc_only = pytest.mark.skipif(
 
 PROBE = """
 import ctypes, json, sys, threading, warnings
-import vmoe_layers.host as host
+import vmoe_train.host as host
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -127,5 +127,15 @@ def test_tuning_after_jax_computed_warns_that_it_is_late():
 
 def test_tune_cpu_malloc_does_not_apply_off_glibc(monkeypatch):
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
-    assert vl.tune_cpu_malloc is host.tune_cpu_malloc
-    assert vl.tune_cpu_malloc() is False
+    assert vmoe_train.tune_cpu_malloc is host.tune_cpu_malloc
+    assert "tune_cpu_malloc" in vmoe_train.__all__
+    assert vmoe_train.tune_cpu_malloc() is False
+
+
+def test_the_model_package_does_not_offer_to_change_the_allocator():
+    # A process-wide setting belongs to the program running the training loop (vmoe-train),
+    # not to the model code it imports.
+    import vmoe_layers
+
+    assert not hasattr(vmoe_layers, "tune_cpu_malloc")
+    assert "tune_cpu_malloc" not in vmoe_layers.__all__

@@ -8,8 +8,9 @@ CPU with jax 0.10.2 (benchmarks/bench_moe_layer.py, three runs): V-MoE-S/32 SGD 
 batch 32, 15.7-16.4 -> 22.5-25.9 img/s; its ViT twin 36.6-37.0 -> 40.4-44.3 img/s.
 
 `tune_cpu_malloc()` makes glibc keep freed memory for reuse instead: no mmap for large blocks,
-one arena, and no trimming below 2 GB. It is opt-in (a process-wide setting; a library must
-not change it behind its user's back). Call it first thing in a script, before jax computes
+one arena, and no trimming below 2 GB. It is opt-in, and lives here in vmoe-train rather than
+with the model code: a process-wide setting belongs to the program that runs the training loop,
+not to a library it imports. Call it first thing in a script, before jax computes
 anything: XLA starts its thread pool at the first computation, and a thread that already has
 its own malloc arena keeps mmapping blocks too big for that arena. The environment-variable
 form applies before any thread exists, for any program:
@@ -69,7 +70,7 @@ def tune_cpu_malloc() -> bool:
         warnings.warn(
             "tune_cpu_malloc() called after jax started computing: XLA's threads that already "
             "have a malloc arena keep mmapping large blocks. Call it before jax computes "
-            "anything, or set GLIBC_TUNABLES before the process starts (see vmoe_layers.host).",
+            "anything, or set GLIBC_TUNABLES before the process starts (see vmoe_train.host).",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -1,0 +1,27 @@
+"""The README's Python examples run as written, and every public name is documented there."""
+
+import pathlib
+import re
+
+import pytest
+
+import vmoe_plugins
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_examples_run_in_order():
+    assert len(BLOCKS) >= 2
+    vmoe_plugins.reset()
+    namespace: dict = {}
+    try:
+        for block in BLOCKS:
+            exec(compile(block, str(README), "exec"), namespace)
+    finally:
+        vmoe_plugins.reset()
+
+
+@pytest.mark.parametrize("name", [n for n in vmoe_plugins.__all__ if n != "__version__"])
+def test_public_name_is_documented(name):
+    assert f"`{name}" in README.read_text(), f"{name} is public but not in the README"
