@@ -1,0 +1,199 @@
+"""The `vmoe-train` command (also `python -m vmoe_train`): load a config, override, check, train.
+
+    vmoe-train --config=digits_vmoe --config.model.moe.router=bpr \\
+        --config.model.moe.router_options.k=1 --workdir=runs/x
+
+The config is validated before anything compiles; its problems are printed all at once (exit
+status 2). Then `vmoe_train.trainer.train(config, workdir)` runs and prints its own summary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from vmoe_train.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    apply_overrides,
+    check_config,
+    config_name,
+    load_config,
+    shipped_configs,
+    validate_config,
+)
+
+PROG = "vmoe-train"
+USAGE = f"""\
+usage: {PROG} [--config=NAME|PATH] [--config.FIELD=VALUE ...] [--workdir=DIR]
+                  [--check] [--list-configs] [--help]
+
+Trains a ViT / V-MoE from a config: a shipped name (see --list-configs) or a .py file with
+get_config() returning an ml_collections.ConfigDict.
+
+options:
+  --config=NAME|PATH       the config (default: {DEFAULT_CONFIG})
+  --config.FIELD=VALUE     override a field, e.g. --config.model.moe.router=bpr; any number;
+                           values are Python literals (3, 1e-3, (2, 4), 'x') or plain text;
+                           `--config.FIELD VALUE` works too
+  --workdir=DIR            where checkpoints, metrics and the config go
+                           (default: runs/<config name>-<UTC time>)
+  --check                  validate the config only: print OK or its problems (exit 0 / 2)
+  --list-configs           list the shipped configs with what each trains
+  -h, --help               show this message
+
+The config is validated before anything compiles, every problem at once (exit status 2).
+"""
+FLAGS = ("--config", "--workdir", "--check", "--list-configs", "--help")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Args:
+    def __init__(self) -> None:
+        self.config = DEFAULT_CONFIG
+        self.overrides: list[str] = []
+        self.workdir: str | None = None
+        self.check = False
+        self.list_configs = False
+        self.help = False
+
+
+def _parse(argv: Sequence[str]) -> _Args:
+    args = _Args()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        flag, sep, value = arg.partition("=")
+
+        def take_value(flag: str = flag, sep: str = sep, value: str = value) -> str:
+            nonlocal i
+            if sep:
+                return value
+            if i >= len(argv) or argv[i].startswith("--"):
+                raise _UsageError(f"{flag} needs a value: {flag}=VALUE")
+            i += 1
+            return argv[i - 1]
+
+        if arg in ("-h", "--help"):
+            args.help = True
+        elif arg == "--check":
+            args.check = True
+        elif arg == "--list-configs":
+            args.list_configs = True
+        elif flag == "--config":
+            args.config = take_value()
+        elif flag == "--workdir":
+            args.workdir = take_value()
+            if not args.workdir:
+                raise _UsageError("--workdir needs a directory")
+        elif flag.startswith("--config."):
+            field = flag[len("--config.") :]
+            if not field:
+                raise _UsageError(f"{arg!r}: name a field, e.g. --config.model.moe.router=bpr")
+            args.overrides.append(f"{field}={take_value()}")
+        else:
+            hint = difflib.get_close_matches(flag, FLAGS, n=1)
+            maybe = f" (did you mean {hint[0]}?)" if hint else ""
+            raise _UsageError(f"unknown argument {arg!r}{maybe}")
+    return args
+
+
+def _default_workdir(name: str) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{name}-{stamp}")
+
+
+def _cpu_only() -> bool:
+    """Whether jax will run on the CPU, judged without starting it (no accelerator plugin)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None:
+        return False
+    try:
+        import jax_plugins  # namespace package of the CUDA / ROCm plugins
+    except ImportError:
+        return True
+    return not any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def _tune_cpu_malloc() -> None:
+    """On CPU, have glibc keep freed memory before XLA starts (see vmoe_train.host)."""
+    if _cpu_only():
+        from vmoe_train.host import tune_cpu_malloc
+
+        tune_cpu_malloc()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `vmoe-train` with `argv` (default: sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parse(argv)
+    except _UsageError as error:
+        print(f"{PROG}: {error}\nTry '{PROG} --help'.", file=sys.stderr)
+        return 2
+    if args.help:
+        print(USAGE, end="")
+        return 0
+    if args.list_configs:
+        configs = shipped_configs()
+        width = max((len(name) for name in configs), default=0)
+        for name, line in configs.items():
+            print(f"{name:<{width}}  {line}")
+        return 0
+    try:
+        config = apply_overrides(load_config(args.config), args.overrides)
+        processes = config.distributed.num_processes
+        distributed = bool(config.distributed.coordinator_address)
+        if args.check:
+            return _check(config, processes, distributed)
+        if (distributed or processes != 1) and args.workdir is None:
+            raise ConfigError(
+                [
+                    "--workdir: required for a multi-process run (distributed.*): every process "
+                    "must write to the same directory"
+                ]
+            )
+        _tune_cpu_malloc()
+        if distributed:
+            # jax.distributed.initialize must come before jax counts devices: the trainer calls
+            # it, then checks the devices; everything else is checked here, before connecting.
+            check_config(config, num_processes=processes)
+        else:
+            import jax
+
+            check_config(config, num_devices=jax.device_count(), num_processes=processes)
+        workdir = args.workdir or _default_workdir(config_name(args.config))
+        trainer = importlib.import_module("vmoe_train.trainer")
+        trainer.train(config, workdir)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
+def _check(config, processes: int, distributed: bool) -> int:
+    """`--check`: validate for this machine's devices (not in a multi-process run)."""
+    devices = None
+    if not distributed:
+        import jax
+
+        devices = jax.device_count()
+    problems = validate_config(config, num_devices=devices, num_processes=processes)
+    if problems:
+        print(ConfigError(problems), file=sys.stderr)
+        return 2
+    where = "devices not checked" if devices is None else f"{devices} device(s)"
+    print(f"OK ({where}, {processes} process(es))")
+    return 0

@@ -1,0 +1,94 @@
+"""The fields every training config has, with defaults and their meaning (not a runnable recipe).
+
+Configs are plain data: a shipped config starts from `base_config()` and sets what differs.
+`vmoe_train.config.validate_config` checks every field before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # params init, routing noise, dropout and the data order all derive from it
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "digits"  # any vmoe_data dataset: "digits", "tfds:cifar10", "image_folder:/p"
+    c.dataset.data_dir = ""  # "" = the dataset's default ($VMOE_DATA_DIR, ~/.cache/vmoe/...)
+    c.dataset.train_split = "train"
+    c.dataset.eval_splits = ("validation",)  # evaluated every `eval.every_steps`
+    c.dataset.test_split = "test"  # evaluated once at the end ("" = none)
+    c.dataset.num_workers = 0  # grain worker processes for the train pipeline
+
+    c.pp = ml_collections.ConfigDict()
+    c.pp.train = "decode|value_range(-1, 1)|onehot(10)"  # vmoe_data preprocess specs
+    c.pp.eval = "decode|value_range(-1, 1)"  # must keep "image" and "label"
+
+    c.batch_size = 64  # global: split over processes and devices
+    c.eval_batch_size = 128  # global
+    c.num_steps = 1000  # optimizer updates
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "V-MoE-Mu/2"  # a vmoe_layers preset ("ViT-B/16", "V-MoE-S/32", ...)
+    c.model.dropout_rate = 0.0
+    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+    c.model.mlp_dim = 0  # 0 = the preset's; set it for a dense twin of equal per-token FLOPs
+    c.model.moe = ml_collections.ConfigDict()  # ignored for a dense "ViT-..." model
+    c.model.moe.num_experts = 4
+    c.model.moe.layers = "every-2"  # "every-2", "last-2", ... or a tuple of block indices
+    c.model.moe.router = "top_k"  # any vmoe_routing router name: "top_k", "bpr", plugins
+    c.model.moe.router_options = ml_collections.ConfigDict({"k": 2, "capacity_factor": 1.05})
+    c.model.moe.expert_type = "mlp"
+    c.model.moe.group_images = 0  # images per routing group; 0 = the per-device batch
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "softmax"  # "softmax" or "sigmoid" cross-entropy
+    c.loss.label_smoothing = 0.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # "adam", "adamw", "sgd" (with momentum)
+    c.optimizer.learning_rate = 1e-3  # peak, after warmup
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.weight_decay = 1e-4  # decoupled; applied to params matching weight_decay_on
+    c.optimizer.weight_decay_on = r"(kernel|w_in|w_out|w_gate|w_up|gate)$"  # matrices, not biases
+    c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
+    c.optimizer.schedule = "cosine"  # after warmup: "cosine", "linear" (to 0) or "constant"
+    c.optimizer.warmup_steps = 100
+    c.optimizer.end_lr_ratio = 0.01  # cosine ends at learning_rate * end_lr_ratio
+    c.optimizer.frozen = ""  # regex on "block_0/attention/..." paths: these params never move
+    c.optimizer.lr_multipliers = ()  # ((regex, multiplier), ...): first match wins
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.strategy = "data"  # "data", "expert", "fsdp" or a plugin's
+    c.sharding.mesh_shape = ()  # () = the strategy's default over all devices
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 250  # 0 = only at the end
+    c.eval.capacity_factor = 0.0  # routers' capacity factor at evaluation; 0 = the router's own
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 250  # 0 = only at the end
+    c.checkpoint.keep = 3  # the last n
+    c.checkpoint.keep_best = (
+        ""  # also keep the best by this eval metric, e.g. "validation/accuracy"
+    )
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 25
+    c.log.callbacks = ("progress", "jsonl", "tensorboard")  # vmoe_train callbacks, plugins too
+    c.log.profile_steps = 0  # n: trace n steps after the first; (start, n); 0 = off
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.init_from = ""  # a run dir or checkpoint dir to start from ("" = from scratch)
+    c.finetune.step = -1  # its step to load; -1 = the latest
+    c.finetune.new_head = True  # re-initialise the head (a new class count)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "host:port": call jax.distributed.initialize
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    return c

@@ -1,0 +1,83 @@
+"""Fine-tuning: start from a checkpoint's parameters with a new head and/or a new resolution.
+
+    params = finetune_params(fresh_params, loaded_params, new_head=True)
+
+`fresh_params` are the new model's initial parameters (its head has the new class count, its
+position embeddings the new token count); `loaded_params` come from a checkpoint. Every
+parameter of the same path and shape is taken from the checkpoint; the position embeddings are
+resized (bilinear over the patch grid, the class token's embedding kept); the head is the fresh
+one when `new_head` is set or its shape changed. Anything else that differs is an error naming
+the paths, so a wrong checkpoint never half-loads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+HEAD_PREFIX = "head/"
+POS_EMBEDDING = "pos_embedding"
+
+
+def resize_pos_embedding(loaded_1td: Any, target_shape: tuple[int, ...], has_class_token: bool):
+    """[1, T, D] position embeddings -> target [1, T', D]: the patch grid resized bilinearly
+    (square grids), the class token's row kept as it is."""
+    loaded = np.asarray(loaded_1td)
+    extra = 1 if has_class_token else 0
+    old_n, new_n = loaded.shape[1] - extra, target_shape[1] - extra
+    old_side, new_side = math.isqrt(old_n), math.isqrt(new_n)
+    if old_side**2 != old_n or new_side**2 != new_n or loaded.shape[2] != target_shape[2]:
+        raise ValueError(
+            f"cannot resize position embeddings {loaded.shape} -> {tuple(target_shape)}: only "
+            "square patch grids of the same width resize"
+        )
+    grid = loaded[0, extra:].reshape(old_side, old_side, -1)
+    resized = jax.image.resize(jnp.asarray(grid), (new_side, new_side, grid.shape[-1]), "bilinear")
+    rows = [loaded[0, :extra], np.asarray(resized).reshape(new_n, -1)]
+    return np.concatenate(rows, axis=0)[None].astype(loaded.dtype)
+
+
+def finetune_params(
+    fresh: Any, loaded: Any, *, new_head: bool = True, has_class_token: bool = True
+) -> Any:
+    """`fresh` with every compatible parameter replaced by the checkpoint's (see module doc)."""
+    fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
+    loaded_flat = traverse_util.flatten_dict(loaded, sep="/")
+    missing = sorted(set(fresh_flat) - set(loaded_flat) - _head_keys(fresh_flat))
+    extra = sorted(set(loaded_flat) - set(fresh_flat) - _head_keys(loaded_flat))
+    mismatched = []
+    out = {}
+    for path, value in fresh_flat.items():
+        if path.startswith(HEAD_PREFIX) and (new_head or path not in loaded_flat):
+            out[path] = value
+            continue
+        if path not in loaded_flat:
+            continue  # reported in `missing`
+        old = loaded_flat[path]
+        if np.shape(old) == np.shape(value):
+            out[path] = jnp.asarray(old, dtype=value.dtype)
+        elif path.endswith(POS_EMBEDDING):
+            resized = resize_pos_embedding(old, np.shape(value), has_class_token)
+            out[path] = jnp.asarray(resized, dtype=value.dtype)
+        elif path.startswith(HEAD_PREFIX):
+            out[path] = value  # a new class count: the head starts fresh
+        else:
+            mismatched.append(f"{path}: checkpoint {np.shape(old)} vs model {np.shape(value)}")
+    problems = [f"missing in the checkpoint: {p}" for p in missing]
+    problems += [f"not in the model: {p}" for p in extra]
+    problems += [f"shape mismatch: {m}" for m in mismatched]
+    if problems:
+        raise ValueError(
+            f"the checkpoint does not fit the model ({len(problems)} problems): "
+            + "; ".join(problems)
+        )
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _head_keys(flat: dict[str, Any]) -> set[str]:
+    return {p for p in flat if p.startswith(HEAD_PREFIX)}

@@ -1,0 +1,50 @@
+"""Hooks owned by vmoe-train. This module is the reference for writing a callback plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from vmoe_plugins import hookspec
+
+if TYPE_CHECKING:  # no import at run time: vmoe_train.callbacks adds this module at its import
+    from vmoe_train.callbacks import Callback, RunInfo
+
+
+@hookspec
+def vmoe_train_callbacks() -> Mapping[str, Callable[[RunInfo], Callback]]:
+    """Training callbacks this plugin provides, by name.
+
+    Called when a run starts, to look up the names in the config's `log.callbacks` tuple (and by
+    `vmoe_train.callbacks.available_callbacks()`); not per step. Every implementation's mapping
+    is merged; a name returned by two plugins is an error naming both. The built-ins
+    ("progress", "jsonl", "tensorboard", "profile") come through this same hook.
+
+    Returns:
+      name -> factory. `factory(run)` gets the run's `vmoe_train.callbacks.RunInfo` (workdir,
+      config, start_step, num_steps, is_main_process) and returns a callback: an object with
+      every hook of `vmoe_train.callbacks.Callback` (`on_train_start`, `on_step_end`,
+      `on_eval`, `on_checkpoint`, `on_train_end`; subclass `Callback` and override the ones you
+      need, the others are no-ops). One that lacks a hook is refused with an error naming this
+      plugin. The loop then calls `on_train_start(run)`, so a callback may open its files there.
+      Metrics arrive as flat dicts of Python floats with "/"-separated names; only the main
+      process (`run.is_main_process`) should write anything.
+
+    Example::
+
+        class PrintLoss(vmoe_train.callbacks.Callback):
+            def __init__(self, run):
+                self.main = run.is_main_process
+
+            def on_step_end(self, step, metrics):
+                if self.main:
+                    print(step, metrics["train/loss"])
+
+
+        @vmoe_plugins.hookimpl
+        def vmoe_train_callbacks():
+            return {"print_loss": PrintLoss}
+
+    and `config.log.callbacks = ("progress", "print_loss")`.
+    """
+    raise NotImplementedError  # a hookspec has no body; pluggy calls the implementations

@@ -1,0 +1,116 @@
+"""Optimizer and learning-rate schedule from a config: optax, nothing hidden.
+
+    tx = make_optimizer(config.optimizer, num_steps, params)
+    clip (global norm) -> adam / adamw / sgd-momentum with the schedule -> per-param multipliers
+
+Parameters are addressed by their path "block_1/moe/experts/w_in": `frozen` (a regex) marks
+params that never change (no optimizer state either), `lr_multipliers` ((regex, m), ...) scales
+the update of matching params (first match wins; m=0 freezes too), and `weight_decay_on` (a
+regex) says which params decay (matrices, not biases, norms or position embeddings).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def param_paths(params: Any) -> Any:
+    """The tree of "a/b/c" path strings of `params` (same structure)."""
+
+    def name(path, _):
+        return "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+
+    return jax.tree_util.tree_map_with_path(name, params)
+
+
+def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine (to
+    `learning_rate * end_lr_ratio`), linear (to 0) or constant until `num_steps`."""
+    peak, warmup = float(cfg.learning_rate), int(cfg.warmup_steps)
+    decay_steps = max(num_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(cfg.end_lr_ratio))
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
+    elif cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"optimizer.schedule={cfg.schedule!r} must be one of {SCHEDULES}")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def _multiplier(path: str, frozen: str, rules: tuple[tuple[str, float], ...]) -> float:
+    if frozen and re.search(frozen, path):
+        return 0.0
+    for pattern, value in rules:
+        if re.search(pattern, path):
+            return float(value)
+    return 1.0
+
+
+def multipliers(cfg: Any, params: Any) -> Any:
+    """The tree of per-param update multipliers (0.0 = frozen) the config asks for."""
+    rules = tuple((str(p), float(m)) for p, m in cfg.lr_multipliers)
+    return jax.tree.map(lambda path: _multiplier(path, cfg.frozen, rules), param_paths(params))
+
+
+def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    """Multiplies each update by its (static) scale."""
+
+    def scale(u, s):
+        # Inside optax.multi_transform, params of another group arrive as MaskedNode.
+        return u if isinstance(u, optax.MaskedNode) else u * jnp.asarray(s, u.dtype)
+
+    def update(updates, state, params=None):
+        del params
+        is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        return jax.tree.map(scale, updates, scales, is_leaf=is_masked), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: Any, num_steps: int, params: Any) -> optax.GradientTransformation:
+    """The optax transformation for `cfg` (config.optimizer) and the params' tree."""
+    schedule = make_schedule(cfg, num_steps)
+    paths = param_paths(params)
+    decay_mask = jax.tree.map(lambda p: bool(re.search(cfg.weight_decay_on, p)), paths)
+    if cfg.name == "adam":
+        base = optax.adam(schedule, b1=float(cfg.b1), b2=float(cfg.b2))
+    elif cfg.name == "adamw":
+        base = optax.adamw(
+            schedule,
+            b1=float(cfg.b1),
+            b2=float(cfg.b2),
+            weight_decay=float(cfg.weight_decay),
+            mask=decay_mask,
+        )
+    elif cfg.name == "sgd":
+        base = optax.chain(
+            optax.add_decayed_weights(float(cfg.weight_decay), mask=decay_mask),
+            optax.sgd(schedule, momentum=float(cfg.momentum)),
+        )
+    else:
+        raise ValueError(f"optimizer.name={cfg.name!r} must be one of {OPTIMIZERS}")
+    parts = []
+    if cfg.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
+    parts.append(base)
+    scales = multipliers(cfg, params)
+    if any(s != 1.0 for s in jax.tree.leaves(scales)):
+        parts.append(_scale_by_tree(scales))
+    tx = optax.chain(*parts)
+    frozen = jax.tree.map(lambda s: "frozen" if s == 0.0 else "train", scales)
+    if "frozen" in jax.tree.leaves(frozen):
+        # Frozen params get no optimizer state at all (not just zero updates).
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen)
+    return tx

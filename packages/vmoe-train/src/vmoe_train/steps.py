@@ -1,0 +1,164 @@
+"""The pure pieces of training: create the state, one train step, one eval step.
+
+    state = create_train_state(model, optimizer, seed, sample_images, strategy)
+    train_step = make_train_step(model, optimizer, loss_kind="softmax")
+    state, metrics = train_step(state, {"image": [B, H, W, C], "labels": [B, classes]})
+    eval_step = make_eval_step(model)
+    sums = eval_step(state.params, {"image": ..., "label": [B] int, "mask": [B] bool})
+
+Both steps are plain functions of arrays (jit them where you use them; the trainer does, with the
+state donated). The randomness of step s (routing noise, dropout) is `state.step_rng()`, a
+function of the seed and s only, so a resumed run repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import vmoe_layers as vl
+from vmoe_train.losses import classification_loss
+from vmoe_train.state import TrainState
+
+Array = jax.Array
+
+
+def init_model(model: vl.VisionTransformer) -> vl.VisionTransformer:
+    """`model` with one routing group per image: the same parameters, and it initialises from
+    a single sample image whatever the training group size."""
+    if model.moe is None or model.moe.group_size is None:
+        return model
+    return model.clone(moe=dataclasses.replace(model.moe, group_size=None))
+
+
+def create_train_state(
+    model: vl.VisionTransformer,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    sample_images: Array,
+    strategy: Any = None,
+) -> TrainState:
+    """Fresh parameters and optimizer state (laid out by `strategy` when given).
+
+    `sample_images` only gives shapes (one image is enough). With a strategy the parameters are
+    created already sharded (`vmoe_layers.init_sharded`), and the optimizer state follows them.
+    """
+    root = jax.random.key(seed)
+    init_rng, train_rng = jax.random.split(root)
+    model = init_model(model)
+    if strategy is None:
+        params = jax.jit(model.init)(init_rng, sample_images)["params"]
+    else:
+        params = vl.init_sharded(strategy, model, init_rng, sample_images)
+    return state_from_params(params, optimizer, train_rng)
+
+
+def state_from_params(params: Any, optimizer: optax.GradientTransformation, rng: Array):
+    """A step-0 state around existing params (e.g. fine-tuning), optimizer state alongside."""
+    opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.random.key_data(rng),
+    )
+
+
+def global_norm(tree: Any) -> Array:
+    """sqrt of the sum of squares of every leaf (the norm gradient clipping uses)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def routing_metrics(output: vl.ModelOutput) -> dict[str, Array]:
+    """Per-MoE-block scalars: dropped choices, tokens with no expert, load balance (CV of the
+    expert load: 0 is perfectly balanced), and each unweighted aux loss."""
+    metrics = {}
+    for block, values in output.metrics.items():
+        for name in ("dropped_fraction", "no_expert_fraction"):
+            if name in values:
+                metrics[f"{block}/{name}"] = values[name]
+        if "expert_load" in values:
+            load = values["expert_load"]
+            metrics[f"{block}/load_cv"] = jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-9)
+    for block, losses in output.aux_losses.items():
+        for name, value in losses.items():
+            metrics[f"{block}/aux_{name}"] = value
+    return metrics
+
+
+def make_train_step(
+    model: vl.VisionTransformer,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss_kind: str = "softmax",
+    label_smoothing: float = 0.0,
+) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """`step(state, batch) -> (state, metrics)`: one optimizer update on batch["image"] and the
+    one-hot batch["labels"] (loss = mean task loss + the routers' weighted aux losses).
+
+    metrics: loss (task), aux_loss, total_loss, accuracy, grad_norm and `routing_metrics`.
+    """
+
+    def step(state: TrainState, batch: dict[str, Array]):
+        rng = state.step_rng()
+        rngs = {
+            vl.GATING_RNG: jax.random.fold_in(rng, 0),
+            "dropout": jax.random.fold_in(rng, 1),
+        }
+
+        def loss_fn(params):
+            out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
+            task = jnp.mean(
+                classification_loss(out.logits, batch["labels"], loss_kind, label_smoothing)
+            )
+            return task + out.aux_loss, (task, out)
+
+        (total, (task, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.argmax(out.logits, -1) == jnp.argmax(batch["labels"], -1)
+        metrics = {
+            "loss": task,
+            "aux_loss": out.aux_loss,
+            "total_loss": total,
+            "accuracy": jnp.mean(correct.astype(jnp.float32)),
+            "grad_norm": global_norm(grads),
+            **routing_metrics(out),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    model: vl.VisionTransformer,
+    *,
+    loss_kind: str = "softmax",
+    k: int | None = None,
+    capacity_factor: float | None = None,
+) -> Callable[[Any, dict[str, Array]], dict[str, Array]]:
+    """`eval_step(params, batch) -> sums` over the real (mask=True) examples of a padded batch:
+    count, correct (top-1) and loss_sum. `k` / `capacity_factor` override the routers' for
+    evaluation (static: they set shapes)."""
+
+    def eval_step(params, batch: dict[str, Array]) -> dict[str, Array]:
+        out = model.apply({"params": params}, batch["image"], k=k, capacity_factor=capacity_factor)
+        mask = batch["mask"].astype(jnp.float32)
+        labels = batch["label"]
+        onehot = jax.nn.one_hot(labels, out.logits.shape[-1])
+        loss = classification_loss(out.logits, onehot, loss_kind)
+        correct = (jnp.argmax(out.logits, -1) == labels).astype(jnp.float32)
+        sums = {
+            "count": jnp.sum(mask),
+            "correct": jnp.sum(correct * mask),
+            "loss_sum": jnp.sum(loss * mask),
+        }
+        return sums
+
+    return eval_step

@@ -1,0 +1,336 @@
+"""The training loop: a config in; a trained, evaluated and checkpointed model out.
+
+    summary = train(config, workdir)
+
+1. Validate the config against this machine (every problem at once, before compiling).
+2. Build the parts from their packages: dataset and pipelines (vmoe-data), model and sharding
+   strategy (vmoe-layers, routers from vmoe-routing), optimizer (optax), steps (`steps.py`),
+   checkpointer (orbax, `checkpoints.py`), callbacks (plugins, `callbacks.py`).
+3. Start: resume from the latest complete checkpoint in `workdir` if there is one (state and the
+   data iterator's position), else fine-tune from `finetune.init_from`, else initialise.
+4. Loop to `num_steps`: train step; log every `log.every_steps`; evaluate every
+   `eval.every_steps`; checkpoint every `checkpoint.every_steps`.
+5. Finish: evaluate the eval splits and the test split, save the last checkpoint, print and
+   return the summary (also `workdir/summary.json`).
+
+Each process reads its own shard of the data; batches become global arrays laid out by the
+strategy (`jax.make_array_from_process_local_data`), so one code path serves one device, many
+devices and many processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+import vmoe_data
+import vmoe_layers as vl
+from vmoe_train import checkpoints, finetune, optim, steps
+from vmoe_train import config as config_lib
+from vmoe_train.callbacks import Callback, RunInfo, make_callbacks
+from vmoe_train.state import TrainState
+
+
+@dataclasses.dataclass
+class Setup:
+    """The parts of a run, built from its config (see `build`)."""
+
+    config: Any
+    dataset: vmoe_data.Dataset
+    strategy: Any
+    model: vl.VisionTransformer
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+    sample_images: np.ndarray
+
+    def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's batch [L, ...] -> global arrays [B, ...] split by the strategy.
+
+        Only numeric features travel (file names and other strings stay on the host)."""
+        spec = self.strategy.batch_spec()
+        sharding = NamedSharding(self.strategy.mesh, PartitionSpec(*spec))
+        arrays = {key: np.asarray(value) for key, value in local_batch.items()}
+        return {
+            key: jax.make_array_from_process_local_data(sharding, value)
+            for key, value in arrays.items()
+            if value.dtype.kind in "biuf"
+        }
+
+    def eval_batches(self, split: str):
+        cfg = self.config
+        return vmoe_data.eval_pipeline(
+            self.dataset, split=split, batch_size=cfg.eval_batch_size, pp=cfg.pp.eval
+        )
+
+
+def initialize_distributed(cfg: Any) -> None:
+    """`jax.distributed.initialize` when the config names a coordinator ("auto": the cluster
+    environment's, e.g. SLURM). Must run before anything touches jax's backends."""
+    if not cfg.coordinator_address or jax.distributed.is_initialized():
+        return
+    # Cross-process collectives of CPU devices need gloo; the setting only concerns CPU
+    # devices, so it is harmless on accelerator hosts (and asking which backend is in use
+    # here would initialise the backends too early).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if cfg.coordinator_address == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+        )
+
+
+def tokens_per_image(model: vl.VisionTransformer, image_hwc: tuple[int, ...]) -> int:
+    """Patches of one image, plus the class token if the model has one."""
+    h, w = image_hwc[0] // model.patch_size, image_hwc[1] // model.patch_size
+    return h * w + (1 if model.classifier == "token" else 0)
+
+
+def build(config: Any) -> Setup:
+    """Every part of the run from the config (nothing is computed on devices yet)."""
+    data_dir = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
+    dataset = vmoe_data.get_dataset(config.dataset.name, **data_dir)
+    strategy_options = {}
+    if config.sharding.mesh_shape:
+        strategy_options["mesh_shape"] = tuple(config.sharding.mesh_shape)
+    strategy = vl.get_strategy(config.sharding.strategy, **strategy_options)
+    # One preprocessed example gives the image shape the model sees.
+    first = next(
+        iter(
+            vmoe_data.eval_pipeline(
+                dataset,
+                split=config.dataset.train_split,
+                batch_size=1,
+                pp=config.pp.eval,
+                process_index=0,
+                process_count=1,
+            )
+        )
+    )
+    sample = np.asarray(first["image"])
+    plain = config_lib.build_model(config, num_classes=dataset.num_classes)  # to count tokens
+    group_size = config_lib.routing_group_size(
+        config,
+        per_device_batch=config.batch_size // jax.device_count(),
+        tokens_per_image=tokens_per_image(plain, sample.shape[1:]),
+    )
+    model = config_lib.build_model(
+        config,
+        num_classes=dataset.num_classes,
+        group_size=group_size if plain.moe is not None else None,
+        exchange=strategy.exchange,
+    )
+    schedule = optim.make_schedule(config.optimizer, config.num_steps)
+    init_model = steps.init_model(model)
+    abstract_params = jax.eval_shape(lambda: init_model.init(jax.random.key(0), sample)["params"])
+    optimizer = optim.make_optimizer(config.optimizer, config.num_steps, abstract_params)
+    train_step = jax.jit(
+        steps.make_train_step(
+            model,
+            optimizer,
+            loss_kind=config.loss.kind,
+            label_smoothing=float(config.loss.label_smoothing),
+        ),
+        donate_argnums=0,
+    )
+    capacity = float(config.eval.capacity_factor) or None
+    eval_step = jax.jit(
+        steps.make_eval_step(model, loss_kind=config.loss.kind, capacity_factor=capacity)
+    )
+    return Setup(
+        config, dataset, strategy, model, optimizer, schedule, train_step, eval_step, sample
+    )
+
+
+def evaluate(setup: Setup, params: Any, split: str) -> dict[str, float]:
+    """Accuracy and mean loss of `params` on every example of `split` (padding masked)."""
+    totals: dict[str, float] = {}
+    for batch in setup.eval_batches(split):
+        sums = jax.device_get(setup.eval_step(params, setup.to_global(batch)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = max(totals.get("count", 0.0), 1.0)
+    return {
+        f"{split}/accuracy": totals["correct"] / count,
+        f"{split}/loss": totals["loss_sum"] / count,
+        f"{split}/examples": totals["count"],
+    }
+
+
+def _checkpoint_dir(path: str) -> pathlib.Path:
+    root = pathlib.Path(path)
+    return root / "checkpoints" if (root / "checkpoints").is_dir() else root
+
+
+def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
+    """(state, data iterator state or None, step, how) from a checkpoint, a fine-tuning
+    source, or a fresh initialisation, in that order."""
+    config = setup.config
+    _, train_rng = jax.random.split(jax.random.key(config.seed))
+    fresh = steps.create_train_state(
+        setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
+    )
+    if ckpt.steps():
+        restored = ckpt.restore(checkpoints.abstract_like(fresh))
+        return restored.state, restored.data_state, restored.step, f"resumed from {restored.path}"
+    if config.finetune.init_from:
+        source = _checkpoint_dir(config.finetune.init_from)
+        step = None if config.finetune.step < 0 else int(config.finetune.step)
+        loaded = checkpoints.restore_params(source, step=step)
+        params = finetune.finetune_params(
+            jax.device_get(fresh.params),
+            loaded,
+            new_head=bool(config.finetune.new_head),
+            has_class_token=setup.model.classifier == "token",
+        )
+        params = vl.shard_params(setup.strategy, params)
+        state = steps.state_from_params(params, setup.optimizer, train_rng)
+        return state, None, 0, f"fine-tuning from {source}"
+    return fresh, None, 0, "initialised from scratch"
+
+
+def train(
+    config: Any, workdir: str | pathlib.Path, *, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
+    """Trains and evaluates the config's model in `workdir` (resuming if it holds checkpoints).
+
+    Returns the summary: final accuracies and losses, steps, time, images/s, checkpoint path.
+    """
+    workdir = pathlib.Path(workdir)
+    initialize_distributed(config.distributed)
+    config_lib.check_config(
+        config, num_devices=jax.device_count(), num_processes=jax.process_count()
+    )
+    main_process = jax.process_index() == 0
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+    setup = build(config)
+    ckpt = checkpoints.Checkpointer(
+        workdir / "checkpoints",
+        every_steps=int(config.checkpoint.every_steps),
+        keep=int(config.checkpoint.keep),
+        keep_best=config.checkpoint.keep_best,
+        async_save=bool(config.checkpoint.async_save),
+    )
+    state, data_state, start, how = initial_state(setup, ckpt)
+    train_iter = iter(
+        vmoe_data.train_pipeline(
+            setup.dataset,
+            split=config.dataset.train_split,
+            batch_size=config.batch_size,
+            pp=config.pp.train,
+            seed=config.seed,
+            num_workers=config.dataset.num_workers,
+        )
+    )
+    if data_state:
+        train_iter.set_state(data_state)
+    num_steps = int(config.num_steps)
+    run = RunInfo(workdir, config, start, num_steps, main_process)
+    if main_process:
+        print(f"vmoe-train: {config.model.name} on {config.dataset.name}, {how}", flush=True)
+    listeners = [*make_callbacks(tuple(config.log.callbacks), run), *callbacks]
+    for listener in listeners:
+        listener.on_train_start(run)
+
+    config_json = config_lib.config_to_json(config)
+    log_every, eval_every = int(config.log.every_steps), int(config.eval.every_steps)
+    started = time.perf_counter()
+    window_start, window_images = started, 0
+    images_per_second = 0.0
+    last_eval: dict[str, float] = {}
+    for step in range(start + 1, num_steps + 1):
+        batch = next(train_iter)
+        state, metrics = setup.train_step(state, setup.to_global(batch))
+        window_images += config.batch_size
+        if step % log_every == 0 or step == num_steps:
+            values = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            images_per_second = window_images / max(now - window_start, 1e-9)
+            window_start, window_images = now, 0
+            values["train/learning_rate"] = float(setup.schedule(step - 1))
+            values["train/images_per_second"] = images_per_second
+            for listener in listeners:
+                listener.on_step_end(step, values)
+        if eval_every and step % eval_every == 0 and step < num_steps:
+            last_eval = _evaluate_all(setup, state.params, config.dataset.eval_splits)
+            for listener in listeners:
+                listener.on_eval(step, last_eval)
+        if ckpt.should_save(step) and step < num_steps:
+            path = ckpt.save(
+                step,
+                state,
+                data_state=train_iter.get_state(),
+                config=config_json,
+                metrics=last_eval if eval_every and step % eval_every == 0 else None,
+            )
+            if path is not None:
+                for listener in listeners:
+                    listener.on_checkpoint(step, path)
+
+    final = _evaluate_all(setup, state.params, config.dataset.eval_splits)
+    if config.dataset.test_split:
+        final.update(evaluate(setup, state.params, config.dataset.test_split))
+    for listener in listeners:
+        listener.on_eval(num_steps, final)
+    path = ckpt.save(
+        num_steps,
+        state,
+        data_state=train_iter.get_state(),
+        config=config_json,
+        metrics=final,
+        force=True,
+    )
+    ckpt.wait()
+    ckpt.close()
+    if path is None and num_steps in ckpt.steps():  # resumed at the end: it is already saved
+        path = workdir / "checkpoints" / str(num_steps)
+    if path is not None:
+        for listener in listeners:
+            listener.on_checkpoint(num_steps, path)
+    summary = {
+        "workdir": str(workdir),
+        "checkpoint": str(path) if path is not None else None,
+        "steps": num_steps,
+        "start_step": start,
+        "seconds": time.perf_counter() - started,
+        "train/images_per_second": images_per_second,
+        **final,
+    }
+    for listener in listeners:  # first: the progress bar closes before the summary prints
+        listener.on_train_end(summary)
+    if main_process:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _evaluate_all(setup: Setup, params: Any, splits: Sequence[str]) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for split in splits:
+        results.update(evaluate(setup, params, split))
+    return results
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    minutes, seconds = divmod(round(summary["seconds"]), 60)
+    lines = [
+        f"vmoe-train: done, {summary['steps']} steps in {minutes}m{seconds:02d}s "
+        f"({summary['train/images_per_second']:.0f} images/s at the end)"
+    ]
+    for key in sorted(k for k in summary if k.endswith("/accuracy")):
+        lines.append(f"  {key}: {100 * summary[key]:.2f}%")
+    lines.append(f"  run: {summary['workdir']}")
+    lines.append(f"  checkpoint: {summary['checkpoint']}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The trainer end to end, in process: a tiny V-MoE on the embedded digits, then fine-tuned
+onto another class count and resolution from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from train_worker import tiny_config
+
+import vmoe_data
+import vmoe_train
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = tiny_config(["log.callbacks=('jsonl', 'tensorboard')", "eval.every_steps=12"])
+    summary = vmoe_train.train(config, workdir)
+    return workdir, summary
+
+
+def test_summary_checkpoint_and_logs(pretrained):
+    workdir, summary = pretrained
+    assert summary["steps"] == 24 and summary["start_step"] == 0
+    assert summary["checkpoint"] == str(workdir / "checkpoints" / "24")
+    assert summary["validation/examples"] == 180 and summary["test/examples"] == 364
+    assert 0.0 <= summary["test/accuracy"] <= 1.0
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 24
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(2, 25, 2))
+    for key in (
+        "train/aux_loss",
+        "train/accuracy",
+        "train/learning_rate",
+        "train/moe_block_1/dropped_fraction",
+        "train/moe_block_1/no_expert_fraction",
+        "train/moe_block_1/load_cv",
+        "train/moe_block_1/aux_importance",
+    ):
+        assert key in train[-1], key
+    assert any("validation/accuracy" in r and r["step"] == 12 for r in records)
+    assert (workdir / "tensorboard").is_dir()
+    # The checkpoint holds the config it was trained with.
+    assert vmoe_train.read_config(workdir / "checkpoints")["model"]["name"] == "V-MoE-Nano/4"
+
+
+def test_loss_goes_down(pretrained):
+    workdir, _ = pretrained
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def _three_class_folder(root):
+    """Digits 0, 1, 2 of the embedded set as 12x12 PNGs in class folders."""
+    digits = vmoe_data.get_dataset("digits")
+    source = digits.source("train")
+    for i in range(len(source)):
+        example = source[i]
+        label = int(example["label"])
+        if label < 3:
+            folder = root / f"digit_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(example["image"][..., 0]).resize((12, 12))
+            image.save(folder / f"{i}.png")
+    return root
+
+
+def test_finetune_onto_new_classes_and_resolution(pretrained, tmp_path):
+    source_dir, _ = pretrained
+    folder = _three_class_folder(tmp_path / "images")
+    config = tiny_config(
+        [
+            f"dataset.name=image_folder:{folder}",
+            "dataset.train_split=train[:80%]",
+            "dataset.eval_splits=('train[80%:]',)",
+            "dataset.test_split=",
+            "pp.train=decode|value_range(-1, 1)|onehot(3)",
+            "pp.eval=decode|value_range(-1, 1)",
+            f"finetune.init_from={source_dir}",
+            "optimizer.frozen=^(?!head/)",  # only the new head trains
+            "num_steps=6",
+            "checkpoint.every_steps=0",
+        ]
+    )
+    workdir = tmp_path / "finetune"
+    summary = vmoe_train.train(config, workdir)
+    assert summary["train[80%:]/examples"] > 0
+
+    before = vmoe_train.restore_params(source_dir / "checkpoints")
+    after = vmoe_train.restore_params(workdir / "checkpoints")
+    assert after["head"]["kernel"].shape == (32, 3)  # a new head for 3 classes
+    assert after["pos_embedding"].shape == (1, 3 * 3 + 1, 32)  # 12x12 in 4x4 patches (was 2x2)
+    assert not np.array_equal(after["head"]["kernel"], np.zeros((32, 3)))  # it trained
+    frozen = jax.tree_util.tree_leaves_with_path(
+        {k: v for k, v in before.items() if k not in ("head", "pos_embedding")}
+    )
+    for path, value in frozen:
+        loaded = after
+        for key in path:
+            loaded = loaded[key.key]
+        np.testing.assert_array_equal(loaded, value, err_msg=jax.tree_util.keystr(path))
