@@ -7,6 +7,7 @@ orbax checkpoints on disk, SIGKILL sent by the process to itself at chosen steps
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import random
 import signal
@@ -79,6 +80,11 @@ def test_kill_9_at_random_steps_then_resume_is_bit_identical(tmp_path):
     assert summary["steps"] == 24 and summary["start_step"] >= 4
 
 
+def _losses(workdir) -> dict[int, float]:
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,11 +128,44 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
 
-    def losses(workdir):
-        lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
-
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [2, 4, 6]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def test_expert_strategy_on_8_devices_follows_one_device(tmp_path):
+    # Experts split over 8 host devices (all-to-all inside shard_map) against all experts on one
+    # device: the same model, batches and routing groups, so the same loss curve.
+    common = [
+        "--set", "model.moe.num_experts=8",
+        "--set", "model.dropout_rate=0.0",
+        "--set", "num_steps=6",
+        "--set", "checkpoint.every_steps=0",
+    ]  # fmt: skip
+    _run(tmp_path / "one", *common)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(WORKER),
+            str(tmp_path / "eight"),
+            *common,
+            "--set",
+            "sharding.strategy=expert",
+            "--set",
+            "sharding.mesh_shape=(1, 8)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+    assert sorted(one) == sorted(eight) == [2, 4, 6]
+    for step in one:
+        assert eight[step] == pytest.approx(one[step], rel=1e-4), step
+    config = vmoe_train.read_config(tmp_path / "eight" / "checkpoints")
+    assert config["sharding"]["strategy"] == "expert"
