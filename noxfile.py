@@ -7,8 +7,10 @@ upward import fails), the integration tests, and lint. `nox -l` lists every sess
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
+import subprocess
 import tomllib
 
 import nox
@@ -151,15 +153,35 @@ def bench(session: nox.Session) -> None:
     )
 
 
+def _interpreter(version: str) -> str | None:
+    """A working `python<version>`: on PATH, or under pyenv's versions folder."""
+    candidates = [shutil.which(f"python{version}")]
+    pyenv_root = pathlib.Path(os.environ.get("PYENV_ROOT", pathlib.Path.home() / ".pyenv"))
+    candidates += sorted(str(p) for p in pyenv_root.glob(f"versions/{version}.*/bin/python3"))
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "--version"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return candidate
+    return None
+
+
 @nox.session(name="lowest-routing")
 def lowest_routing(session: nox.Session) -> None:
-    """vmoe-plugins and vmoe-routing tests at the lowest versions their pyprojects allow.
+    """vmoe-plugins and vmoe-routing tests at their floors: the lowest Python their pyprojects
+    allow (3.10) and the lowest versions of their direct requirements.
 
     Every requirement of the two pyprojects (dependencies and the `test` extra) is handed to uv
     as a direct requirement with `--resolution lowest-direct`, so jax, numpy, pluggy, pytest and
-    hypothesis install at their floors (transitive ones, e.g. jaxlib, at the newest that fits).
-    Not in the default set: it downloads old wheels. A floor that fails here must be raised.
+    hypothesis install at their floors (transitive ones, e.g. jaxlib, at the newest that fits),
+    into a virtualenv of Python 3.10 (found on PATH or under pyenv; `-- --python=/path` to
+    choose). Not in the default set: it downloads old wheels. A floor that fails here must be
+    raised.
     """
+    args = [a for a in session.posargs if not a.startswith("--python=")]
+    chosen = [a.split("=", 1)[1] for a in session.posargs if a.startswith("--python=")]
+    interpreter = chosen[0] if chosen else _interpreter("3.10")
+    if interpreter is None:
+        session.error("no Python 3.10 found; pass one: nox -s lowest-routing -- --python=PATH")
     session.install("uv")
     folders = (PROJECTS["plugins"], PROJECTS["routing"])
     requirements: list[str] = []
@@ -169,11 +191,16 @@ def lowest_routing(session: nox.Session) -> None:
         for requirement in [*project.get("dependencies", []), *optional.get("test", [])]:
             if _dist_name(requirement) not in _FOLDER_BY_DIST and requirement not in requirements:
                 requirements.append(requirement)  # ours come from their folders below
-    python = str(pathlib.Path(session.bin) / "python")
+    venv = pathlib.Path(session.create_tmp()) / "floor-venv"
+    session.run("uv", "venv", "--python", interpreter, str(venv))
+    python = str(venv / "bin" / "python")
     session.run(
         *("uv", "pip", "install", "--python", python, "--resolution", "lowest-direct"),
         *(f"./{folder}" for folder in folders),
         *requirements,
     )
     session.run("uv", "pip", "list", "--python", python)
-    session.run("pytest", *(f"{folder}/tests" for folder in folders), *session.posargs)
+    session.run(python, "--version", external=True)
+    session.run(
+        python, "-m", "pytest", *(f"{folder}/tests" for folder in folders), *args, external=True
+    )

@@ -1,6 +1,7 @@
 """The shared option checks: one rule per kind of value, numpy scalars as Python ones, bools
 never passing as numbers, one-line errors naming the argument, the value and what is allowed."""
 
+import decimal
 import fractions
 
 import numpy as np
@@ -64,3 +65,26 @@ def test_str_and_choice():
         check_choice("rounding", "up", ("ceil", "floor"))
     with pytest.raises(ValueError, match=r"level=True must be one of \(0, 1\)"):
         check_choice("level", True, (0, 1))
+
+
+def test_a_huge_int_is_refused_with_the_value_error_not_an_overflow():
+    # math.isfinite(10**400) raised OverflowError.
+    with pytest.raises(ValueError, match=r"^x=1000+ must be a finite number$"):
+        check_number("x", 10**400)
+    with pytest.raises(ValueError, match=r"must be a finite number > 0$"):
+        check_number("x", fractions.Fraction(10**400, 3), above=0)
+
+
+def test_decimals_and_fractions_are_numbers():
+    # A Decimal was refused although compute_capacity takes it.
+    assert check_number("capacity_factor", decimal.Decimal("1.1"), above=0) == decimal.Decimal(
+        "1.1"
+    )
+    assert check_number("c", fractions.Fraction(11, 10), above=0) == fractions.Fraction(11, 10)
+    for bad in ("NaN", "Infinity", "-Infinity", "sNaN", "1e400"):
+        with pytest.raises(ValueError, match=r"must be a finite number > 0$"):
+            check_number("capacity_factor", decimal.Decimal(bad), above=0)
+    with pytest.raises(
+        ValueError, match=r"capacity_factor=Decimal\('-1'\) must be a finite number > 0"
+    ):
+        check_number("capacity_factor", decimal.Decimal("-1"), above=0)

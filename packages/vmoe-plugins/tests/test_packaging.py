@@ -3,7 +3,11 @@
 import importlib.metadata
 import pathlib
 import re
-import tomllib
+
+try:  # Python 3.10 (the floor) has no tomllib
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
 
 import vmoe_plugins
 

@@ -75,8 +75,29 @@ def test_option_names_are_checked_against_the_factory():
             return {"needy": lambda *, size: Widget(size)}
 
     vmoe_plugins.register_plugin(Needy(), name="needy-plugin")
-    with pytest.raises(ValueError, match=r"missing required option\(s\) \['size'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing required option\(s\) \['size'\] for widget 'needy' from needy-plugin$",
+    ):
         WIDGETS.create("needy")
+
+
+def test_both_create_errors_name_the_plugin():
+    # The option-name error named only the registered name, not the plugin it came from.
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown option\(s\) \['sise'\] for widget 'plain' from test.builtins "
+        r"\(built-in\); allowed: \['size'\]$",
+    ):
+        WIDGETS.create("plain", sise=2)
+
+
+def test_with_article_picks_a_or_an():
+    assert vmoe_plugins.with_article("Incomplete") == "an Incomplete"
+    assert vmoe_plugins.with_article("object") == "an object"
+    assert vmoe_plugins.with_article("expert type") == "an expert type"
+    assert vmoe_plugins.with_article("TopKRouter") == "a TopKRouter"
+    assert vmoe_plugins.with_article("int") == "an int"
 
 
 def test_run_time_plugin_appears_then_disappears():
@@ -145,7 +166,7 @@ def test_a_created_object_without_the_protocol_members_is_refused_naming_the_plu
     vmoe_plugins.register_plugin(Lacking(), name="lacking-plugin")
     with pytest.raises(
         ValueError,
-        match=r"widget 'lacking' from lacking-plugin is a Incomplete without \['__call__'\]; "
+        match=r"widget 'lacking' from lacking-plugin is an Incomplete without \['__call__'\]; "
         r"a widget must have \['size', '__call__'\]",
     ):
         WIDGETS.create("lacking")

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from vmoe_routing import compute_capacity
 
+ALLOWED = "a finite number > 0 (int, float, NumPy float, Fraction or Decimal)"
+
 
 def test_paper_formula_by_hand():
     # V-MoE S/32 at 224px: 49 patches + class token, 2 images a group -> S = 100 (say);
@@ -106,17 +108,21 @@ def test_numpy_integer_arguments():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
-        (dict(capacity_factor=-1.0), "capacity_factor=-1.0 must be > 0"),
-        (dict(capacity_factor=Fraction(-1, 2)), "capacity_factor=Fraction(-1, 2) must be > 0"),
-        (dict(capacity_factor=True), "capacity_factor=True must be a finite number > 0 (int, "),
+        (dict(capacity_factor=0.0), f"capacity_factor=0.0 must be {ALLOWED}"),
+        (dict(capacity_factor=-1.0), f"capacity_factor=-1.0 must be {ALLOWED}"),
+        (
+            dict(capacity_factor=Fraction(-1, 2)),
+            f"capacity_factor=Fraction(-1, 2) must be {ALLOWED}",
+        ),
+        (dict(capacity_factor=True), f"capacity_factor=True must be {ALLOWED}"),
         (dict(capacity_factor=np.bool_(True)), "must be a finite number > 0 (int, float, NumPy"),
         (dict(capacity_factor=float("nan")), "capacity_factor=nan must be a finite number > 0"),
         (dict(capacity_factor=float("inf")), "capacity_factor=inf must be a finite number > 0"),
         (dict(capacity_factor=np.float32("nan")), "must be a finite number > 0"),
         (dict(capacity_factor=decimal.Decimal("Infinity")), "must be a finite number > 0"),
         (dict(capacity_factor=decimal.Decimal("NaN")), "must be a finite number > 0"),
-        (dict(capacity_factor="1.1"), "capacity_factor='1.1' must be a finite number > 0"),
+        (dict(capacity_factor="1.1"), f"capacity_factor='1.1' must be {ALLOWED}"),
+        (dict(capacity_factor=10**400), f"capacity_factor={10**400} must be {ALLOWED}"),
         (dict(group_size=0), "group_size=0 must be an integer >= 1"),
         (dict(group_size=True), "group_size=True must be an integer >= 1"),
         (dict(group_size=16.0), "group_size=16.0 must be an integer >= 1"),
@@ -140,6 +146,16 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         compute_capacity(group_size, num_experts, k, c, **args)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "factor", [0, -1.0, Fraction(-1, 2), True, float("nan"), decimal.Decimal("NaN"), "1.1"]
+)
+def test_one_wording_for_every_bad_capacity_factor(factor):
+    # Non-positive factors said "must be > 0", the others "must be a finite number > 0 (...)".
+    with pytest.raises(ValueError) as info:
+        compute_capacity(16, 8, 1, factor)
+    assert str(info.value) == f"capacity_factor={factor!r} must be {ALLOWED}"
 
 
 # Independent reference: C = num / 10**digits, everything in Python integers (no Fraction).

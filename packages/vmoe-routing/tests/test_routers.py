@@ -1,5 +1,7 @@
 """The built-in routers: gating maths, noise, capacity at train and eval, options and errors."""
 
+import decimal
+import fractions
 import math
 
 import jax
@@ -277,3 +279,30 @@ def test_numpy_integer_capacity_multiple_of_is_accepted():
     assert router.capacity_multiple_of == 4 and type(router.capacity_multiple_of) is int
     assert router.capacity(10) == 4  # ceil(1 * 1.0 * 10 / 8) = 2, up to a multiple of 4
     assert hash(router) == hash(TopKRouter(num_experts=8, capacity_multiple_of=4))
+
+
+def test_a_decimal_capacity_factor_is_exact_in_the_router_too():
+    # compute_capacity took Decimal("1.1") but the router refused it ("must be a finite number").
+    router = TopKRouter(num_experts=4, k=1, capacity_factor=decimal.Decimal("1.1"))
+    assert router.capacity(200) == 55 == vr.compute_capacity(200, 4, 1, decimal.Decimal("1.1"))
+    assert router.replace(eval_capacity_factor=decimal.Decimal("0.9")).capacity(200) == 45
+
+
+@pytest.mark.parametrize("scale", [decimal.Decimal("0.5"), fractions.Fraction(1, 2)])
+def test_decimal_and_fraction_scales_become_floats_that_jax_can_multiply(scale):
+    router = TopKRouter(num_experts=4, k=2, noise_std=scale, load_loss_weight=scale)
+    assert router.noise_std == router.load_loss_weight == 0.5
+    assert type(router.noise_std) is float
+    params = router.init(jax.random.key(0), 3)
+    routing = router(params, jnp.ones((1, 8, 3)), rng=jax.random.key(1), deterministic=False)
+    assert np.isfinite(float(routing.aux_loss))
+
+
+def test_get_router_given_a_router_object_says_where_objects_go():
+    # Said "unknown router TopKRouter(num_experts=4, ...)" with the object's full repr.
+    with pytest.raises(ValueError) as error:
+        get_router(TopKRouter(num_experts=4))
+    assert str(error.value) == (
+        "get_router takes a registered name; got a TopKRouter object: pass router objects to "
+        "MoeLayer(router=...) / MoeConfig / create_model directly"
+    )

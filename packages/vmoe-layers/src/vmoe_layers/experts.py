@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from vmoe_plugins import Registry
+from vmoe_plugins import Registry, check_int
 
 Array = jax.Array
 Initializer = Callable[[Array, tuple[int, ...], Any], Array]
@@ -71,10 +71,14 @@ def init_stacked(spec: ParamSpec, key: Array, num_experts: int, dtype: Any) -> A
     return jax.vmap(lambda k: spec.init(k, spec.shape, dtype))(keys)
 
 
-def _check_mlp_options(mlp_dim: Any, activation: Any) -> None:
-    if not isinstance(mlp_dim, int) or mlp_dim < 1:
-        raise ValueError(f"mlp_dim={mlp_dim!r} must be an integer >= 1")
-    if activation not in ACTIVATIONS:
+def _check_mlp_options(experts: Any) -> None:
+    """Checks mlp_dim and activation of a frozen expert type; mlp_dim becomes a Python int."""
+    # The shared rule: numpy integers are integers (kept as a plain int: it is a shape and a
+    # static field), bools are not.
+    mlp_dim = check_int("mlp_dim", experts.mlp_dim, low=1)
+    object.__setattr__(experts, "mlp_dim", mlp_dim)
+    activation = experts.activation
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
 
 
@@ -95,7 +99,7 @@ class MlpExperts:
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
-        _check_mlp_options(self.mlp_dim, self.activation)
+        _check_mlp_options(self)
 
     def param_specs(self, d_model: int) -> dict[str, ParamSpec]:
         h = self.mlp_dim
@@ -130,7 +134,7 @@ class GluExperts:
     activation: str = "silu"
 
     def __post_init__(self) -> None:
-        _check_mlp_options(self.mlp_dim, self.activation)
+        _check_mlp_options(self)
 
     def param_specs(self, d_model: int) -> dict[str, ParamSpec]:
         h = self.mlp_dim

@@ -33,7 +33,7 @@ def vmoe_expert_types() -> Mapping[str, Callable[..., Any]]:
 
     Example::
 
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_expert_types():
             return {"my_ffn": MyExpertType}
     """
@@ -55,7 +55,7 @@ def vmoe_sharding_strategies() -> Mapping[str, Callable[..., Any]]:
 
     Example::
 
-        @vmoe_routing.hookimpl
+        @vmoe_plugins.hookimpl
         def vmoe_sharding_strategies():
             return {"my_layout": MyStrategy}
     """

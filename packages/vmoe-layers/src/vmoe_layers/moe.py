@@ -16,7 +16,6 @@ Shape legend: G groups, S tokens per group (group size), E experts, C capacity, 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,9 +72,9 @@ def group_tokens(x: Array, group_size: int | None) -> Array:
         raise ValueError(f"x must have shape [..., tokens, d_model]; got {x.shape}")
     num_tokens = x.size // x.shape[-1]
     s = x.shape[-2] if group_size is None else group_size
-    if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+    if not vmoe_plugins.is_int(s):  # the shared rule: numpy integers yes, bools no
         raise ValueError(f"group_size={group_size!r} must be an integer >= 1, or None")
-    s = int(s)  # numpy integers too
+    s = int(s)  # a shape: numpy integers become plain ints
     if s < 1 or num_tokens % s:
         raise ValueError(
             f"group_size={group_size!r} does not divide the {num_tokens} tokens of the input "
@@ -100,33 +99,42 @@ def _router_fields(router: Any) -> set[str]:
     return {name for name in (*OVERRIDABLE, "eval_capacity_factor") if hasattr(router, name)}
 
 
+def _static_option(name: str, value: Any) -> Any:
+    """A per-call k (a Python int) or capacity factor (as given), checked by the shared rule."""
+    if isinstance(value, jax.Array):  # traced values too
+        raise ValueError(
+            f"{name}={value!r} must be a static Python number (it sets the capacity, a "
+            f"shape): pass it outside jit, or as a static argument"
+        )
+    if name == "k":
+        return vmoe_plugins.check_int("k", value, low=1)
+    # Kept as given, not float(value): the capacity is computed exactly from the decimal the
+    # user wrote, so np.float32(1.1) must reach the router as it is (capacity(200) = 55, not 56).
+    return vmoe_plugins.check_number("capacity_factor", value, above=0)
+
+
 def override_router(router: Any, k: int | None = None, capacity_factor: float | None = None):
     """`router` with K and/or the capacity factor (training and evaluation) replaced.
 
-    Both must be static Python numbers: they set the capacity, a shape. A router supports the
-    overrides it has fields for (`eval_capacity_factor` is replaced too where it exists)."""
+    Both must be static numbers (Python or NumPy): they set the capacity, a shape. K becomes a
+    Python int; the capacity factor is passed on as given (the capacity is computed exactly from
+    it). A router supports the overrides it has fields for (`eval_capacity_factor` is replaced
+    too where it exists)."""
     fields = _router_fields(router)
     changes: dict[str, Any] = {}
-    for name, value, kind in (
-        ("k", k, numbers.Integral),
-        ("capacity_factor", capacity_factor, numbers.Real),
-    ):
+    for name, value in (("k", k), ("capacity_factor", capacity_factor)):
         if value is None:
             continue
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(
-                f"{name}={value!r} must be a static Python number (it sets the capacity, a "
-                f"shape): pass it outside jit, or as a static argument"
-            )
+        value = _static_option(name, value)
         if name not in fields:
             supported = [f for f in OVERRIDABLE if f in fields] or "nothing"
             raise ValueError(
                 f"router {type(router).__name__} has no field {name!r}, so {name}= cannot be "
                 f"overridden per call; it supports: {supported}"
             )
-        changes[name] = int(value) if name == "k" else float(value)
+        changes[name] = value
         if name == "capacity_factor" and "eval_capacity_factor" in fields:
-            changes["eval_capacity_factor"] = float(value)
+            changes["eval_capacity_factor"] = value
     if not changes:
         return router
     if not hasattr(router, "replace"):
@@ -134,7 +142,28 @@ def override_router(router: Any, k: int | None = None, capacity_factor: float | 
             f"router {type(router).__name__} has no replace(); k and capacity_factor cannot be "
             "overridden per call for it"
         )
-    return router.replace(**changes)
+    return _replace_router(router, changes)
+
+
+def _replace_router(router: Any, changes: Mapping[str, Any]) -> Any:
+    """`router.replace(**changes)`, with an unknown option a one-line ValueError listing the
+    allowed ones (the router's dataclass fields) instead of a TypeError from `replace`."""
+    if dataclasses.is_dataclass(router):
+        allowed = [f.name for f in dataclasses.fields(router) if f.init]
+        unknown = sorted(set(changes) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown router option(s) {unknown} for router {type(router).__name__}; "
+                f"allowed: {allowed}"
+            )
+    try:
+        return router.replace(**changes)
+    except TypeError as error:
+        message = " ".join(str(error).split())  # one line
+        raise ValueError(
+            f"router {type(router).__name__}.replace() refused the option(s) "
+            f"{sorted(changes)}: {message}"
+        ) from error
 
 
 class MoeLayer(nn.Module):
@@ -204,9 +233,9 @@ class MoeLayer(nn.Module):
         missing = vmoe_plugins.missing_members(router, vmoe_routing.ROUTER_MEMBERS)
         if missing:
             raise ValueError(
-                f"router={router!r} is neither a router name nor a router: a "
-                f"{type(router).__name__} without {missing}; allowed: a name in "
-                f"{vmoe_routing.available_routers()} or an object with "
+                f"router={router!r} is neither a router name nor a router: "
+                f"{vmoe_plugins.with_article(type(router).__name__)} without {missing}; "
+                f"allowed: a name in {vmoe_routing.available_routers()} or an object with "
                 f"{list(vmoe_routing.ROUTER_MEMBERS)}"
             )
         if router.num_experts != self.num_experts:
@@ -214,7 +243,7 @@ class MoeLayer(nn.Module):
                 f"router {type(router).__name__} has num_experts={router.num_experts} but the "
                 f"layer has num_experts={self.num_experts}; they must be equal"
             )
-        return router.replace(**options) if options else router
+        return _replace_router(router, options) if options else router
 
     def make_experts(self) -> Any:
         return get_expert_type(

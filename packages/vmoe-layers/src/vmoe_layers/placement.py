@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from vmoe_plugins import is_int
+
 FORMS = "'every-<n>', 'last-<n>' or a list of block indices"
 
 
@@ -34,10 +36,12 @@ def moe_block_indices(spec: str | Sequence[int] | None, num_layers: int) -> tupl
         return tuple(odd[-n:])
     indices = tuple(spec)
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
+        # The shared rule: numpy integers are indices too (returned as plain ints), bools not.
+        if not is_int(i) or not 0 <= i < num_layers:
             raise ValueError(
                 f"moe layer index {i!r} is out of range; allowed: integers 0 .. {num_layers - 1}"
             )
+    indices = tuple(int(i) for i in indices)
     if len(set(indices)) != len(indices):
         raise ValueError(f"moe layers {list(indices)} name a block twice")
     return tuple(sorted(indices))

@@ -84,7 +84,8 @@ def create_model(
       num_classes: head size; None for no head (pre-logits only).
       num_experts, moe_layers, router, router_options, group_size: the MoE part (V-MoE names
         only); defaults E=32 (4 for the CPU sizes), "every-2", "top_k", one group per image.
-        `router` is a name or a router object; `router_options` are merged over the layer's
+        `router` is a name or a router object (then E defaults to its num_experts);
+        `router_options` are merged over the layer's
         `DEFAULT_ROUTER_OPTIONS` (k=2, capacity_factor=1.05), so `{"noise_std": 0.5}` keeps
         k=2 and C=1.05. `moe_layers=()` gives the V-MoE's dense twin.
       **overrides: any other `VisionTransformer` field (classifier, dropout_rate, dtype, ...);
@@ -122,10 +123,17 @@ def create_model(
     }
     moe = None
     if family == "V-MoE":
+        if num_experts is None and not isinstance(router, str | None):
+            num_experts = router.num_experts  # a router object says how many experts it routes to
+        if num_experts is None:
+            num_experts = 4 if size_name in SMALL_SIZES else 32
+        if not isinstance(router, str | None) and router.num_experts != num_experts:
+            raise ValueError(
+                f"router {type(router).__name__} has num_experts={router.num_experts} but "
+                f"num_experts={num_experts}; they must be equal (or leave num_experts out)"
+            )
         moe = MoeConfig(
-            num_experts=(4 if size_name in SMALL_SIZES else 32)
-            if num_experts is None
-            else num_experts,
+            num_experts=num_experts,
             layers="every-2" if moe_layers is None else moe_layers,
             router="top_k" if router is None else router,
             router_options=router_options or {},

@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vmoe_layers.exchange import AllToAllExchange, ExpertExchange
 from vmoe_layers.moe import EXPERTS_KEY
-from vmoe_plugins import Registry
+from vmoe_plugins import Registry, check_int, is_int
 
 Array = jax.Array
 
@@ -63,8 +63,10 @@ def make_mesh(shape: Sequence[int], names: Sequence[str], devices=None) -> Mesh:
     """A mesh of `shape` over `devices` (default: all, in process order), axes in Auto mode."""
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(shape)
-    if any(not isinstance(n, int) or n < 1 for n in shape):
+    # The shared rule: numpy integers count (and become plain ints), bools do not.
+    if any(not is_int(n) or n < 1 for n in shape):
         raise ValueError(f"mesh_shape={shape} must be positive integers, one per axis {names}")
+    shape = tuple(int(n) for n in shape)
     if math.prod(shape) != len(devices):
         raise ValueError(
             f"mesh_shape={shape} (axes {tuple(names)}) needs {math.prod(shape)} devices; "
@@ -257,8 +259,7 @@ class FullySharded(_Strategy):
         min_size: int = 1024,
     ) -> FullySharded:
         """mesh_shape = (data, fsdp); default (1, number of devices)."""
-        if not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size={min_size!r} must be an integer >= 0")
+        min_size = check_int("min_size", min_size, low=0)  # a plain int: a static field
         return cls(_strategy_mesh("fsdp", ("data", "fsdp"), mesh_shape, devices), min_size)
 
     def param_spec(self, path, leaf) -> PartitionSpec:

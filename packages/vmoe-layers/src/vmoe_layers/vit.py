@@ -160,7 +160,11 @@ class EncoderBlock(nn.Module):
             name="attention",
         )(y, y)
         x_btd = x_btd + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm_mlp")(x_btd)
+        # A MoE block keeps its norm's output in float32: its router gates the tokens before the
+        # layer casts them to the compute dtype (a float32 gate_dtype then really gates in
+        # float32 under bfloat16 compute); the experts still compute in self.dtype.
+        norm_dtype = self.dtype if self.moe is None else jnp.promote_types(self.dtype, jnp.float32)
+        y = nn.LayerNorm(dtype=norm_dtype, param_dtype=self.param_dtype, name="norm_mlp")(x_btd)
         if self.moe is None:
             y = FeedForward(
                 self.mlp_dim,

@@ -8,9 +8,12 @@ functions named in an entry point:
     [project.entry-points.vmoe]
     my_plugin = "my_package.plugin"
 
+A package that owns a hook (declared with `@hookspec`, added with `add_hookspecs`) looks names
+up in a `Registry` built from it (a made-up "greeter" hook here; the README runs it in full):
+
     import vmoe_plugins
-    ROUTERS = vmoe_plugins.Registry("vmoe_routers", "router", members=("init", "__call__"))
-    ROUTERS.create("top_k", num_experts=8)   # lookup, option-name check, protocol check
+    GREETERS = vmoe_plugins.Registry("vmoe_greeters", "greeter", members=("greet",))
+    GREETERS.create("hello", name="vmoe")   # lookup, option-name check, protocol check
 
 The option checks in `vmoe_plugins.checks` are the one rule for integers, numbers, bools,
 strings and choices that every package applies to its options.
@@ -47,7 +50,7 @@ from vmoe_plugins.host import (
     reset,
     unregister_plugin,
 )
-from vmoe_plugins.registry import Registry, missing_members
+from vmoe_plugins.registry import Registry, missing_members, with_article
 
 __version__ = importlib.metadata.version("vmoe-plugins")
 
@@ -78,4 +81,5 @@ __all__ = [
     "register_plugin",
     "reset",
     "unregister_plugin",
+    "with_article",
 ]

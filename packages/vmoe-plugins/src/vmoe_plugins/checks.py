@@ -4,7 +4,8 @@ Plugins build their objects from options that come from Python, numpy, command l
 files, so the same value must be judged the same way everywhere:
 
 - integers: Python or numpy integers (anything `numbers.Integral`), never bools;
-- numbers: integers or reals (Python or numpy floats), finite, never bools;
+- numbers: integers, reals (Python or numpy floats, `fractions.Fraction`) or `decimal.Decimal`s,
+  finite (as a float too: 10**400 is refused), never bools;
 - bools: True/False (Python or numpy), never a truthy string or number;
 - strings: non-empty `str`; choices: one of a fixed tuple.
 
@@ -14,6 +15,7 @@ prefixed with `where` (e.g. "resize: "). numpy is recognised without being impor
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from collections.abc import Sequence
@@ -37,8 +39,19 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """True for finite Python/numpy integers and reals, False for bools."""
-    return isinstance(value, numbers.Real) and not is_bool(value) and math.isfinite(value)
+    """True for finite Python/numpy integers and reals, Fractions and Decimals; False for bools.
+
+    Finite means finite as a float too: an int or Fraction too large for a float (10**400) is
+    refused, not an OverflowError.
+    """
+    if is_bool(value) or not isinstance(value, (numbers.Real, decimal.Decimal)):
+        return False
+    if isinstance(value, decimal.Decimal) and not value.is_finite():
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError):
+        return False
 
 
 def check_int(

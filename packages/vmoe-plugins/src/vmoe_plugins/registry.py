@@ -111,9 +111,10 @@ class Registry(Generic[T]):
     def create(self, name: str, /, **options: Any) -> T:
         """Calls the factory registered as `name` with `options` and checks what it returns."""
         entry = self._lookup(name)
-        _check_options(entry.factory, options, f"{self.kind} {name!r}")
+        what = f"{self.kind} {name!r} from {entry.plugin}"
+        _check_options(entry.factory, options, what)
         created = entry.factory(**options)
-        self.check_members(created, f"{self.kind} {name!r} from {entry.plugin}")
+        self.check_members(created, what)
         return created
 
     def check_members(self, obj: Any, what: str) -> None:
@@ -121,9 +122,14 @@ class Registry(Generic[T]):
         missing = missing_members(obj, self.members)
         if missing:
             raise ValueError(
-                f"{what} is a {type(obj).__name__} without {missing}; a {self.kind} must have "
-                f"{list(self.members)}"
+                f"{what} is {with_article(type(obj).__name__)} without {missing}; "
+                f"{with_article(self.kind)} must have {list(self.members)}"
             )
+
+
+def with_article(word: str) -> str:
+    """`word` after "a" or "an", by its first letter: "an Incomplete", "a TopKRouter"."""
+    return f"{'an' if word[:1].lower() in tuple('aeiou') else 'a'} {word}"
 
 
 def missing_members(obj: Any, members: Sequence[str]) -> list[str]:

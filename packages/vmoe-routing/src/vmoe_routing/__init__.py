@@ -56,7 +56,15 @@ def get_router(name: str, /, **options) -> Router:
 
     What the plugin's factory returns is checked to have every member of the `Router` protocol
     (`ROUTER_MEMBERS`); a ValueError names the plugin, its entry point and what is missing.
+    A router object is not a name: pass it to `MoeLayer(router=...)` (or `MoeConfig`,
+    `create_model`) as it is.
     """
+    if not isinstance(name, str):
+        got = vmoe_plugins.with_article(type(name).__name__)
+        raise ValueError(
+            f"get_router takes a registered name; got {got} object: pass router objects to "
+            "MoeLayer(router=...) / MoeConfig / create_model directly"
+        )
     return ROUTERS.create(name, **options)
 
 

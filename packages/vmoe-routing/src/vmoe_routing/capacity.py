@@ -42,27 +42,19 @@ def _exact_factor(value: object) -> Fraction:
     `str` for NumPy floats, which NumPy also prints shortest), so 1.1 and np.float32(1.1) are both
     11/10. Ints, Fractions and Decimals are already exact.
     """
-    if checks.is_bool(value):
-        raise ValueError(f"capacity_factor={value!r} must be {_FACTOR_ALLOWED}, not a bool")
+    # The shared rule (vmoe_plugins.checks): finite, not a bool; one message for every failure.
+    if not (checks.is_number(value) and value > 0):
+        raise ValueError(f"capacity_factor={value!r} must be {_FACTOR_ALLOWED}")
     if isinstance(value, decimal.Decimal):
-        if not value.is_finite():
-            raise ValueError(f"capacity_factor={value!r} must be {_FACTOR_ALLOWED}")
         return Fraction(value)
     if isinstance(value, numbers.Integral):
         return Fraction(operator.index(value))
     if isinstance(value, numbers.Rational):
         return Fraction(value.numerator, value.denominator)
-    if isinstance(value, numbers.Real):
-        as_float = float(value)
-        if not math.isfinite(as_float):
-            raise ValueError(f"capacity_factor={value!r} must be {_FACTOR_ALLOWED}")
-        # np.float64 subclasses float but its repr is "np.float64(1.1)"; str is the bare digits.
-        # Python float subclasses may override both, so format the plain float instead.
-        text = str(value) if isinstance(value, np.floating) else float.__repr__(as_float)
-        return Fraction(text)
-    raise ValueError(
-        f"capacity_factor={value!r} must be {_FACTOR_ALLOWED}, not {type(value).__name__}"
-    )
+    # np.float64 subclasses float but its repr is "np.float64(1.1)"; str is the bare digits.
+    # Python float subclasses may override both, so format the plain float instead.
+    text = str(value) if isinstance(value, np.floating) else float.__repr__(float(value))
+    return Fraction(text)
 
 
 def compute_capacity(
@@ -108,8 +100,6 @@ def compute_capacity(
     num_experts = _positive_int("num_experts", num_experts)
     k = _positive_int("k", k)
     factor = _exact_factor(capacity_factor)
-    if not factor > 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r} must be one of {ROUNDINGS}")
     multiple_of = _positive_int("multiple_of", multiple_of)

@@ -24,10 +24,10 @@ def vmoe_routers() -> Mapping[str, Callable[..., Router]]:
           `vmoe_routing.Routing` (or `DenseRouting`);
         - `replace(**changes)`: a copy with some options changed (K or the capacity factor at
           inference).
-      A router that lacks one is refused at lookup with an error naming this plugin. Options
-      must include `num_experts`. For token choice, subclass `vmoe_routing.TokenChoiceRouter`
-      (a frozen dataclass whose fields are the options): it brings K, the capacity options,
-      `replace` and `assign`.
+      A router that lacks one is refused when it is created (`get_router`), with an error
+      naming this plugin. Options must include `num_experts`. For token choice, subclass
+      `vmoe_routing.TokenChoiceRouter` (a frozen dataclass whose fields are the options): it
+      brings K, the capacity options, `replace` and `assign`.
 
     Example::
 

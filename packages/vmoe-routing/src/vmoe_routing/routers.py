@@ -22,6 +22,8 @@ would still be picked if the noise were drawn again.
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import fractions
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import jax
@@ -182,11 +184,13 @@ class TopKRouter(TokenChoiceRouter):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        checks.check_number("noise_std", self.noise_std, at_least=0)
-        for field in ("importance", "load", "gshard", "z"):
-            checks.check_number(
-                f"{field}_loss_weight", getattr(self, f"{field}_loss_weight"), at_least=0
-            )
+        scales = ("noise_std", *(f"{f}_loss_weight" for f in ("importance", "load", "gshard", "z")))
+        for field in scales:
+            value = checks.check_number(field, getattr(self, field), at_least=0)
+            if isinstance(value, (decimal.Decimal, fractions.Fraction)):
+                # They multiply jax arrays, which take no Decimal or Fraction: a float is exact
+                # enough for a scale (the capacity factor is kept as given: it sets a shape).
+                object.__setattr__(self, field, float(value))
         if self.load_loss_weight > 0 and self.noise_std == 0:
             raise ValueError(
                 f"load_loss_weight={self.load_loss_weight} needs noise_std > 0 (the load loss is "

@@ -1,0 +1,177 @@
+"""A trained run, loaded for evaluation: its config, model, dataset and parameters.
+
+    run = load_run("runs/digits")                  # a run dir, its checkpoints/ or a step dir
+    for out, batch in forward(run, "test", k=1, capacity_factor=0.5, router="bpr"):
+        ...                                          # ModelOutput of each padded batch, its mask
+
+Everything is rebuilt from the config saved in the checkpoint, with the same builders the trainer
+uses (vmoe_train), so evaluation sees exactly the trained model. Inference-time changes (K, the
+capacity factor, vanilla vs BPR filling) swap the routers' settings; parameters never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+import vmoe_data
+import vmoe_layers as vl
+from vmoe_train import checkpoints, trainer
+from vmoe_train import config as config_lib
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """Attributes:
+    path: the checkpoint directory the parameters came from (`.../checkpoints`).
+    step: the step of those parameters.
+    config: the run's config (as saved with the checkpoint).
+    setup: the trainer's parts for that config (model, dataset, strategy, `to_global`).
+    params: the parameters, laid out by the strategy.
+    """
+
+    path: pathlib.Path
+    step: int
+    config: Any
+    setup: trainer.Setup
+    params: Any
+
+    @property
+    def model(self) -> vl.VisionTransformer:
+        return self.setup.model
+
+    @property
+    def dataset(self) -> vmoe_data.Dataset:
+        return self.setup.dataset
+
+
+def checkpoint_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints directory, step or None) for a run dir, its checkpoints/ or one step dir."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no run or checkpoint at {str(path)!r}: it does not exist")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if any(p.name.isdigit() for p in path.iterdir()):
+        return path, None
+    raise FileNotFoundError(
+        f"{str(path)!r} holds no checkpoint: expected a run directory (with checkpoints/), a "
+        "checkpoints directory (with <step>/ folders) or a <step>/ folder"
+    )
+
+
+def load_run(
+    path: str | pathlib.Path, step: int | None = None, *, overrides: Any = ()
+) -> LoadedRun:
+    """The run at `path` (see `checkpoint_dir`), at `step` (default: the latest readable).
+
+    `overrides` ("a.b=value" strings) change the saved config before the model is built, e.g.
+    `dataset.data_dir=...` on another machine. A checkpoint whose parameters do not fit the
+    model its config describes is an error listing every mismatching path.
+    """
+    directory, step_in_path = checkpoint_dir(path)
+    step = step_in_path if step is None else step
+    config = config_lib.config_from_json(checkpoints.read_config(directory, step))
+    config = config_lib.apply_overrides(config, list(overrides)) if overrides else config
+    config.distributed.coordinator_address = ""  # evaluation never re-initialises jax
+    setup = trainer.build(config)
+    init_model = trainer.steps.init_model(setup.model)
+    expected = jax.eval_shape(
+        lambda: init_model.init(jax.random.key(0), setup.sample_images)["params"]
+    )
+    loaded = checkpoints.restore_params(directory, step=step)
+    check_fits(expected, loaded)
+    params = vl.shard_params(setup.strategy, loaded)
+    with checkpoints.Checkpointer(directory, every_steps=0, keep=0) as listing:
+        saved_step = step if step is not None else max(listing.steps())
+    return LoadedRun(directory, saved_step, config, setup, params)
+
+
+def check_fits(expected: Any, loaded: Any) -> None:
+    """Raises a ValueError listing every path whose presence or shape differs."""
+
+    def flat(tree):
+        return {
+            jax.tree_util.keystr(path): np.shape(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    want, have = flat(expected), flat(loaded)
+    problems = [f"missing in the checkpoint: {p}" for p in sorted(set(want) - set(have))]
+    problems += [f"not in the model: {p}" for p in sorted(set(have) - set(want))]
+    problems += [
+        f"{p}: checkpoint {have[p]} vs model {want[p]}"
+        for p in sorted(set(want) & set(have))
+        if tuple(have[p]) != tuple(want[p])
+    ]
+    if problems:
+        raise ValueError(
+            f"the checkpoint does not fit the model of its config ({len(problems)} problems): "
+            + "; ".join(problems)
+        )
+
+
+def with_routing(
+    model: vl.VisionTransformer, router: str | None = None, **router_options: Any
+) -> vl.VisionTransformer:
+    """`model` with another router name (e.g. "bpr" for vanilla-trained params) and/or router
+    options; the parameter tree is unchanged (top_k, bpr and hash share it)."""
+    if model.moe is None or (router is None and not router_options):
+        return model
+    moe = model.moe
+    options = {**dict(moe.router_options), **router_options}
+    return model.clone(
+        moe=dataclasses.replace(moe, router=router or moe.router, router_options=options)
+    )
+
+
+def forward(
+    run: LoadedRun,
+    split: str,
+    *,
+    batch_size: int | None = None,
+    model: vl.VisionTransformer | None = None,
+    k: int | None = None,
+    capacity_factor: float | None = None,
+    apply_fn: Any = None,
+) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+    """(model output, batch) for every padded eval batch of `split`, in order, both global:
+    the batch's features (label, mask, ...) as host numpy arrays of the whole global batch
+    (`to_host` does the same for outputs), so every process sees every example.
+
+    Every example is in exactly one batch (`batch["mask"]` is False on padding), whatever the
+    batch size and the number of processes. `apply_fn(params, images)` (jitted once by the
+    caller) replaces the model call, for evaluators that need other outputs.
+    """
+    model = model or run.model
+    fn = apply_fn or jax.jit(
+        lambda params, images: model.apply(
+            {"params": params}, images, k=k, capacity_factor=capacity_factor
+        )
+    )
+    batches = vmoe_data.eval_pipeline(
+        run.dataset,
+        split=split,
+        batch_size=batch_size or run.config.eval_batch_size,
+        pp=run.config.pp.eval,
+    )
+    for batch in batches:
+        global_batch = run.setup.to_global(batch)
+        out = fn(run.params, global_batch.pop("image"))
+        yield out, {key: to_host(value) for key, value in global_batch.items()}
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A global array as a numpy array on this host: every process gets all of it."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
