@@ -105,3 +105,11 @@ def test_finetune_onto_new_classes_and_resolution(pretrained, tmp_path):
         for key in path:
             loaded = loaded[key.key]
         np.testing.assert_array_equal(loaded, value, err_msg=jax.tree_util.keystr(path))
+
+
+def test_closing_summary_names_accuracies_paths_and_the_eval_report(pretrained):
+    workdir, summary = pretrained
+    text = vmoe_train.trainer.format_summary(summary)
+    assert f"run: {workdir}" in text and f"checkpoint: {workdir}/checkpoints/24" in text
+    assert "test/accuracy: " in text and "validation/accuracy: " in text
+    assert f"vmoe-eval all {workdir}" in text and f"{workdir}/eval/report.md" in text

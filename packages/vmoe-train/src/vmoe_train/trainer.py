@@ -333,4 +333,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {key}: {100 * summary[key]:.2f}%")
     lines.append(f"  run: {summary['workdir']}")
     lines.append(f"  checkpoint: {summary['checkpoint']}")
+    report = pathlib.Path(summary["workdir"]) / "eval" / "report.md"
+    lines.append(
+        f"  more: vmoe-eval all {summary['workdir']}  (few-shot, capacity and K sweep, routing "
+        f"analysis; report: {report})"
+    )
     return "\n".join(lines)
