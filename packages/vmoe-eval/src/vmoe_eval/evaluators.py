@@ -26,6 +26,7 @@ trainer writes at its evaluation steps (and the final one) with the evaluators n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -240,10 +241,7 @@ def extract_features(
         run = dataclasses.replace(run, setup=dataclasses.replace(run.setup, dataset=subset))
         split = "subset"
 
-    @jax.jit
-    def pre_logits(params, images):
-        return model.apply({"params": params}, images, k=k, capacity_factor=capacity).pre_logits
-
+    pre_logits = _jitted_output(model, k, capacity, "pre_logits")
     features, labels = [], []
     for out, batch in loading.forward(run, split, batch_size=size, apply_fn=pre_logits):
         mask = np.asarray(batch["mask"], bool)
@@ -254,6 +252,20 @@ def extract_features(
 
 # ---------------------------------------------------------------------------------------------
 # accuracy
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_output(model: Any, k: int | None, capacity: float | None, output: str) -> Any:
+    """The jitted forward of `model` at (k, capacity) returning `output` ("top1": the argmax of
+    the logits; or a ModelOutput field): one compilation per distinct setting, kept across
+    `evaluate` calls (the trainer's callback evaluates the same model again and again)."""
+
+    @jax.jit
+    def forward(params, images):
+        out = model.apply({"params": params}, images, k=k, capacity_factor=capacity)
+        return jnp.argmax(out.logits, axis=-1) if output == "top1" else getattr(out, output)
+
+    return forward
 
 
 class Accuracy:
@@ -307,11 +319,7 @@ class Accuracy:
         size = _batch_size(run, self.batch_size, model)
         k, capacity = self.k, _eval_capacity(run, self.capacity_factor)
 
-        @jax.jit
-        def top1(params, images):
-            out = model.apply({"params": params}, images, k=k, capacity_factor=capacity)
-            return jnp.argmax(out.logits, axis=-1)
-
+        top1 = _jitted_output(model, k, capacity, "top1")
         results: dict[str, float] = {}
         for split in self.splits_of(run):
             correct = count = 0
