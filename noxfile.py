@@ -153,6 +153,29 @@ def bench(session: nox.Session) -> None:
     )
 
 
+@nox.session(name="bench-train")
+def bench_train(session: nox.Session) -> None:
+    """The trainer's images/s vs a bare jitted train-step loop (same model and batches).
+
+    benchmarks/bench_train.py: `vmoe_train.train` on digits_vmoe (data read step by step,
+    metrics, callbacks, async checkpoints) and the bare step in turns; exits 1 when the median
+    overhead is over 5%. Table on stdout, JSON in bench-results/train.json.
+    """
+    _install(session, PROJECTS["train"], extras="")
+    session.run("python", "benchmarks/bench_train.py", *session.posargs)
+
+
+@nox.session(name="bench-eval")
+def bench_eval(session: nox.Session) -> None:
+    """Images/s of vmoe-eval's accuracy evaluator vs the train step's forward pass, in turns.
+
+    benchmarks/bench_eval.py on the digits V-MoE; table on stdout, JSON in
+    bench-results/eval.json.
+    """
+    _install(session, PROJECTS["eval"], extras="")
+    session.run("python", "benchmarks/bench_eval.py", *session.posargs)
+
+
 def _interpreter(version: str) -> str | None:
     """A working `python<version>`: on PATH, or under pyenv's versions folder."""
     candidates = [shutil.which(f"python{version}")]

@@ -91,6 +91,39 @@ def test_moe_layer_benchmark_rows_run_in_training_mode_at_the_capacity_they_repo
     assert all(step["mode"] == "train" for step in report["train"])
 
 
+def test_train_benchmark_smoke_run_times_the_trainer_against_the_bare_loop(tmp_path):
+    """bench_train.py on a few steps: the trainer, the trainer on batches in memory and the bare
+    loop timed over the same steps, on the same batches (the same final loss), the trainers'
+    checkpoints written, and the overhead figures in the JSON."""
+    out = tmp_path / "train.json"
+    script = ROOT / "benchmarks" / "bench_train.py"
+    args = ["--steps", "30", "--warmup", "25", "--checkpoint-every", "25", "--repeats", "1"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args, "--no-fail", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["config"], report["steps"], report["batch_size"]) == ("digits_vmoe", 30, 64)
+    (repeat,) = report["repeats"]
+    for loop in ("trainer", "trainer-mem", "bare"):
+        run = repeat[loop]
+        assert (run["from_step"], run["timed_steps"]) == (25, 5)
+        assert run["images_per_second"] > 0 and run["cpu_ms_per_step"] > 0
+    assert repeat["trainer"]["checkpoints"] == repeat["trainer-mem"]["checkpoints"] == [25, 30]
+    assert report["same_final_loss"] is True
+    ratio = repeat["trainer img/s"] / repeat["bare img/s"]
+    assert report["median_ratio"] == pytest.approx(ratio)
+    assert report["median_overhead_percent"] == pytest.approx((1 - ratio) * 100)
+    data = 1 - repeat["trainer img/s"] / repeat["trainer-mem img/s"]
+    assert report["median_data_percent"] == pytest.approx(data * 100)
+    assert report["ok"] == (report["median_overhead_percent"] <= report["max_overhead_percent"])
+    assert "trainer/bare" in result.stdout and "overhead" in result.stdout
+
+
 PACKAGE_BENCHMARKS = sorted(ROOT.glob("packages/*/benchmarks/*.py")) + sorted(
     ROOT.glob("plugins/*/benchmarks/*.py")
 )
