@@ -45,6 +45,7 @@ from vmoe_eval import fewshot, loading
 from vmoe_eval.loading import LoadedRun
 from vmoe_train import checkpoints, trainer
 from vmoe_train.callbacks import Callback, RunInfo
+from vmoe_train.config import config_get
 
 __all__ = [
     "EVALUATORS",
@@ -137,22 +138,6 @@ def make_evaluators(specs: Iterable[EvaluatorSpec]) -> list[Evaluator]:
 # Options and helpers shared by the built-ins.
 
 
-def _config_get(config: Any, dotted: str, default: Any = None) -> Any:
-    """`config.a.b` for "a.b" (ConfigDict, dict or object); `default` where a part is missing."""
-    value = config
-    for part in dotted.split("."):
-        if isinstance(value, Mapping):
-            if part not in value:
-                return default
-            value = value[part]
-        else:
-            try:
-                value = getattr(value, part)
-            except (AttributeError, KeyError):
-                return default
-    return value
-
-
 def _routing_options(
     where: str, batch_size: Any, k: Any, capacity_factor: Any, router: Any
 ) -> tuple[int | None, int | None, float | None, str | None]:
@@ -185,7 +170,7 @@ def _eval_capacity(run: LoadedRun, capacity_factor: float | None) -> float | Non
     (0 = the routers' own), as the trainer's `evaluate` uses."""
     if capacity_factor is not None:
         return capacity_factor
-    return float(_config_get(run.config, "eval.capacity_factor", 0.0) or 0.0) or None
+    return float(config_get(run.config, "eval.capacity_factor", 0.0) or 0.0) or None
 
 
 def _batch_size(run: LoadedRun, batch_size: int | None, model: Any) -> int:
@@ -309,8 +294,8 @@ class Accuracy:
     def splits_of(self, run: LoadedRun) -> tuple[str, ...]:
         if self.splits is not None:
             return self.splits
-        names = list(_config_get(run.config, "dataset.eval_splits", ()) or ())
-        test = _config_get(run.config, "dataset.test_split", "")
+        names = list(config_get(run.config, "dataset.eval_splits", ()) or ())
+        test = config_get(run.config, "dataset.test_split", "")
         names += [test] if test else []
         return tuple(dict.fromkeys(names)) or ("test",)
 
@@ -434,8 +419,8 @@ class FewShot:
     def evaluate(self, run: LoadedRun) -> dict[str, float]:
         dataset = run.dataset
         num_classes = dataset.num_classes
-        train_split = self.train_split or _config_get(run.config, "dataset.train_split", "train")
-        test_split = self.test_split or _config_get(run.config, "dataset.test_split", "") or "test"
+        train_split = self.train_split or config_get(run.config, "dataset.train_split", "train")
+        test_split = self.test_split or config_get(run.config, "dataset.test_split", "") or "test"
         labels = np.asarray(dataset.labels(train_split), np.int64)
         check_shots(labels, num_classes, max(self.shots), train_split, dataset)
 
@@ -566,12 +551,12 @@ class EvalCallback(Callback):
     @classmethod
     def from_run(cls, run: RunInfo) -> EvalCallback:
         """The callback "evaluators": `config.eval.evaluators` if the config has it, else none."""
-        return cls(tuple(_config_get(run.config, "eval.evaluators", ()) or ()))
+        return cls(tuple(config_get(run.config, "eval.evaluators", ()) or ()))
 
     def on_train_start(self, run: RunInfo) -> None:
         self._run = run
         if self.every_steps is None:
-            self.every_steps = int(_config_get(run.config, "eval.every_steps", 0) or 0)
+            self.every_steps = int(config_get(run.config, "eval.every_steps", 0) or 0)
 
     def on_checkpoint(self, step: int, path: pathlib.Path) -> None:
         run = self._run

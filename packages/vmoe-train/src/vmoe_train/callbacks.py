@@ -29,12 +29,13 @@ import pathlib
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 import tqdm
 
 import vmoe_plugins
+from vmoe_train.config import config_get
 from vmoe_train.metric_writers import JsonlWriter, TensorBoardWriter
 
 
@@ -128,22 +129,6 @@ def make_callbacks(names: Iterable[str], run: RunInfo) -> list[Callback]:
     return built
 
 
-def _config_get(config: Any, dotted: str, default: Any = None) -> Any:
-    """`config.a.b` for "a.b" (ConfigDict, dict or object); `default` where a part is missing."""
-    value = config
-    for part in dotted.split("."):
-        if isinstance(value, Mapping):
-            if part not in value:
-                return default
-            value = value[part]
-        else:
-            try:
-                value = getattr(value, part)
-            except AttributeError:
-                return default
-    return value
-
-
 def _format(value: Any) -> str:
     try:
         return f"{float(value):.4g}"
@@ -181,7 +166,7 @@ class ProgressBar(Callback):
 
     @classmethod
     def from_run(cls, run: RunInfo) -> ProgressBar:
-        batch_size = _config_get(run.config, "batch_size")
+        batch_size = config_get(run.config, "batch_size")
         return cls(batch_size=batch_size if vmoe_plugins.is_int(batch_size) else None)
 
     def on_train_start(self, run: RunInfo) -> None:
@@ -346,7 +331,7 @@ class Profiler(Callback):
     def from_run(cls, run: RunInfo) -> Profiler:
         """From `config.log.profile_steps`: `(start_step, num_steps)`, or `n` for n steps from
         the first logged step (after the first step, which compiles); absent, 0 or () = off."""
-        steps = _config_get(run.config, "log.profile_steps")
+        steps = config_get(run.config, "log.profile_steps")
         if steps is None or steps == 0 or (isinstance(steps, (tuple, list)) and not steps):
             return cls(0, 0)
         if vmoe_plugins.is_int(steps) and steps > 0:

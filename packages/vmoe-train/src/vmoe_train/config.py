@@ -1072,6 +1072,23 @@ def routing_group_size(config: ConfigDict, *, per_device_batch: int, tokens_per_
 # JSON
 
 
+def config_get(config: Any, dotted: str, default: Any = None) -> Any:
+    """`config.a.b` for "a.b" (ConfigDict, dict or object); `default` where a part is missing
+    (for code that reads configs saved by older versions or written by hand)."""
+    value = config
+    for part in dotted.split("."):
+        if isinstance(value, Mapping):
+            if part not in value:
+                return default
+            value = value[part]
+        else:
+            try:
+                value = getattr(value, part)
+            except (AttributeError, KeyError):
+                return default
+    return value
+
+
 def config_to_json(config: ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
     """`config` as plain JSON data (tuples as lists), e.g. to save next to checkpoints."""
     data = config.to_dict() if isinstance(config, ConfigDict) else dict(config)
