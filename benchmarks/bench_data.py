@@ -82,7 +82,9 @@ def main() -> int:
     for label, config, model_name, image_shape in MODELS:
         batch_size = next(b for (c, _, _, _, b) in pipelines.CONFIGS if c == config)
         train_rate = training_images_per_second(model_name, image_shape, batch_size)
-        pipeline_rate = max(rate for (c, _), rate in results.items() if c == config)
+        pipeline_rate = max(
+            rate for (c, _, cache), rate in results.items() if c == config and cache is None
+        )
         ratio = pipeline_rate / train_rate
         verdict = "not the bottleneck" if ratio > 1 else "THE BOTTLENECK"
         bottleneck |= ratio <= 1

@@ -2,8 +2,11 @@
 
     python packages/vmoe-data/benchmarks/bench_pipeline.py [--seconds S] [--workers 0 2]
 
-Needs only vmoe-data (and what it depends on). Prints one line per configuration and worker
-count. Whether the pipeline keeps up with training is a question across packages, answered by
+Needs only vmoe-data (and what it depends on). Prints one line per configuration, worker count
+and way of making batches: `cache=None` (the default: vectorised where the split fits in memory
+and the ops allow) and `cache=False` (per example), with microseconds of this process's CPU per
+image (its worker processes' CPU is not counted) and the ratio of the two. Whether the pipeline
+keeps up with training is a question across packages, answered by
 the repository's `benchmarks/bench_data.py` (`nox -s bench-data`), which runs these
 configurations next to measured train steps.
 """
@@ -18,10 +21,18 @@ import time
 import numpy as np
 
 import vmoe_data
+from vmoe_data.cache import in_memory
 
 CONFIGS = [
     # (label, dataset, dataset options, pp spec, batch size)
     ("digits 8x8", "digits", {}, "decode|value_range(-1, 1)|onehot(10)", 256),
+    (
+        "digits_vmoe train spec",  # vmoe-train's digits_vmoe config: pp.train, batch_size
+        "digits",
+        {},
+        "decode|inception_crop(8, 70)|value_range(-1, 1)|onehot(10)",
+        64,
+    ),
     (
         "digits 8x8 -> 32x32 + aug",
         "digits",
@@ -39,40 +50,63 @@ CONFIGS = [
 ]
 
 
-def images_per_second(pipeline, batch_size: int, seconds: float) -> tuple[float, int]:
-    """Reads batches for about `seconds` (after 2 warm-up batches): (images/s, batches)."""
+def images_per_second(pipeline, batch_size: int, seconds: float) -> tuple[float, float, int]:
+    """Reads batches for about `seconds` (after 2 warm-up batches): (images/s, CPU us per image
+    in this process, batches)."""
     iterator = iter(pipeline)
     for _ in range(2):
         next(iterator)
-    start, batches = time.perf_counter(), 0
+    start, cpu, batches = time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - start < seconds:
         batch = next(iterator)
         assert batch["image"].shape[0] == batch_size
         batches += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if hasattr(iterator, "close"):
         iterator.close()
-    return batches * batch_size / elapsed, batches
+    images = batches * batch_size
+    return images / elapsed, cpu / images * 1e6, batches
 
 
-def measure(seconds: float, workers: list[int]) -> dict[tuple[str, int], float]:
-    """Images/s of every CONFIGS pipeline with each worker count, printed as measured."""
+CACHES = {None: "cache=None", False: "cache=False"}
+
+
+def measure(seconds: float, workers: list[int]) -> dict[tuple[str, int, bool | None], float]:
+    """Images/s of every CONFIGS pipeline with each worker count and cache setting (keys:
+    (label, workers, cache)), printed as measured."""
     data_dir = vmoe_data.default_data_dir()
     print(f"vmoe-data {vmoe_data.__version__}, {os.cpu_count()} CPUs, data dir {data_dir}")
     vmoe_data.get_dataset("digits")  # build once, outside the timings
     results = {}
     for label, name, options, pp, batch_size in CONFIGS:
         dataset = vmoe_data.get_dataset(name, **options)
+        vectorised = vmoe_data.preprocess(pp).vectorizable and (
+            in_memory(dataset.source("train"), None) is not None
+        )
         for num_workers in workers:
-            pipeline = vmoe_data.train_pipeline(
-                dataset, batch_size=batch_size, pp=pp, num_workers=num_workers, seed=0
-            )
-            rate, batches = images_per_second(pipeline, batch_size, seconds)
-            results[(label, num_workers)] = rate
-            print(
-                f"{label:28s} batch {batch_size:4d} workers {num_workers}: "
-                f"{rate:10.0f} images/s ({batches} batches)"
-            )
+            cpu = {}
+            for cache, shown in CACHES.items():
+                pipeline = vmoe_data.train_pipeline(
+                    dataset,
+                    batch_size=batch_size,
+                    pp=pp,
+                    num_workers=num_workers,
+                    seed=0,
+                    cache=cache,
+                )
+                rate, cpu[cache], batches = images_per_second(pipeline, batch_size, seconds)
+                results[(label, num_workers, cache)] = rate
+                path = "vectorised" if vectorised and cache is None else "per example"
+                print(
+                    f"{label:24s} batch {batch_size:4d} workers {num_workers} {shown:11s} "
+                    f"({path:11s}): {rate:9.0f} images/s, {cpu[cache]:7.1f} us CPU/image "
+                    f"({batches} batches)"
+                )
+            if vectorised and not num_workers:
+                print(
+                    f"  {label}: CPU per image, cache=False / cache=None: "
+                    f"{cpu[False] / cpu[None]:.1f}x"
+                )
     np.testing.assert_array_less(0, list(results.values()))
     return results
 

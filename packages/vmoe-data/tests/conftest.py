@@ -42,3 +42,12 @@ def _run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Compl
     )
     assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+@pytest.fixture(params=["vectorized", "per_example"])
+def both_paths(request, monkeypatch):
+    """Runs a test over the pipelines' vectorised path (taken for in-memory splits whose pp ops
+    all have a vectorised form) and again with every split read per example."""
+    if request.param == "per_example":
+        monkeypatch.setattr(vmoe_data.pipelines, "in_memory", lambda source, cache: None)
+    return request.param

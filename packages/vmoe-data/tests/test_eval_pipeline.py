@@ -7,6 +7,8 @@ import pytest
 
 import vmoe_data
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def evaluate(split="test", **kwargs):
     options = {"batch_size": 100, "pp": "value_range(0, 1)", "process_index": 0, "process_count": 1}

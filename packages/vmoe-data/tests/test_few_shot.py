@@ -7,6 +7,8 @@ import pytest
 
 import vmoe_data
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 LABELS = np.repeat(np.arange(4), [5, 6, 7, 8])
 
 

@@ -23,6 +23,8 @@ import json, sys
 import numpy as np
 import pytest
 import vmoe_data
+
+pytestmark = pytest.mark.usefixtures("both_paths")
 state_file, out_file = sys.argv[1:3]
 iterator = iter(vmoe_data.train_pipeline("digits", **json.loads(sys.argv[3])))
 iterator.set_state(json.load(open(state_file)))

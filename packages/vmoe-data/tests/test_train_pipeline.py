@@ -10,6 +10,8 @@ import pytest
 import vmoe_data
 from vmoe_data import ArraySource, Dataset
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 PP = "decode|random_crop(6)|flip_lr|value_range(-1, 1)|onehot(10)"
 
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 import vmoe_data
 from vmoe_data import ArraySource, Dataset
 
+pytestmark = pytest.mark.usefixtures("both_paths")
+
 
 def _numbered(n: int) -> Dataset:
     arrays = {"id": np.arange(n), "label": np.zeros(n, np.int64)}

@@ -20,6 +20,7 @@ import importlib.metadata
 
 from vmoe_data.dataset import ArraySource, Dataset, IndexedSource, Source, parse_split
 from vmoe_data.digits import DATA_DIR_ENV, default_data_dir
+from vmoe_data.draws import Draws
 from vmoe_data.few_shot import few_shot_indices
 from vmoe_data.pipelines import (
     eval_pipeline,
@@ -28,7 +29,7 @@ from vmoe_data.pipelines import (
     resolve_processes,
     train_pipeline,
 )
-from vmoe_data.preprocess import Preprocess, batch_op, preprocess
+from vmoe_data.preprocess import Preprocess, batch_op, preprocess, with_vectorized
 from vmoe_data.registry import (
     DATASETS,
     DEFAULT_DATASET,
@@ -47,6 +48,7 @@ __all__ = [
     "PP_OPS",
     "ArraySource",
     "Dataset",
+    "Draws",
     "IndexedSource",
     "Preprocess",
     "Source",
@@ -64,4 +66,5 @@ __all__ = [
     "preprocess",
     "resolve_processes",
     "train_pipeline",
+    "with_vectorized",
 ]

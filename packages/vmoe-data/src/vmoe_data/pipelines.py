@@ -6,6 +6,16 @@ an element is a pure function of (seed, its index): the same seed gives the same
 iterator state is just a position (`it.get_state()` / `it.set_state(state)`, a small
 JSON-serialisable dict), and worker processes (`num_workers`) do not change what comes out.
 
+Two ways to make a batch, with the same contract (which examples, in which order, on which
+process; masks and padding; resuming):
+- per example (any split, any ops): read, preprocess and stack L examples one by one, each
+  with its own `np.random.Generator`;
+- vectorised, when the split is held in memory (`cache`, see `vmoe_data.cache`) and every op
+  of the pp spec has a vectorised form: gather L examples from the arrays and run each op once
+  on the whole batch, random draws from `vmoe_data.Draws`. Tens of times less Python per
+  example; random ops draw other numbers than per example (same distributions), and the
+  shuffle is a per-epoch permutation by numpy instead of grain's index shuffle.
+
 Shapes: B global batch size, P processes, L = B / P local batch size (what each process gets).
 Batches are dicts of numpy arrays with leading axis L, e.g. `{"image": [L, H, W, C], ...}`;
 eval and few-shot batches also hold `"mask"`: bool [L], False on padding.
@@ -20,6 +30,7 @@ import grain
 import numpy as np
 
 from vmoe_data._iterator import ResumableDataset
+from vmoe_data.cache import in_memory
 from vmoe_data.dataset import Dataset, IndexedSource, Source
 from vmoe_data.few_shot import few_shot_indices
 from vmoe_data.preprocess import PPSpec, Preprocess, preprocess
@@ -41,6 +52,7 @@ def train_pipeline(
     num_threads: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    cache: bool | None = None,
 ) -> grain.IterDataset:
     """Training batches of L = batch_size / P examples for this process.
 
@@ -69,6 +81,9 @@ def train_pipeline(
         min(8, CPUs available / max(1, num_workers))).
       process_index, process_count: this process's place among P; default
         `jax.process_index()`, `jax.process_count()`.
+      cache: hold the split in memory: None (default) when it takes at most
+        `vmoe_data.cache.AUTO_CACHE_BYTES` and its examples stack, True whatever its size,
+        False never. In memory, batches are made by the vectorised ops where the spec allows.
 
     Returns:
       A `grain.IterDataset`; `iter(...)` gives an iterator whose `get_state()` is
@@ -84,24 +99,41 @@ def train_pipeline(
     pp = preprocess(pp)
     source = _resolve(dataset).source(split)
     _check_example(source, pp)
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=_seed(seed, _SHUFFLE))
-    ds = ds.repeat(num_epochs)
-    ds = ds.random_map(pp, seed=_seed(seed, _EXAMPLE))  # seeded by the global index: same on any P
-    if num_epochs is not None and drop_remainder:
-        usable = len(ds) // batch_size * batch_size
-        if not usable:
+    size = len(source)
+    total = None if num_epochs is None else num_epochs * size  # examples in the stream
+    if total is not None and drop_remainder:
+        total = total // batch_size * batch_size
+        if not total:
             raise ValueError(
-                f"split {split!r} has {len(source)} examples x num_epochs={num_epochs}, fewer "
+                f"split {split!r} has {size} examples x num_epochs={num_epochs}, fewer "
                 f"than batch_size={batch_size}: drop_remainder=True leaves no batch; use a "
                 "smaller batch_size, more epochs or drop_remainder=False"
             )
-        ds = ds[:usable]
-    elif not drop_remainder:
-        padded = len(ds) if num_epochs is None else math.ceil(len(ds) / batch_size) * batch_size
-        ds = grain.MapDataset.source(_MaskedPadding(ds, padded))
-    ds = ds[index::count].batch(local_batch, batch_fn=_stack_examples)
+    memory = in_memory(source, cache)
+    if memory is not None and pp.vectorizable:
+        ds = grain.MapDataset.source(
+            _StackedBatches(
+                memory.arrays,
+                pp,
+                key=_seed(seed, _EXAMPLE),
+                positions=_train_positions(batch_size, index, count),
+                total=total,
+                masked=not drop_remainder,
+                order=_EpochOrder(size, _seed(seed, _SHUFFLE) if shuffle else None),
+            )
+        )
+    else:
+        ds = grain.MapDataset.source(memory or source)
+        if shuffle:
+            ds = ds.shuffle(seed=_seed(seed, _SHUFFLE))
+        ds = ds.repeat(num_epochs)
+        ds = ds.random_map(pp, seed=_seed(seed, _EXAMPLE))  # seeded by the global index: any P
+        if total is not None and drop_remainder:
+            ds = ds[:total]
+        elif not drop_remainder:
+            padded = len(ds) if total is None else math.ceil(total / batch_size) * batch_size
+            ds = grain.MapDataset.source(_MaskedPadding(ds, padded))
+        ds = ds[index::count].batch(local_batch, batch_fn=_stack_examples)
     if pp.batch_ops:
         ds = ds.random_map(pp.apply_batch, seed=_seed(seed, _BATCH, index))
     return ResumableDataset(ds, num_workers, num_threads)
@@ -118,6 +150,7 @@ def eval_pipeline(
     num_threads: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    cache: bool | None = None,
 ) -> grain.IterDataset:
     """Every example of `split` once, in order, in ceil(N / B) batches on every process.
 
@@ -138,6 +171,7 @@ def eval_pipeline(
         num_threads=num_threads,
         process_index=process_index,
         process_count=process_count,
+        cache=cache,
     )
 
 
@@ -153,6 +187,7 @@ def few_shot_pipeline(
     num_threads: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    cache: bool | None = None,
 ) -> grain.IterDataset:
     """Eval-style batches (ordered, padded, masked) of `shots` examples per class of `split`.
 
@@ -170,6 +205,7 @@ def few_shot_pipeline(
         num_threads=num_threads,
         process_index=process_index,
         process_count=process_count,
+        cache=cache,
     )
 
 
@@ -183,6 +219,7 @@ def _eval_over(
     num_threads: int | None,
     process_index: int | None,
     process_count: int | None,
+    cache: bool | None,
 ) -> grain.IterDataset:
     seed = check_int("seed", seed, 0, 2**32 - 1)
     index, count = resolve_processes(process_index, process_count)
@@ -195,11 +232,112 @@ def _eval_over(
             "examples: remove them"
         )
     _check_example(source, pp)
-    ds = grain.MapDataset.source(source).random_map(pp, seed=_seed(seed, _EVAL))
+    memory = in_memory(source, cache)
+    if memory is not None and pp.vectorizable:
+        ds = grain.MapDataset.source(
+            _StackedBatches(
+                memory.arrays,
+                pp,
+                key=_seed(seed, _EVAL),
+                positions=_eval_positions(batch_size, index, count),
+                total=len(source),
+                masked=True,
+                order=_EpochOrder(len(source), None),
+            )
+        )
+        return ResumableDataset(ds, num_workers, num_threads)
+    ds = grain.MapDataset.source(memory or source).random_map(pp, seed=_seed(seed, _EVAL))
     padded = max(1, math.ceil(len(source) / batch_size)) * batch_size
     ds = grain.MapDataset.source(_MaskedPadding(ds, padded))
     ds = ds.batch(local_batch, batch_fn=_stack_examples)[index::count]  # b*P + p: rows b*B + p*L
     return ResumableDataset(ds, num_workers, num_threads)
+
+
+_ENDLESS = 2**62  # batches of a pipeline that repeats forever
+
+
+class _StackedBatches:
+    """The batches of a pipeline over an in-memory split, made by the vectorised ops.
+
+    Batch k of this process holds the stream positions `positions(k)` (int64 [L]); position i
+    is example `order(i)` of the split, preprocessed with draws keyed by i. With `total`
+    (stream length) set, positions past it are padding: copies of position total - 1, and
+    `"mask"` is False there. `masked` adds `"mask"` to every batch.
+    """
+
+    def __init__(self, arrays, pp, *, key, positions, total, masked, order) -> None:
+        self.arrays = arrays
+        self.pp = pp
+        self.key = key
+        self.positions = positions
+        self.total = total
+        self.masked = masked
+        self.order = order
+        self.batch_size = positions.batch_size
+        self.length = _ENDLESS if total is None else math.ceil(total / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> dict:
+        positions = self.positions(int(k))
+        ids = positions if self.total is None else np.minimum(positions, self.total - 1)
+        rows = self.order(ids)
+        batch = {name: values[rows] for name, values in self.arrays.items()}
+        batch = self.pp.apply_vectorized(batch, self.key, ids)
+        if self.masked:
+            batch["mask"] = positions < (self.total if self.total is not None else _ENDLESS)
+        return batch
+
+
+class _Positions:
+    """positions(k): the stream positions of batch k's rows on this process (int64 [L])."""
+
+    def __init__(self, batch_size: int, offsets: np.ndarray) -> None:
+        self.batch_size = batch_size  # B: positions k*B .. k*B + B - 1 form global batch k
+        self.offsets = offsets
+
+    def __call__(self, k: int) -> np.ndarray:
+        return k * self.batch_size + self.offsets
+
+
+def _train_positions(batch_size: int, index: int, count: int) -> _Positions:
+    """Process p takes rows p, p + P, ... of each global batch (as `ds[p::P].batch(L)`)."""
+    return _Positions(batch_size, np.arange(index, batch_size, count, dtype=np.int64))
+
+
+def _eval_positions(batch_size: int, index: int, count: int) -> _Positions:
+    """Process p takes rows p*L .. p*L + L - 1 of each global batch (as `batch(L)[p::P]`)."""
+    local = batch_size // count
+    return _Positions(batch_size, np.arange(index * local, (index + 1) * local, dtype=np.int64))
+
+
+class _EpochOrder:
+    """order(positions): the example at each stream position; epoch e = position // N is a
+    permutation of the split drawn from (seed, e), or the split's order with seed None."""
+
+    def __init__(self, size: int, seed: int | None) -> None:
+        self.size = size
+        self.seed = seed
+        self._recent: dict[int, np.ndarray] = {}  # epoch -> permutation (a batch spans <= 2)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        permutation = self._recent.get(epoch)
+        if permutation is None:
+            permutation = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            if len(self._recent) >= 4:
+                self._recent.clear()
+            self._recent[epoch] = permutation
+        return permutation
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        epochs, rows = np.divmod(positions, self.size)
+        if self.seed is None:
+            return rows
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            rows[here] = self._permutation(int(epoch))[rows[here]]
+        return rows
 
 
 class _MaskedPadding:

@@ -2,6 +2,12 @@
 
 Images are numpy arrays `[H, W, C]`: uint8 0..255 until `value_range` / `normalize`, which
 return float32. Geometry ops keep the dtype. Resizing uses Pillow.
+
+Every op but `resize(method="nearest")`, `resize_small(method="nearest")` and `inception_crop`
+without a size also has a vectorised form (`op.vectorized(batch, draws)`, see
+`vmoe_data.with_vectorized`) for stacked batches `[L, H, W, C]`, which pipelines use for
+in-memory splits. Its resize is `vmoe_data.resample` (Pillow's filters, done as matrix
+products); its random ops draw the same distributions from `vmoe_data.Draws`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from vmoe_data.preprocess import with_vectorized
+from vmoe_data.resample import METHODS as VECTORIZED_METHODS
+from vmoe_data.resample import crop_resize
 from vmoe_plugins import check_int, check_number, check_str, is_int
 
 _METHODS = {
@@ -42,6 +51,19 @@ def get_image(example: dict, key: str, op: str, dtypes: Sequence[str] = ()) -> n
     if dtypes and image.dtype.name not in dtypes:
         raise ValueError(f"{op}: {key!r} has dtype {image.dtype}; expected one of {list(dtypes)}")
     return image
+
+
+def get_images(batch: dict, key: str, op: str, dtypes: Sequence[str] = ()) -> np.ndarray:
+    """`batch[key]` checked to be a stacked `[L, H, W, C]` array (vectorised forms' input)."""
+    if key not in batch:
+        raise ValueError(f"{op}: the batch has no {key!r}; keys: {sorted(batch)}")
+    images = batch[key]
+    if not isinstance(images, np.ndarray) or images.ndim != 4:
+        shown = images.shape if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"{op}: {key!r} must be a stacked [L, H, W, C] array; got {shown}")
+    if dtypes and images.dtype.name not in dtypes:
+        raise ValueError(f"{op}: {key!r} has dtype {images.dtype}; expected one of {list(dtypes)}")
+    return images
 
 
 def _size(size: int | Sequence[int], op: str) -> tuple[int, int]:
@@ -88,7 +110,16 @@ def decode(channels: int | None = None, key: str = "image"):
             )
         return {**example, key: _to_channels(image, channels)}
 
-    return op
+    def vectorized(batch, draws):
+        if key not in batch:
+            raise ValueError(f"decode: the batch has no {key!r}; keys: {sorted(batch)}")
+        images = batch[key]
+        if isinstance(images, np.ndarray) and images.ndim == 3:  # [L, H, W]: one channel
+            images = images[..., None]
+        images = get_images({key: images}, key, "decode", dtypes=("uint8",))
+        return {**batch, key: _to_channels(images, channels)}
+
+    return with_vectorized(op, vectorized)
 
 
 _GRAY_MODES = ("1", "L", "LA", "La")
@@ -175,7 +206,11 @@ def resize(size: int | Sequence[int], method: str = "bilinear", key: str = "imag
         image = get_image(example, key, "resize")
         return {**example, key: _resize(image, height, width, method)}
 
-    return op
+    def vectorized(batch, draws):
+        images = get_images(batch, key, "resize")
+        return {**batch, key: _resize_batch(images, height, width, method)}
+
+    return _vectorized_unless_nearest(op, vectorized, method)
 
 
 def resize_small(size: int, method: str = "area", key: str = "image"):
@@ -186,12 +221,35 @@ def resize_small(size: int, method: str = "area", key: str = "image"):
 
     def op(example, rng):
         image = get_image(example, key, "resize_small")
-        h, w = image.shape[:2]
-        scale = size / min(h, w)
-        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-        return {**example, key: _resize(image, new_h, new_w, method)}
+        return {**example, key: _resize(image, *_small_size(*image.shape[:2], size), method)}
 
-    return op
+    def vectorized(batch, draws):
+        images = get_images(batch, key, "resize_small")
+        out = _small_size(*images.shape[1:3], size)
+        return {**batch, key: _resize_batch(images, *out, method)}
+
+    return _vectorized_unless_nearest(op, vectorized, method)
+
+
+def _small_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) scaled so that the shorter side is `size`."""
+    scale = size / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize_batch(images: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+    """`_resize` of every image of a stacked batch (same size in, same size out)."""
+    count, full_h, full_w = images.shape[:3]
+    if (full_h, full_w) == (height, width):
+        return images
+    zeros = np.zeros(count, np.int64)
+    return crop_resize(
+        images, zeros, zeros, zeros + full_h, zeros + full_w, (height, width), method
+    )
+
+
+def _vectorized_unless_nearest(op, vectorized, method: str):
+    return with_vectorized(op, vectorized) if method in VECTORIZED_METHODS else op
 
 
 def _crop(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -217,7 +275,13 @@ def central_crop(size: int | Sequence[int], key: str = "image"):
         top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
         return {**example, key: _crop(image, top, left, height, width)}
 
-    return op
+    def vectorized(batch, draws):
+        images = get_images(batch, key, "central_crop")
+        _fits(images[0], height, width, "central_crop")
+        top, left = (images.shape[1] - height) // 2, (images.shape[2] - width) // 2
+        return {**batch, key: images[:, top : top + height, left : left + width]}
+
+    return with_vectorized(op, vectorized)
 
 
 def random_crop(size: int | Sequence[int], key: str = "image"):
@@ -232,7 +296,23 @@ def random_crop(size: int | Sequence[int], key: str = "image"):
         left = int(rng.integers(0, image.shape[1] - width + 1))
         return {**example, key: _crop(image, top, left, height, width)}
 
-    return op
+    def vectorized(batch, draws):
+        images = get_images(batch, key, "random_crop")
+        _fits(images[0], height, width, "random_crop")
+        top = draws.integers(0, images.shape[1] - height + 1)
+        left = draws.integers(0, images.shape[2] - width + 1)
+        return {**batch, key: _crop_batch(images, top, left, height, width)}
+
+    return with_vectorized(op, vectorized)
+
+
+def _crop_batch(
+    images: np.ndarray, top: np.ndarray, left: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """images [L, H, W, C] -> [L, height, width, C]: example l's window at (top[l], left[l])."""
+    rows = top[:, None, None] + np.arange(height)[None, :, None]
+    cols = left[:, None, None] + np.arange(width)[None, None, :]
+    return images[np.arange(len(images))[:, None, None], rows, cols]
 
 
 def inception_crop(
@@ -278,7 +358,28 @@ def inception_crop(
             crop = _resize(crop, *out_size, method)
         return {**example, key: crop}
 
-    return op
+    def vectorized(batch, draws):
+        images = get_images(batch, key, "inception_crop")
+        h, w = images.shape[1:3]
+        tries = 10
+        area = h * w * draws.uniform(area_min, area_max, size=tries) / 100  # [L, tries]
+        ratio = np.exp(draws.uniform(*log_ratio, size=tries))
+        widths = np.round(np.sqrt(area * ratio)).astype(np.int64)  # half to even, as round()
+        heights = np.round(np.sqrt(area / ratio)).astype(np.int64)
+        fits = (widths > 0) & (widths <= w) & (heights > 0) & (heights <= h)
+        first = np.argmax(fits, axis=1)  # the first try that fits
+        found = fits.any(axis=1)
+        rows = np.arange(len(images))
+        side = min(h, w)
+        crop_h = np.where(found, heights[rows, first], side)
+        crop_w = np.where(found, widths[rows, first], side)
+        top = np.where(found, draws.integers(0, h - crop_h + 1), (h - side) // 2)
+        left = np.where(found, draws.integers(0, w - crop_w + 1), (w - side) // 2)
+        return {**batch, key: crop_resize(images, top, left, crop_h, crop_w, out_size, method)}
+
+    if out_size is None:  # crops of different sizes do not stack
+        return op
+    return with_vectorized(op, vectorized)
 
 
 def flip_lr(probability: float = 0.5, key: str = "image"):
@@ -294,7 +395,12 @@ def flip_lr(probability: float = 0.5, key: str = "image"):
             image = image[:, ::-1]
         return {**example, key: image}
 
-    return op
+    def vectorized(batch, draws):
+        images = get_images(batch, key, "flip_lr")
+        flip = (draws.uniform() < probability)[:, None, None, None]
+        return {**batch, key: np.where(flip, images[:, :, ::-1], images)}
+
+    return with_vectorized(op, vectorized)
 
 
 def value_range(
@@ -313,12 +419,17 @@ def value_range(
         )
     scale = (vmax - vmin) / (in_max - in_min)
 
-    def op(example, rng):
-        image = get_image(example, key, "value_range", dtypes=_NUMERIC)
+    def rescale(image):
         out = (image.astype(np.float32) - np.float32(in_min)) * np.float32(scale)
-        return {**example, key: out + np.float32(vmin)}
+        return out + np.float32(vmin)
 
-    return op
+    def op(example, rng):
+        return {**example, key: rescale(get_image(example, key, "value_range", _NUMERIC))}
+
+    def vectorized(batch, draws):
+        return {**batch, key: rescale(get_images(batch, key, "value_range", _NUMERIC))}
+
+    return with_vectorized(op, vectorized)
 
 
 def normalize(
@@ -338,18 +449,22 @@ def normalize(
             f"std > 0 and scale={scale!r} > 0"
         )
 
-    def op(example, rng):
-        image = get_image(example, key, "normalize", dtypes=_NUMERIC)
+    def standardise(image):
         for name, stat in (("mean", mean_c), ("std", std_c)):
             if len(stat) not in (1, image.shape[-1]):
                 raise ValueError(
                     f"normalize: {name} has {len(stat)} values for an image with "
                     f"{image.shape[-1]} channels"
                 )
-        out = (image.astype(np.float32) / np.float32(scale) - mean_c) / std_c
-        return {**example, key: out}
+        return (image.astype(np.float32) / np.float32(scale) - mean_c) / std_c
 
-    return op
+    def op(example, rng):
+        return {**example, key: standardise(get_image(example, key, "normalize", _NUMERIC))}
+
+    def vectorized(batch, draws):
+        return {**batch, key: standardise(get_images(batch, key, "normalize", _NUMERIC))}
+
+    return with_vectorized(op, vectorized)
 
 
 def _per_channel(name: str, value) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vmoe_data.preprocess import batch_op
+from vmoe_data.preprocess import batch_op, with_vectorized
 from vmoe_plugins import check_int, check_number, check_str
 
 
@@ -25,22 +25,33 @@ def onehot(
     check_str("key", key, "onehot: ")
     check_str("key_result", key_result, "onehot: ")
 
-    def op(example, rng):
-        if key not in example:
-            raise ValueError(f"onehot: the example has no {key!r}; keys: {sorted(example)}")
-        labels = np.asarray(example[key])
-        if labels.dtype.kind not in "iu" or labels.ndim > 1:
+    def encode(values: dict, rank: int, what: str) -> dict:
+        """values[key]: rank `rank` (one example) or `rank + 1` int labels -> values[key_result]."""
+        if key not in values:
+            raise ValueError(f"onehot: the {what} has no {key!r}; keys: {sorted(values)}")
+        labels = np.asarray(values[key])
+        if labels.dtype.kind not in "iu" or not rank <= labels.ndim <= rank + 1:
+            shape = labels.shape[rank:]
             raise ValueError(
                 f"onehot: {key!r} must be an int or a 1-D int array; got dtype {labels.dtype} "
-                f"shape {labels.shape}"
+                f"shape {shape}"
             )
         if labels.size and (labels.min() < 0 or labels.max() >= depth):
-            raise ValueError(f"onehot: label {labels.tolist()} outside [0, depth={depth})")
-        vector = np.full((depth,), off, dtype=np.float32)
-        vector[labels.reshape(-1)] = on
-        return {**example, key_result: vector}
+            bad = labels if labels.ndim == 0 else labels[(labels < 0) | (labels >= depth)]
+            raise ValueError(f"onehot: label {bad.tolist()} outside [0, depth={depth})")
+        lead = labels.shape[:rank]  # () for one example, (L,) for a batch
+        vectors = np.full((*lead, depth), off, dtype=np.float32)
+        flat = labels.reshape(*lead, -1)  # [..., labels per example]
+        np.put_along_axis(vectors, flat, np.float32(on), axis=-1)
+        return {**values, key_result: vectors}
 
-    return op
+    def op(example, rng):
+        return encode(example, 0, "example")
+
+    def vectorized(batch, draws):
+        return encode(batch, 1, "batch")
+
+    return with_vectorized(op, vectorized)
 
 
 def mixup(alpha: float = 0.2, keys: tuple[str, ...] | list[str] = ("image", "labels")):
@@ -90,4 +101,4 @@ def keep(*keys: str):
             raise ValueError(f"keep: the example has no {missing}; keys: {sorted(example)}")
         return {k: example[k] for k in keys}
 
-    return op
+    return with_vectorized(op, lambda batch, draws: op(batch, None))

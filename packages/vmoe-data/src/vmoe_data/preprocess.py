@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from vmoe_data.draws import Draws
+
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
@@ -29,6 +31,23 @@ Op = Callable[[Example, np.random.Generator], Example]
 def batch_op(op: Op) -> Op:
     """Marks `op` as a batch op: it gets and returns whole batches (leading axis B)."""
     op.batched = True  # type: ignore[attr-defined]
+    return op
+
+
+VectorizedOp = Callable[[Example, Draws], Example]
+
+
+def with_vectorized(op: Op, vectorized: VectorizedOp) -> Op:
+    """Gives the per-example op `op` a vectorised form, `vectorized(batch, draws) -> batch`.
+
+    The vectorised form does to a stacked batch (every value with a leading axis L, images
+    `[L, H, W, C]`) what `op` does to each example, drawing its randomness from `draws`
+    (`vmoe_data.Draws`: numbers per example, whatever the batch) instead of `rng`. Pipelines use
+    it when the split is held in memory and every op of the spec has one: one numpy call per
+    batch instead of one Python call per example. Deterministic ops must give what `op` gives;
+    random ops the same distribution (their draws differ from the per-example path's).
+    """
+    op.vectorized = vectorized  # type: ignore[attr-defined]
     return op
 
 
@@ -65,6 +84,18 @@ class Preprocess:
         for _, op in self.example_ops:
             example = op(example, rng)
         return example
+
+    @property
+    def vectorizable(self) -> bool:
+        """True if every per-example op has a vectorised form (see `with_vectorized`)."""
+        return all(hasattr(op, "vectorized") for _, op in self.example_ops)
+
+    def apply_vectorized(self, batch: Example, key: int, ids: np.ndarray) -> Example:
+        """The per-example ops' vectorised forms on a stacked batch; row j is the example with
+        stream id `ids[j]`, and op k draws from `Draws(key, ids, stream=k)`."""
+        for stream, (_, op) in enumerate(self.example_ops):
+            batch = op.vectorized(batch, Draws(key, ids, stream))  # type: ignore[attr-defined]
+        return batch
 
     def apply_batch(self, batch: Example, rng: np.random.Generator) -> Example:
         """Applies the batch ops to a batch (a dict of arrays with leading axis B)."""
