@@ -229,6 +229,7 @@ RULES = [
     (["log.every_steps=-1"], {}, "log.every_steps"),
     (["checkpoint.keep=0"], {}, "checkpoint.keep"),
     (["dataset.num_workers=-1"], {}, "dataset.num_workers"),
+    (["dataset.cache=sometimes"], {}, "dataset.cache"),
     (["dataset.name=digitz"], {}, "dataset.name"),
     (["dataset.train_split=trian"], {}, "dataset.train_split"),
     (["dataset.eval_splits=validation,nope"], {}, "dataset.eval_splits[1]"),

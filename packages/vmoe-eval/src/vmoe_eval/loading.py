@@ -161,6 +161,7 @@ def forward(
         split=split,
         batch_size=batch_size or run.config.eval_batch_size,
         pp=run.config.pp.eval,
+        cache=config_lib.data_cache(run.config),
     )
     for batch in batches:
         global_batch = run.setup.to_global(batch)

@@ -41,6 +41,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
+DATA_CACHE = {"auto": None, "always": True, "never": False}  # -> vmoe_data pipelines' `cache`
 KEEP_BEST_METRICS = ("accuracy", "loss")
 # Dicts of free-form options: any key may be added (by an override or a config file).
 OPEN_FIELDS = ("model.moe.router_options",)
@@ -520,6 +521,7 @@ def _check_numbers(checker: _Checker) -> None:
     """Ranges of the plain numbers and choices that no other check reads."""
     checker.int_("seed", 0)
     checker.int_("dataset.num_workers", 0)
+    checker.choice("dataset.cache", tuple(DATA_CACHE), "dataset cache setting")
     checker.int_("num_steps", 1)
     checker.int_("model.mlp_dim", 0)
     checker.number("model.dropout_rate", 0, 1, high_open=True)
@@ -1070,6 +1072,12 @@ def routing_group_size(config: ConfigDict, *, per_device_batch: int, tokens_per_
 
 # ---------------------------------------------------------------------------------------------
 # JSON
+
+
+def data_cache(config: Any) -> bool | None:
+    """The vmoe_data pipelines' `cache` argument for `config.dataset.cache` ("auto" where a
+    config saved before the field existed has none)."""
+    return DATA_CACHE[config_get(config, "dataset.cache", "auto")]
 
 
 def config_get(config: Any, dotted: str, default: Any = None) -> Any:

@@ -70,7 +70,11 @@ class Setup:
     def eval_batches(self, split: str):
         cfg = self.config
         return vmoe_data.eval_pipeline(
-            self.dataset, split=split, batch_size=cfg.eval_batch_size, pp=cfg.pp.eval
+            self.dataset,
+            split=split,
+            batch_size=cfg.eval_batch_size,
+            pp=cfg.pp.eval,
+            cache=config_lib.data_cache(cfg),
         )
 
 
@@ -232,6 +236,7 @@ def train(
             pp=config.pp.train,
             seed=config.seed,
             num_workers=config.dataset.num_workers,
+            cache=config_lib.data_cache(config),
         )
     )
     if data_state:

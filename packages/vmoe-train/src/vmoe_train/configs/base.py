@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_splits = ("validation",)  # evaluated every `eval.every_steps`
     c.dataset.test_split = "test"  # evaluated once at the end ("" = none)
     c.dataset.num_workers = 0  # grain worker processes for the train pipeline
+    # Hold splits in memory, so batches are made by vmoe-data's vectorised ops: "auto" (splits
+    # up to 64 MiB whose examples stack), "always" (any size), "never" (read per example).
+    c.dataset.cache = "auto"
 
     c.pp = ml_collections.ConfigDict()
     c.pp.train = "decode|value_range(-1, 1)|onehot(10)"  # vmoe_data preprocess specs
