@@ -114,6 +114,37 @@ def test_glu_experts_equal_the_token_loop():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), fast[1], ref[1])
 
 
+def test_bfloat16_dispatch_rounds_expert_inputs_and_outputs_only():
+    """As the original release's bfloat16 dispatcher: each expert sees its tokens rounded to
+    bfloat16 and its outputs are rounded to bfloat16 before the float32 combine; the router
+    still gates the float32 tokens."""
+    layer = _layer("top_k", {"k": 2}, 1.0, dispatch_dtype=jnp.bfloat16)
+    x = _x()
+    params = _params(layer, x)
+    out = layer.apply({"params": params}, x)
+    x_gsd = x.reshape(-1, T, D)
+
+    def rounded(a):
+        return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+    def expert_one(p, e, x_d):
+        return rounded(reference.mlp_expert(p, e, rounded(x_d)))
+
+    router = layer.make_router()
+    choices = reference.kept_choices(router, params["router"], x_gsd)
+    y_ref, _ = reference.moe_by_loop(router, expert_one, params, x_gsd, choices)
+    np.testing.assert_allclose(out.output, y_ref.reshape(x.shape), **TOL)
+    plain = layer.clone(dispatch_dtype=None).apply({"params": params}, x)
+    assert out.output.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(out.output - plain.output))) > 1e-4  # the rounding is real
+
+
+def test_unknown_dispatch_dtype_is_named():
+    layer = _layer("top_k", {"k": 2}, 1.0, dispatch_dtype="bfloat17")
+    with pytest.raises(ValueError, match="dispatch_dtype='bfloat17'"):
+        layer.init(jax.random.key(0), _x())
+
+
 class DenseMlp(nn.Module):
     """The ViT MLP block written with flax Dense layers: an independent dense reference."""
 

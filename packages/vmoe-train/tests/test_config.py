@@ -222,6 +222,9 @@ RULES = [
     (["optimizer.end_lr_ratio=2"], {}, "optimizer.end_lr_ratio"),
     (["model.dropout_rate=1.0"], {}, "model.dropout_rate"),
     (["model.mlp_dim=-1"], {}, "model.mlp_dim"),
+    (["model.representation_size=-1"], {}, "model.representation_size"),
+    (["model.classifier=map"], {}, "model.classifier"),
+    (["model.moe.dispatch_dtype=float16"], {}, "model.moe.dispatch_dtype"),
     (["loss.label_smoothing=1.0"], {}, "loss.label_smoothing"),
     (["eval.every_steps=-1"], {}, "eval.every_steps"),
     (["eval.capacity_factor=-1"], {}, "eval.capacity_factor"),
@@ -437,6 +440,22 @@ def test_build_model_follows_the_config():
     assert cfg.routing_group_size(config, per_device_batch=64, tokens_per_image=17) == 8 * 17
     config = vmoe("model.moe.group_images=0")
     assert cfg.routing_group_size(config, per_device_batch=64, tokens_per_image=17) == 64 * 17
+
+
+def test_build_model_takes_the_original_release_options():
+    config = vmoe(
+        "model.classifier=gap", "model.representation_size=32", "model.moe.dispatch_dtype=bfloat16"
+    )
+    assert cfg.validate_config(config) == []
+    model = cfg.build_model(config, num_classes=10, group_size=128)  # 16 tokens: no class token
+    assert model.classifier == "gap" and model.representation_size == 32
+    assert model.moe.dispatch_dtype == "bfloat16"
+    plain = cfg.build_model(vmoe(), num_classes=10)
+    assert plain.representation_size is None and plain.moe.dispatch_dtype is None
+    older = cfg.config_from_json(cfg.config_to_json(vmoe()))  # a config saved before them
+    del older.model["classifier"], older.model["representation_size"]
+    del older.model.moe["dispatch_dtype"]
+    assert cfg.build_model(older, num_classes=10).classifier == "token"
 
 
 def test_json_round_trip():

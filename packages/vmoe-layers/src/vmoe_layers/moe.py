@@ -190,6 +190,10 @@ class MoeLayer(nn.Module):
         experts locally (same parameters), so a model can be initialised from a single image.
       dispatch_path: "index" (default: gathers by index, no [G, S, E, C] tensor) or "einsum"
         (the one-hot reference: `Routing.to_dense()` and einsums; for tests and benchmarks).
+      dispatch_dtype: None (default), or a dtype (e.g. jnp.bfloat16) the expert buffers are
+        rounded to on their way to and back from the experts, as the original V-MoE release's
+        bfloat16 dispatcher did (to halve all-to-all traffic): the experts still compute in
+        `dtype` on the rounded inputs, and the rounded outputs are combined in `dtype`.
 
     Call: `layer(x, deterministic=True, k=None, capacity_factor=None) -> MoeOutput` with x of
     shape [..., T, D]. `deterministic=False` is training: gating noise (rng collection
@@ -210,6 +214,7 @@ class MoeLayer(nn.Module):
     param_dtype: Any = jnp.float32
     exchange: ExpertExchange | None = None
     dispatch_path: str = "index"
+    dispatch_dtype: Any = None
 
     def make_router(self) -> Any:
         """The router this layer uses: built from its name, or the given object (checked)."""
@@ -245,6 +250,12 @@ class MoeLayer(nn.Module):
             )
         return _replace_router(router, options) if options else router
 
+    def _round_buffers(self, x_gecd: Array) -> Array:
+        """Expert buffers in `dtype`, through `dispatch_dtype` first when it is set."""
+        if self.dispatch_dtype is not None:
+            x_gecd = x_gecd.astype(self.dispatch_dtype)
+        return x_gecd.astype(self.dtype)
+
     def make_experts(self) -> Any:
         return get_expert_type(
             self.expert_type, mlp_dim=self.mlp_dim, **dict(self.expert_options or {})
@@ -265,6 +276,16 @@ class MoeLayer(nn.Module):
             raise ValueError(
                 f"dispatch_path={self.dispatch_path!r} must be one of {DISPATCH_PATHS}"
             )
+        if self.dispatch_dtype is not None:
+            try:
+                floating = jnp.issubdtype(jnp.dtype(self.dispatch_dtype), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(
+                    f"dispatch_dtype={self.dispatch_dtype!r} must be None or a floating dtype, "
+                    "e.g. jnp.bfloat16 or 'bfloat16'"
+                )
         d = x.shape[-1]
         # The router sees the tokens before the compute-dtype cast, so a float32 gate_dtype gates
         # in float32 even when the experts compute in bfloat16.
@@ -303,7 +324,7 @@ class MoeLayer(nn.Module):
         if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
             routing = routing.to_dense()
 
-        x_gecd = vmoe_routing.dispatch(x_gsd, routing)
+        x_gecd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
 
         def expert_fn(params_e, x_etd):
             return experts(params_e, x_etd, dtype=self.dtype)
@@ -312,7 +333,7 @@ class MoeLayer(nn.Module):
         # (often one image) need not split into as many groups as the exchange has devices.
         exchange = run_local_experts if self.is_initializing() else self.exchange
         y_gecd = exchange_or_local(exchange)(expert_fn, expert_params, x_gecd)
-        y_gsd = vmoe_routing.combine(y_gecd.astype(self.dtype), routing)
+        y_gsd = vmoe_routing.combine(self._round_buffers(y_gecd), routing)
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(
             output=y_gsd.reshape(x.shape).astype(self.dtype),

@@ -46,6 +46,8 @@ class MoeConfig:
       group_size: tokens per routing group (must divide batch x tokens); None: one image each.
       expert_type: expert type of the MoE layers; None: the model's `mlp_type`.
       expert_options: its options besides mlp_dim; None: the model's `mlp_options`.
+      dispatch_dtype: None, or the dtype expert buffers are rounded to on the way to and from
+        the experts ("bfloat16" as the original V-MoE release; see `MoeLayer.dispatch_dtype`).
     """
 
     num_experts: int
@@ -55,6 +57,7 @@ class MoeConfig:
     group_size: int | None = None
     expert_type: str | None = None
     expert_options: Mapping[str, Any] | None = None
+    dispatch_dtype: Any = None
 
     def __post_init__(self) -> None:
         # Hashable (flax modules holding this config can be hashed, e.g. as static jit args).
@@ -189,6 +192,7 @@ class EncoderBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             exchange=self.exchange,
+            dispatch_dtype=moe.dispatch_dtype,
             name="moe",
         )(y, deterministic=deterministic, k=k, capacity_factor=capacity_factor)
         return x_btd + out.output, out

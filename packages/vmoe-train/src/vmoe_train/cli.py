@@ -5,6 +5,10 @@
 
 The config is validated before anything compiles; its problems are printed all at once (exit
 status 2). Then `vmoe_train.trainer.train(config, workdir)` runs and prints its own summary.
+
+    vmoe-train convert ckpts/vmoe_s32_last2_ilsvrc2012 --config=vmoe_s32_i1k --workdir=runs/s32
+
+converts a checkpoint of the original V-MoE release into a run (`vmoe_train.original`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ options:
   -h, --help               show this message
 
 The config is validated before anything compiles, every problem at once (exit status 2).
+
+  {PROG} convert CHECKPOINT ...   convert an original V-MoE checkpoint (see {PROG} convert -h)
+"""
+CONVERT_USAGE = f"""\
+usage: {PROG} convert CHECKPOINT --workdir=DIR [--config=NAME|PATH] [--config.FIELD=VALUE ...]
+
+Converts a checkpoint of the original V-MoE release (CHECKPOINT: its prefix, or its .index file,
+with the .data-nnnnn-of-mmmmm shards beside it) into a run every vmoe tool reads: an orbax
+checkpoint DIR/checkpoints/0 with the parameters and a config. The config is --config (default:
+{DEFAULT_CONFIG}) with its model taken from the checkpoint and the release's routing settings
+(K=2, capacity multiple of 4, evaluation capacity factor 4.0, groups of 8 images, bfloat16
+dispatch), then the --config.FIELD overrides. Its dataset must have the head's classes and its
+pp the checkpoint's image size (every mismatch is reported, by path, at once).
+
+  vmoe-eval all DIR                                      evaluate it
+  {PROG} --config=... --config.finetune.init_from=DIR    fine-tune from it
 """
 FLAGS = ("--config", "--workdir", "--check", "--list-configs", "--help")
 
@@ -65,9 +85,10 @@ class _Args:
         self.check = False
         self.list_configs = False
         self.help = False
+        self.positional: list[str] = []
 
 
-def _parse(argv: Sequence[str]) -> _Args:
+def _parse(argv: Sequence[str], *, positional: bool = False) -> _Args:
     args = _Args()
     i = 0
     while i < len(argv):
@@ -101,6 +122,8 @@ def _parse(argv: Sequence[str]) -> _Args:
             if not field:
                 raise _UsageError(f"{arg!r}: name a field, e.g. --config.model.moe.router=bpr")
             args.overrides.append(f"{field}={take_value()}")
+        elif positional and not arg.startswith("-"):
+            args.positional.append(arg)
         else:
             hint = difflib.get_close_matches(flag, FLAGS, n=1)
             maybe = f" (did you mean {hint[0]}?)" if hint else ""
@@ -138,6 +161,8 @@ def _tune_cpu_malloc() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `vmoe-train` with `argv` (default: sys.argv[1:]); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        return _convert(argv[1:])
     try:
         args = _parse(argv)
     except _UsageError as error:
@@ -196,4 +221,49 @@ def _check(config, processes: int, distributed: bool) -> int:
         return 2
     where = "devices not checked" if devices is None else f"{devices} device(s)"
     print(f"OK ({where}, {processes} process(es))")
+    return 0
+
+
+def _convert(argv: Sequence[str]) -> int:
+    """`vmoe-train convert CHECKPOINT --workdir=DIR ...` (see CONVERT_USAGE)."""
+    try:
+        args = _parse(argv, positional=True)
+        if args.help:
+            print(CONVERT_USAGE, end="")
+            return 0
+        if args.check or args.list_configs:
+            raise _UsageError("--check and --list-configs are not options of convert")
+        if len(args.positional) != 1:
+            raise _UsageError(f"convert takes one CHECKPOINT; got {args.positional or 'none'}")
+        if args.workdir is None:
+            raise _UsageError("convert needs --workdir=DIR (where the converted run goes)")
+    except _UsageError as error:
+        print(f"{PROG} convert: {error}\nTry '{PROG} convert --help'.", file=sys.stderr)
+        return 2
+    from vmoe_train.original import FormatError, TreeMismatchError, convert
+
+    try:
+        config = load_config(args.config)
+        converted = convert(args.positional[0], args.workdir, config, args.overrides)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, FormatError, TreeMismatchError) as error:
+        print(f"{PROG} convert: {error}", file=sys.stderr)
+        return 1
+    arch = converted.architecture
+    experts = (
+        f"{arch.num_experts} experts in blocks {list(arch.moe_layers)}"
+        if arch.moe_layers
+        else "no MoE blocks"
+    )
+    print(
+        f"{PROG} convert: {converted.config.model.name} ({experts}; {arch.classifier} "
+        f"classifier; {arch.num_classes} classes), {converted.num_arrays} arrays\n"
+        f"  checkpoint: {converted.checkpoint}\n"
+        f"  evaluate: vmoe-eval all {args.workdir}\n"
+        f"  fine-tune: {PROG} --config=... --config.finetune.init_from={args.workdir}"
+    )
+    if converted.skipped:
+        print(f"  not parameters, not converted: {len(converted.skipped)} arrays")
     return 0

@@ -42,6 +42,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 LOSSES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
 DATA_CACHE = {"auto": None, "always": True, "never": False}  # -> vmoe_data pipelines' `cache`
+DISPATCH_DTYPES = ("", *DTYPES)  # "" = the compute dtype
+CLASSIFIERS = ("token", "gap")
 KEEP_BEST_METRICS = ("accuracy", "loss")
 # Dicts of free-form options: any key may be added (by an override or a config file).
 OPEN_FIELDS = ("model.moe.router_options",)
@@ -524,6 +526,8 @@ def _check_numbers(checker: _Checker) -> None:
     checker.choice("dataset.cache", tuple(DATA_CACHE), "dataset cache setting")
     checker.int_("num_steps", 1)
     checker.int_("model.mlp_dim", 0)
+    checker.int_("model.representation_size", 0)
+    checker.choice("model.classifier", CLASSIFIERS, "classifier")
     checker.number("model.dropout_rate", 0, 1, high_open=True)
     checker.choice("model.dtype", DTYPES, "dtype")
     checker.choice("loss.kind", LOSSES, "loss")
@@ -785,7 +789,8 @@ def _check_model(checker: _Checker, dataset: Any, images: _Images, devices: int 
                     name,
                 )
             else:
-                tokens = (hw[0] // p) * (hw[1] // p) + (model.classifier == "token")
+                class_token = checker.get("model.classifier") != "gap"
+                tokens = (hw[0] // p) * (hw[1] // p) + class_token
     if not _is_moe(checker):
         return  # model.moe is ignored for a dense ViT
     num_experts = checker.int_("model.moe.num_experts", 1)
@@ -800,6 +805,7 @@ def _check_model(checker: _Checker, dataset: Any, images: _Images, devices: int 
                 layers,
             )
     checker.choice("model.moe.expert_type", vmoe_layers.available_expert_types(), "expert type")
+    checker.choice("model.moe.dispatch_dtype", DISPATCH_DTYPES, "dispatch dtype")
     _check_router(checker, num_experts)
     _check_groups(checker, tokens, devices)
     if model is not None and not any(path.startswith("model.") for path in checker.bad):
@@ -1028,10 +1034,11 @@ def build_model(
 ) -> Any:
     """The (uninitialised) `vmoe_layers.VisionTransformer` that `config.model` describes.
 
-    `model.name` is the preset; `model.mlp_dim` (if > 0), `model.dropout_rate` and `model.dtype`
-    replace its values; a V-MoE takes `model.moe` (experts, layers, router and its options,
-    expert type). `group_size` is the tokens per routing group (see `routing_group_size`; None:
-    one image), `exchange` the sharding strategy's.
+    `model.name` is the preset; `model.mlp_dim` (if > 0), `model.dropout_rate`, `model.dtype`,
+    `model.classifier` and `model.representation_size` (if > 0) replace its values; a V-MoE
+    takes `model.moe` (experts, layers, router and its options, expert type, dispatch dtype).
+    `group_size` is the tokens per routing group (see `routing_group_size`; None: one image),
+    `exchange` the sharding strategy's.
     """
     import jax.numpy as jnp
 
@@ -1048,11 +1055,15 @@ def build_model(
             "router_options": moe.router_options.to_dict(),
             "group_size": group_size,
         }
+    # Fields newer than some saved configs: read with their defaults.
+    representation_size = int(config_get(model_config, "representation_size", 0))
     model = vmoe_layers.create_model(
         model_config.name,
         num_classes=num_classes,
         dropout_rate=float(model_config.dropout_rate),
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
+        classifier=config_get(model_config, "classifier", "token"),
+        representation_size=representation_size or None,
         exchange=exchange,
         **moe_options,
     )
@@ -1060,7 +1071,11 @@ def build_model(
     if model_config.mlp_dim:
         updates["mlp_dim"] = int(model_config.mlp_dim)
     if model.moe is not None:
-        updates["moe"] = dataclasses.replace(model.moe, expert_type=model_config.moe.expert_type)
+        updates["moe"] = dataclasses.replace(
+            model.moe,
+            expert_type=model_config.moe.expert_type,
+            dispatch_dtype=config_get(model_config, "moe.dispatch_dtype", "") or None,
+        )
     return model.clone(**updates) if updates else model
 
 

@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.0
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
     c.model.mlp_dim = 0  # 0 = the preset's; set it for a dense twin of equal per-token FLOPs
+    c.model.classifier = "token"  # "token" (a class token) or "gap" (mean of the patch tokens)
+    c.model.representation_size = 0  # > 0: a Dense + tanh pre-logits layer of this size
     c.model.moe = ml_collections.ConfigDict()  # ignored for a dense "ViT-..." model
     c.model.moe.num_experts = 4
     c.model.moe.layers = "every-2"  # "every-2", "last-2", ... or a tuple of block indices
@@ -44,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.moe.router_options = ml_collections.ConfigDict({"k": 2, "capacity_factor": 1.05})
     c.model.moe.expert_type = "mlp"
     c.model.moe.group_images = 0  # images per routing group; 0 = the per-device batch
+    c.model.moe.dispatch_dtype = ""  # "bfloat16": round expert buffers to it (the V-MoE release)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # "softmax" or "sigmoid" cross-entropy

@@ -1,0 +1,188 @@
+"""Convert an original V-MoE checkpoint into a vmoe-train run, and export a run back.
+
+    converted = convert("ckpts/vmoe_s32_last2_ilsvrc2012", "runs/s32",
+                        config=load_config("vmoe_s32_i1k"))
+    run = vmoe_eval.load_run("runs/s32")                        # evaluate it
+    # fine-tune it: vmoe-train --config=... --config.finetune.init_from=runs/s32
+    export_run("runs/s32", "exported/s32")                     # back to the original format
+
+A converted run is what training writes: `workdir/checkpoints/0/` (an orbax checkpoint: the
+parameters, a fresh optimizer state, the config), so every vmoe tool reads it directly. Its config
+is the given one (the dataset, preprocessing, optimizer...) with the `model` section taken from
+the checkpoint (sizes, MoE blocks, classifier, representation layer) and the release's routing
+settings (`vmoe_train.original.architecture`), then the `overrides` on top.
+
+Before anything is written, the config is validated and the checkpoint is compared with the
+model the config builds: every missing, extra and mis-shaped array is reported at once, by its
+original path (`TreeMismatchError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from vmoe_train import checkpoints, steps, trainer
+from vmoe_train import config as config_lib
+from vmoe_train.original.architecture import Architecture, infer_architecture, model_fields
+from vmoe_train.original.files import read_checkpoint, write_checkpoint
+from vmoe_train.original.mapping import (
+    check_fit,
+    flatten,
+    original_names,
+    params_from_original,
+    params_to_original,
+)
+
+PARAMS = "params"
+EXPERTS = "/Moe/Mlp/"  # original arrays with a leading expert axis
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """What `convert` wrote.
+
+    Attributes:
+      checkpoint: the step directory (`workdir/checkpoints/<step>`).
+      config: the run's config (saved with the checkpoint).
+      architecture: the model read from the original checkpoint.
+      num_arrays: parameter arrays converted.
+      skipped: arrays of a full training state that are not parameters (not converted).
+    """
+
+    checkpoint: pathlib.Path
+    config: ConfigDict
+    architecture: Architecture
+    num_arrays: int
+    skipped: tuple[str, ...]
+
+
+def parameters_only(arrays: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(the parameters, the other paths). The release's checkpoints hold only parameters; a
+    training checkpoint of the same code holds `params/...` beside the optimizer state."""
+    if not any(path.startswith(f"{PARAMS}/") for path in arrays):
+        return dict(arrays), ()
+    params = {p[len(PARAMS) + 1 :]: a for p, a in arrays.items() if p.startswith(f"{PARAMS}/")}
+    others = tuple(sorted(p for p in arrays if not p.startswith(f"{PARAMS}/")))
+    return params, others
+
+
+def converted_config(
+    arch: Architecture, base: ConfigDict, overrides: Sequence[str] = ()
+) -> ConfigDict:
+    """`base` with the model of `arch` and the release's MoE settings, then `overrides`."""
+    config = ConfigDict(base.to_dict())
+    fields = model_fields(arch)
+    moe = fields.pop("moe")
+    with config.ignore_type():
+        for key, value in fields.items():
+            config.model[key] = value
+        for key, value in moe.items():
+            config.model.moe[key] = ConfigDict(value) if isinstance(value, Mapping) else value
+    return config_lib.apply_overrides(config, list(overrides)) if overrides else config
+
+
+def _abstract_params(setup: trainer.Setup) -> Any:
+    model = steps.init_model(setup.model)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), setup.sample_images))[PARAMS]
+
+
+def _hints(arch: Architecture, setup: trainer.Setup) -> list[str]:
+    """Why the usual mismatches happen: the dataset's classes, the images' size."""
+    hints = []
+    classes = setup.dataset.num_classes
+    if arch.num_classes is not None and arch.num_classes != classes:
+        hints.append(
+            f"the checkpoint's head has {arch.num_classes} classes, dataset "
+            f"{setup.config.dataset.name!r} has {classes}: convert with a config of a dataset "
+            f"of {arch.num_classes} classes (e.g. --config=vmoe_s32_i1k for ILSVRC2012), then "
+            "fine-tune from the converted run with finetune.new_head"
+        )
+    height, width = np.shape(setup.sample_images)[1:3]
+    if arch.image_size is not None and (height, width) != (arch.image_size, arch.image_size):
+        hints.append(
+            f"the checkpoint's position embeddings fit {arch.image_size}x{arch.image_size} "
+            f"images, the config's pp.eval makes {height}x{width}: set pp.eval (and pp.train) to "
+            f"that size; fine-tuning resizes them"
+        )
+    return hints
+
+
+def convert(
+    checkpoint: str | os.PathLike,
+    workdir: str | os.PathLike,
+    config: ConfigDict | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    step: int = 0,
+) -> Converted:
+    """Converts the original checkpoint `checkpoint` (its prefix or `.index` file) into the run
+    `workdir` (see the module doc). `config` defaults to vmoe-train's default config.
+
+    Raises:
+      FileNotFoundError: no such checkpoint, or a data shard it names is missing.
+      FormatError: a file is not in the original format (every problem of it at once).
+      ConfigError: the resulting config is invalid (every problem at once).
+      TreeMismatchError: the arrays do not fit the model (every path at once).
+      FileExistsError: `workdir` already holds checkpoints.
+    """
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if config_lib.checkpoint_steps(directory):
+        raise FileExistsError(
+            f"{str(directory)!r} already holds checkpoints; convert into a new workdir"
+        )
+    arrays, skipped = parameters_only(read_checkpoint(checkpoint))
+    shapes = {path: tuple(np.shape(a)) for path, a in arrays.items()}
+    arch = infer_architecture(shapes)
+    base = config if config is not None else config_lib.load_config(config_lib.DEFAULT_CONFIG)
+    config = converted_config(arch, base, overrides)
+    config_lib.check_config(config, num_devices=jax.device_count())
+    setup = trainer.build(config)
+    abstract = flatten(_abstract_params(setup))
+    expected = original_names({path: leaf.shape for path, leaf in abstract.items()})
+    check_fit(expected, shapes, hints=_hints(arch, setup))
+    params = params_from_original(arrays)
+    params = jax.tree.map(
+        lambda x, leaf: np.asarray(x, dtype=leaf.dtype), params, _abstract_params(setup)
+    )
+    _, rng = jax.random.split(jax.random.key(config.seed))
+    state = steps.state_from_params(params, setup.optimizer, rng)
+    with checkpoints.Checkpointer(directory, every_steps=0, keep=0) as writer:
+        path = writer.save(
+            step, state, data_state={}, config=config_lib.config_to_json(config), force=True
+        )
+    assert path is not None  # a new directory: nothing newer, nothing at this step
+    return Converted(path, config, arch, len(arrays), skipped)
+
+
+def export_params(
+    params: Mapping[str, Any], prefix: str | os.PathLike, *, num_shards: int = 1
+) -> list[pathlib.Path]:
+    """Writes our params tree as an original checkpoint `prefix` (experts split over
+    `num_shards` shards along their expert axis, as the release stored them)."""
+    arrays = {path: np.asarray(value) for path, value in params_to_original(params).items()}
+    return write_checkpoint(
+        prefix, arrays, num_shards=num_shards, split=lambda path: EXPERTS in path
+    )
+
+
+def export_run(
+    run: str | os.PathLike,
+    prefix: str | os.PathLike,
+    *,
+    step: int | None = None,
+    num_shards: int = 1,
+) -> list[pathlib.Path]:
+    """Exports the parameters of a run (a run dir or its checkpoints/; `step` default: the
+    latest) as an original checkpoint `prefix`."""
+    root = pathlib.Path(run)
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    params = checkpoints.restore_params(directory, step=step)
+    return export_params(params, prefix, num_shards=num_shards)
