@@ -118,6 +118,30 @@ def test_files_laid_out_by_hand_as_the_release_does_are_read(tmp_path):
     np.testing.assert_array_equal(back["b/bias"], bias)
 
 
+def test_nil_leaves_of_a_saved_training_state_are_not_arrays(tmp_path):
+    """A whole training state's index holds nil where the tree held None (jax does not number
+    them): the arrays after it keep their numbers."""
+    a, b = np.ones(2, np.float32), np.arange(3, dtype=np.float32)
+
+    def entry(x):
+        shape_dtype = msgpack.packb([list(x.shape), "float32", False, {}], use_bin_type=True)
+        slice_nd = msgpack.packb(_box((0, x.size)), use_bin_type=True)
+        return _ext(8, [shape_dtype, [slice_nd], [0]])
+
+    def chunk(x):
+        pieces = [_ext(1, [list(x.shape), "float32", x.tobytes()])]
+        return [[pieces, _ext(6, _box((0, x.size)))]]
+
+    index = {"shard_count": 1, "version": "20220622"}
+    index["index"] = {"opt_state": {"a": entry(a), "mask": None}, "params": {"b": entry(b)}}
+    shard = {"__msgpack_array_chunk_a87ca2__": True, "0": chunk(a), "1": chunk(b)}
+    (tmp_path / "s.index").write_bytes(msgpack.packb(index, use_bin_type=True))
+    shard_path(tmp_path / "s", 0, 1).write_bytes(msgpack.packb(shard, use_bin_type=True))
+    back = read_checkpoint(tmp_path / "s")
+    assert list(back) == ["opt_state/a", "params/b"]
+    np.testing.assert_array_equal(back["params/b"], b)
+
+
 def test_our_arrays_are_flax_msgpack_arrays(tmp_path, tree):
     """The release's arrays are flax.serialization's (extension type 1): flax reads ours."""
     write_checkpoint(tmp_path / "c", {"head/bias": tree["head/bias"]})
@@ -152,6 +176,18 @@ def test_a_missing_index_names_the_file_and_the_ones_there(tmp_path, tree):
     write_checkpoint(tmp_path / "real", tree)
     with pytest.raises(FileNotFoundError, match=r"typo\.index' does not exist.*real\.index"):
         read_checkpoint(tmp_path / "typo")
+
+
+def test_a_directory_or_a_file_that_is_no_checkpoint_is_named(tmp_path, tree):
+    write_checkpoint(tmp_path / "ckpts/s32", tree)
+    with pytest.raises(FileNotFoundError, match=r"'.*ckpts\.index' does not exist.*s32\.index"):
+        read_checkpoint(tmp_path / "ckpts")  # the folder, not the prefix: its index is named
+    (tmp_path / "notes.index").write_text("not a checkpoint\n")
+    with pytest.raises(FormatError, match=r"notes\.index: not a msgpack document"):
+        read_checkpoint(tmp_path / "notes")
+    (tmp_path / "list.index").write_bytes(msgpack.packb([1, 2]))
+    with pytest.raises(FormatError, match=r"list\.index: an index holds 'shard_count'.*list"):
+        read_checkpoint(tmp_path / "list")
 
 
 def test_a_garbled_file_is_a_format_error_naming_it(tmp_path, tree):

@@ -10,12 +10,16 @@ A checkpoint `PREFIX` is the files (see `vmoe_train.original.wire` for their enc
 
 `tree` is the checkpoint's tree of parameters (nested maps, names as in the original model) with
 an index entry at every leaf: the array's shape, dtype, the n-d slices it was cut into and the
-shard holding each. Arrays are numbered depth-first with the keys of every map sorted; a shard
+shard holding each (or nil where the saved tree held None: not an array, not numbered, as jax
+flattens it). Arrays are numbered depth-first with the keys of every map sorted; a shard
 maps such a number `i` to the chunks it holds: [[pieces, n-d slice], ...], where the pieces
 are 1-d arrays whose concatenation is the chunk, flattened. Arrays split over devices (the
 experts) are cut into several slices, usually in different shards; replicated arrays are one
 slice. A checkpoint without "version" (written before 2022-06-22) numbers its arrays the same
-way for trees of plain maps, which parameter trees are.
+way for trees of plain maps, which parameter trees (the release's checkpoints) are; such a
+checkpoint of a whole training state was numbered in its pytree order, which the file does not
+record; reading it assumes the sorted order, and only slices or sizes that then disagree show
+that it was another.
 
 Reading checks everything it can and reports every problem of a file at once (`FormatError`):
 missing shards, slices out of bounds, chunks of the wrong shape or dtype, parts of an array that
@@ -73,7 +77,9 @@ def read_index(prefix: str | os.PathLike) -> tuple[dict[str, IndexEntry], int]:
     prefix = checkpoint_prefix(prefix)
     index_file = pathlib.Path(f"{prefix}{INDEX_SUFFIX}")
     if not index_file.is_file():
-        near = sorted(p.name for p in index_file.parent.glob(f"*{INDEX_SUFFIX}"))[:5]
+        # A directory given for the prefix: the checkpoints are probably inside it.
+        folder = prefix if prefix.is_dir() else index_file.parent
+        near = sorted(str(p) for p in folder.glob(f"*{INDEX_SUFFIX}"))[:5]
         hint = f"; index files there: {near}" if near else ""
         raise FileNotFoundError(
             f"no checkpoint at prefix {str(prefix)!r}: {str(index_file)!r} does not exist{hint}"
@@ -95,6 +101,8 @@ def read_index(prefix: str | os.PathLike) -> tuple[dict[str, IndexEntry], int]:
     entries: dict[str, IndexEntry] = {}
     problems = []
     for path, leaf in _walk(content["index"]):
+        if leaf is None:
+            continue  # a None of the saved tree (e.g. an optimizer's): no array, no number
         if not isinstance(leaf, IndexEntry):
             problems.append(f"{path}: a leaf of the index must be an index entry, not {leaf!r}")
             continue
