@@ -47,5 +47,5 @@ def test_a_checkpoint_of_another_model_config_is_one_clear_error(trained, tmp_pa
     code = cli.main(["accuracy", str(workdir), "--set", "model.moe.num_experts=8"])
     assert code == 2
     error = capsys.readouterr().err
-    assert "does not fit the model of its config" in error
+    assert "the checkpoint does not fit the model" in error
     assert "checkpoint (4, " in error and "vs model (8, " in error

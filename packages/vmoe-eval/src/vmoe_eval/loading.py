@@ -18,11 +18,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 import vmoe_data
 import vmoe_layers as vl
 from vmoe_train import checkpoints, trainer
 from vmoe_train import config as config_lib
+from vmoe_train.mismatch import check_fit
 
 
 @dataclasses.dataclass
@@ -87,35 +89,16 @@ def load_run(
         lambda: init_model.init(jax.random.key(0), setup.sample_images)["params"]
     )
     loaded = checkpoints.restore_params(directory, step=step)
-    check_fits(expected, loaded)
+    check_fit(_shapes(expected), _shapes(loaded))
     params = vl.shard_params(setup.strategy, loaded)
     with checkpoints.Checkpointer(directory, every_steps=0, keep=0) as listing:
         saved_step = step if step is not None else max(listing.steps())
     return LoadedRun(directory, saved_step, config, setup, params)
 
 
-def check_fits(expected: Any, loaded: Any) -> None:
-    """Raises a ValueError listing every path whose presence or shape differs."""
-
-    def flat(tree):
-        return {
-            jax.tree_util.keystr(path): np.shape(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-        }
-
-    want, have = flat(expected), flat(loaded)
-    problems = [f"missing in the checkpoint: {p}" for p in sorted(set(want) - set(have))]
-    problems += [f"not in the model: {p}" for p in sorted(set(have) - set(want))]
-    problems += [
-        f"{p}: checkpoint {have[p]} vs model {want[p]}"
-        for p in sorted(set(want) & set(have))
-        if tuple(have[p]) != tuple(want[p])
-    ]
-    if problems:
-        raise ValueError(
-            f"the checkpoint does not fit the model of its config ({len(problems)} problems): "
-            + "; ".join(problems)
-        )
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return {path: np.shape(leaf) for path, leaf in flat.items()}
 
 
 def with_routing(

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vmoe_train.mismatch import TreeMismatchError
+
 HEAD_PREFIX = "head/"
 POS_EMBEDDING = "pos_embedding"
 
@@ -67,15 +69,9 @@ def finetune_params(
         elif path.startswith(HEAD_PREFIX):
             out[path] = value  # a new class count: the head starts fresh
         else:
-            mismatched.append(f"{path}: checkpoint {np.shape(old)} vs model {np.shape(value)}")
-    problems = [f"missing in the checkpoint: {p}" for p in missing]
-    problems += [f"not in the model: {p}" for p in extra]
-    problems += [f"shape mismatch: {m}" for m in mismatched]
-    if problems:
-        raise ValueError(
-            f"the checkpoint does not fit the model ({len(problems)} problems): "
-            + "; ".join(problems)
-        )
+            mismatched.append((path, np.shape(old), np.shape(value)))
+    if missing or extra or mismatched:
+        raise TreeMismatchError(missing, extra, mismatched)
     return traverse_util.unflatten_dict(out, sep="/")
 
 

@@ -11,6 +11,7 @@ the original forward pass (`architecture`), the conversion (`convert`): one modu
 
 from __future__ import annotations
 
+from vmoe_train.mismatch import TreeMismatchError
 from vmoe_train.original.architecture import (
     RELEASE_MOE,
     RELEASE_ROUTER_OPTIONS,
@@ -28,7 +29,6 @@ from vmoe_train.original.convert import (
 )
 from vmoe_train.original.files import read_checkpoint, read_index, write_checkpoint
 from vmoe_train.original.mapping import (
-    TreeMismatchError,
     check_fit,
     params_from_original,
     params_to_original,

@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from vmoe_train import mismatch
+from vmoe_train.mismatch import TreeMismatchError
+
 ENCODER = "Encoder"
 _TOP = {
     "embedding": "embedding",
@@ -154,31 +157,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-class TreeMismatchError(ValueError):
-    """Arrays missing, extra or of the wrong shape, every one named by its original path.
-
-    Attributes:
-      missing: paths the model needs that the checkpoint lacks.
-      extra: paths in the checkpoint that the model has no place for.
-      mismatched: (path, checkpoint shape, model shape) of arrays present on both sides.
-    """
-
-    def __init__(self, missing, extra, mismatched, hints=()):
-        self.missing, self.extra, self.mismatched = list(missing), list(extra), list(mismatched)
-        problems = [f"missing in the checkpoint: {p}" for p in self.missing]
-        problems += [f"not in the model: {p}" for p in self.extra]
-        problems += [
-            f"shape mismatch: {p}: checkpoint {c} vs model {m}" for p, c, m in self.mismatched
-        ]
-        message = (
-            f"the checkpoint does not fit the model ({len(problems)} problem(s)): "
-            + "; ".join(problems)
-        )
-        if hints:
-            message += " (" + "; ".join(hints) + ")"
-        super().__init__(message)
-
-
 def original_names(expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Our {path: shape} as {original path: shape}; a ValueError names paths without one."""
     renamed = {path: to_original(path) for path in expected_shapes}
@@ -197,17 +175,8 @@ def check_fit(
     hints: Any = (),
 ) -> None:
     """Raises `TreeMismatchError` listing every missing, extra and mismatched path (all names
-    original, `found` possibly with aliases), or returns when they agree."""
-    canonical = {_unalias(path): path for path in found}
-    missing = sorted(set(expected) - set(canonical))
-    extra = sorted(canonical[p] for p in set(canonical) - set(expected))
-    mismatched = [
-        (canonical[p], tuple(found[canonical[p]]), tuple(expected[p]))
-        for p in sorted(set(expected) & set(canonical))
-        if tuple(found[canonical[p]]) != tuple(expected[p])
-    ]
-    if missing or extra or mismatched:
-        raise TreeMismatchError(missing, extra, mismatched, hints)
+    original, `found` possibly with vit_jax's aliases), or returns when they agree."""
+    mismatch.check_fit(expected, found, hints=hints, name=_unalias)
 
 
 def params_from_original(arrays: Mapping[str, Any]) -> dict[str, Any]:
