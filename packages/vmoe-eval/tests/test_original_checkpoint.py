@@ -24,10 +24,13 @@ def test_load_run_reads_a_converted_run_and_computes_what_its_parameters_compute
     assert run.step == 0 and run.model.representation_size == 8
     assert run.model.moe.dispatch_dtype == "bfloat16" and run.model.moe.group_size == 8 * 17
     images = rng.standard_normal((8, 8, 8, 1)).astype(np.float32)
-    logits = jax.jit(run.model.apply)({"params": run.params}, images).logits
-    # The same parameters, read independently from the original files, in the same model.
+    # The model its config builds for the original files' architecture is the run's; one
+    # compiled forward pass then runs it on the loaded and on the original parameters (placed
+    # as load_run places them, so that it compiles once).
     arrays = read_checkpoint(tmp_path / "original/ckpt")
     arch = infer_architecture({path: a.shape for path, a in arrays.items()})
-    expected_model = build_model(run.config, num_classes=arch.num_classes, group_size=8 * 17)
-    expected = expected_model.apply({"params": params}, images).logits
+    assert run.model == build_model(run.config, num_classes=arch.num_classes, group_size=8 * 17)
+    apply = jax.jit(run.model.apply)
+    logits = apply({"params": run.params}, images).logits
+    expected = apply({"params": vl.shard_params(run.setup.strategy, params)}, images).logits
     np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
