@@ -25,6 +25,7 @@ PROJECTS = {
     "train": "packages/vmoe-train",
     "eval": "packages/vmoe-eval",
     "router-hash": "plugins/vmoe-router-hash",
+    "router-expert-choice": "plugins/vmoe-router-expert-choice",
 }
 
 nox.options.sessions = [f"tests-{name}" for name in PROJECTS] + ["integration", "lint"]

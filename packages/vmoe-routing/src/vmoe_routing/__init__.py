@@ -40,6 +40,7 @@ from vmoe_routing.routers import (
     TokenChoiceRouter,
     TopKRouter,
     check_tokens,
+    gate_logits,
 )
 from vmoe_routing.token_choice import token_choice_metrics, token_choice_routing
 
@@ -91,6 +92,7 @@ __all__ = [
     "combine",
     "compute_capacity",
     "dispatch",
+    "gate_logits",
     "get_router",
     "gshard_loss",
     "hookimpl",

@@ -75,6 +75,16 @@ def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
         raise ValueError(f"x has d_model={x_gsd.shape[-1]} but the router params expect {d_model}")
 
 
+def gate_logits(gate_de: Array, x_gsd: Array, gate_dtype: Any = jnp.float32) -> Array:
+    """[G, S, E] float32 router logits x @ W (no bias), the matmul in `gate_dtype`.
+
+    Checks x is [G, S, D] with D the gate's first dimension. Shared by the built-in routers and
+    router plugins that gate with one [D, E] matrix."""
+    check_tokens(x_gsd, gate_de.shape[0])
+    logits = jnp.einsum("gsd,de->gse", x_gsd.astype(gate_dtype), gate_de.astype(gate_dtype))
+    return logits.astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenChoiceRouter:
     """What every token-choice router shares: K choices per token under a per-expert capacity.
@@ -215,11 +225,7 @@ class TopKRouter(TokenChoiceRouter):
         rng: Array | None = None,
         deterministic: bool = True,
     ) -> Routing:
-        gate = params["gate"]
-        check_tokens(x_gsd, gate.shape[0])
-        logits = jnp.einsum(
-            "gsd,de->gse", x_gsd.astype(self.gate_dtype), gate.astype(self.gate_dtype)
-        ).astype(jnp.float32)
+        logits = gate_logits(params["gate"], x_gsd, self.gate_dtype)
         noisy = not deterministic and self.noise_std > 0
         noise_std = self.noise_std / self.num_experts
         if noisy:
