@@ -26,6 +26,7 @@ PROJECTS = {
     "eval": "packages/vmoe-eval",
     "router-hash": "plugins/vmoe-router-hash",
     "router-expert-choice": "plugins/vmoe-router-expert-choice",
+    "router-dropless": "plugins/vmoe-router-dropless",
 }
 
 nox.options.sessions = [f"tests-{name}" for name in PROJECTS] + ["integration", "lint"]

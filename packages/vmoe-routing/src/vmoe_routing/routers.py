@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from vmoe_plugins import checks
 from vmoe_routing import losses
 from vmoe_routing.capacity import ROUNDINGS, compute_capacity
-from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.decision import BlockRouting, DenseRouting, Routing
 from vmoe_routing.token_choice import token_choice_routing
 
 Array = jax.Array
@@ -57,7 +57,7 @@ class Router(Protocol):
 
     def __call__(
         self, params: Any, x_gsd: Array, *, rng: Array | None = None, deterministic: bool = True
-    ) -> Routing | DenseRouting:
+    ) -> Routing | DenseRouting | BlockRouting:
         """Routes x [G, S, D]. `deterministic=False` means training: noise, training capacity."""
         ...
 
@@ -225,6 +225,32 @@ class TopKRouter(TokenChoiceRouter):
         rng: Array | None = None,
         deterministic: bool = True,
     ) -> Routing:
+        expert_gsk, weight_gsk, aux_loss, aux = self.choose(
+            params, x_gsd, rng=rng, deterministic=deterministic
+        )
+        return self.assign(
+            expert_gsk,
+            weight_gsk,
+            deterministic=deterministic,
+            priority_gs=self.priority(weight_gsk),
+            aux_loss=aux_loss,
+            aux_losses=aux,
+        )
+
+    def choose(
+        self,
+        params: dict[str, Array],
+        x_gsd: Array,
+        *,
+        rng: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, Array, Array, dict[str, Array]]:
+        """Each token's K choices, before any capacity: the gating half of `__call__`.
+
+        Returns (expert_gsk [G, S, K] int32 best first, weight_gsk [G, S, K] the raw softmax
+        gates, aux_loss the weighted sum, aux_losses by name). Routers that place the choices
+        differently (e.g. without a capacity) reuse it through a TopKRouter they hold.
+        """
         logits = gate_logits(params["gate"], x_gsd, self.gate_dtype)
         noisy = not deterministic and self.noise_std > 0
         noise_std = self.noise_std / self.num_experts
@@ -248,15 +274,7 @@ class TopKRouter(TokenChoiceRouter):
             "z": self.z_loss_weight,
         }
         aux_loss = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
-
-        return self.assign(
-            expert_gsk,
-            weight_gsk,
-            deterministic=deterministic,
-            priority_gs=self.priority(weight_gsk),
-            aux_loss=aux_loss,
-            aux_losses=aux,
-        )
+        return expert_gsk.astype(jnp.int32), weight_gsk, aux_loss, aux
 
     def _aux_losses(self, logits, noisy_logits, gates, expert_gsk, noise_std) -> dict[str, Array]:
         aux: dict[str, Array] = {}
