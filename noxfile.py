@@ -27,6 +27,7 @@ PROJECTS = {
     "router-hash": "plugins/vmoe-router-hash",
     "router-expert-choice": "plugins/vmoe-router-expert-choice",
     "router-dropless": "plugins/vmoe-router-dropless",
+    "router-soft": "plugins/vmoe-router-soft",
 }
 
 nox.options.sessions = [f"tests-{name}" for name in PROJECTS] + ["integration", "lint"]
