@@ -28,6 +28,7 @@ PROJECTS = {
     "router-expert-choice": "plugins/vmoe-router-expert-choice",
     "router-dropless": "plugins/vmoe-router-dropless",
     "router-soft": "plugins/vmoe-router-soft",
+    "experts-extra": "plugins/vmoe-experts-extra",
 }
 
 nox.options.sessions = [f"tests-{name}" for name in PROJECTS] + ["integration", "lint"]

@@ -117,7 +117,7 @@ class DroplessRouter:
     load_loss_weight: float = 0.005
     gshard_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
-    block_size: int = 64
+    block_size: int = 128
 
     def __post_init__(self) -> None:
         gating = self.gating  # checks every gating option, with the built-ins' messages
