@@ -25,6 +25,10 @@ PROJECTS = {
     "train": "packages/vmoe-train",
     "eval": "packages/vmoe-eval",
     "router-hash": "plugins/vmoe-router-hash",
+    "router-expert-choice": "plugins/vmoe-router-expert-choice",
+    "router-dropless": "plugins/vmoe-router-dropless",
+    "router-soft": "plugins/vmoe-router-soft",
+    "experts-extra": "plugins/vmoe-experts-extra",
 }
 
 nox.options.sessions = [f"tests-{name}" for name in PROJECTS] + ["integration", "lint"]
@@ -137,18 +141,22 @@ def bench_data(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """MoE benchmarks: routers, dispatch paths, the MoE layer vs dense MLPs, train steps.
+    """MoE benchmarks: routers, dispatch paths, the MoE layer vs dense MLPs, train steps,
+    dropless routing vs top_k (benchmarks/bench_dropless.py).
 
     Tables on stdout, JSON in bench-results/. `nox -s bench -- --quick` for the target cases.
     The MoE layer suite runs with vmoe_train.tune_cpu_malloc(), then its target cases again
     with the C library's default allocator (bench-results/moe_layer_default_malloc.json).
     """
     folders: list[str] = []
-    for folder in (PROJECTS["train"], PROJECTS["router-hash"]):  # train: tune_cpu_malloc
+    plugins = (PROJECTS["router-hash"], PROJECTS["router-dropless"])
+    for folder in (PROJECTS["train"], *plugins):  # train: tune_cpu_malloc
         folders += [f for f in _local_closure(folder, "") if f not in folders]
     session.install(*(f"./{f}" for f in folders))
     session.run("python", "benchmarks/bench_routing.py", *session.posargs)
     session.run("python", "benchmarks/bench_moe_layer.py", *session.posargs)
+    dropless = ["--smoke"] if "--smoke" in session.posargs else []
+    session.run("python", "benchmarks/bench_dropless.py", *dropless)
     # The target cases again with the C library's default allocator, for comparison.
     default_json = "--json=bench-results/moe_layer_default_malloc.json"
     session.run(

@@ -61,6 +61,21 @@ def test_routing_alone_then_the_hash_plugin(fresh_venv):
     )
     assert run(python, "-c", code).strip() == "(2, 8, 3)"
 
+    # Uninstalled, its name leaves the registry, and asking for it names the package to install.
+    run(python, "-m", "pip", "uninstall", "--yes", "--quiet", "vmoe-router-hash")
+    assert run(python, "-c", LIST_ROUTERS).strip() == "['bpr', 'top_k']"
+    code = (
+        "import vmoe_routing as vr\n"
+        "try:\n"
+        "    vr.get_router('hash', num_experts=4)\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    assert run(python, "-c", code).strip() == (
+        "router 'hash' comes with the plugin package vmoe-router-hash, which is not installed: "
+        "pip install vmoe-router-hash; installed: ['bpr', 'top_k']"
+    )
+
 
 def test_the_running_interpreter_is_not_the_fresh_one(fresh_venv):
     # Guards the test above against silently using the session's own environment.

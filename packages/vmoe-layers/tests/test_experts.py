@@ -68,7 +68,10 @@ def test_activation_option_changes_the_function():
 
 
 def test_builtins_are_listed():
-    assert vl.available_expert_types() == ["glu", "mlp"]
+    # Plugin packages (vmoe-experts-extra) may add more where they are installed.
+    names = vl.available_expert_types()
+    builtins = [n for n in names if vl.EXPERT_TYPES.provider(n).endswith("(built-in)")]
+    assert builtins == ["glu", "mlp"]
 
 
 @pytest.mark.parametrize(

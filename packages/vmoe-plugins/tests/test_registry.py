@@ -247,3 +247,16 @@ def test_accepts_reads_the_factory_options():
     assert WIDGETS.accepts("plain", "size") and not WIDGETS.accepts("plain", "colour")
     assert WIDGETS.accepts("kw", "anything")
     assert not WIDGETS.accepts("pos", "sizes")
+
+
+def test_a_known_plugin_name_that_is_not_installed_says_what_to_install():
+    registry = vmoe_plugins.Registry(
+        "vmoe_test_widgets", "widget", known={"fancy": "vmoe-widget-fancy"}
+    )
+    assert registry.missing_hint("fancy") == (
+        "widget 'fancy' comes with the plugin package vmoe-widget-fancy, which is not "
+        "installed: pip install vmoe-widget-fancy"
+    )
+    assert registry.missing_hint("other") == ""
+    with pytest.raises(ValueError, match=r"pip install vmoe-widget-fancy; installed: \["):
+        registry.create("fancy")

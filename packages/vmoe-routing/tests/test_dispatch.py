@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import vmoe_routing as vr
 from vmoe_routing import BprRouter, TopKRouter, combine, dispatch
 
 
@@ -166,3 +167,47 @@ def test_index_path_builds_no_group_token_expert_capacity_tensor():
         if hasattr(v.aval, "shape")
     ]
     assert max(sizes) < forbidden / 4, (max(sizes), forbidden)
+
+
+def _block_routing():
+    """2 groups of 3 tokens, K=1: experts [1, 0, 1 | 1, 1, 0] in blocks of 2 rows."""
+    expert = jnp.array([1, 0, 1, 1, 1, 0], jnp.int32)
+    # Expert 0: 2 choices -> block 0; expert 1: 4 choices -> blocks 1, 2; block 3 unused.
+    row = jnp.array([2, 0, 3, 4, 5, 1], jnp.int32)
+    return vr.BlockRouting(
+        token=jnp.arange(6, dtype=jnp.int32),
+        row=row,
+        expert=expert,
+        weight=jnp.array([0.5, 1.0, 2.0, 1.5, 0.25, 3.0]),
+        block_expert=jnp.array([0, 1, 1, 1], jnp.int32),
+        num_groups=2,
+        group_size=3,
+        num_experts=2,
+        block_size=2,
+    )
+
+
+def test_block_routing_dispatch_and_combine_by_rows():
+    routing = _block_routing()
+    x = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+    blocks = vr.dispatch(x, routing)
+    assert blocks.shape == (4, 2, 2)
+    flat = np.asarray(blocks).reshape(8, 2)
+    np.testing.assert_array_equal(flat[np.asarray(routing.row)], np.asarray(x).reshape(6, 2))
+    np.testing.assert_array_equal(flat[6:], 0)  # the unused block is empty
+    y = vr.combine(blocks * 10.0, routing)
+    np.testing.assert_allclose(y, 10.0 * x * routing.weight.reshape(2, 3, 1))
+    assert float(routing.no_expert_fraction()) == 0.0
+
+
+def test_block_routing_to_routing_is_the_same_decision():
+    routing = _block_routing()
+    x = jax.random.normal(jax.random.key(0), (2, 3, 2))
+    scale = jnp.array([2.0, -1.0])  # expert e multiplies by scale[e]
+    blocks = vr.dispatch(x, routing) * scale[routing.block_expert][:, None, None]
+    reference = routing.to_routing()
+    assert reference.capacity == 3 and reference.token.shape == (2, 3)
+    buffers = vr.dispatch(x, reference) * scale[None, :, None, None]
+    np.testing.assert_allclose(vr.combine(blocks, routing), vr.combine(buffers, reference))
+    with pytest.raises(ValueError, match=r"y must have shape \[B, b, D\]"):
+        vr.combine(jnp.ones((3, 2, 2)), routing)

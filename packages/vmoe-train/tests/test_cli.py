@@ -114,7 +114,6 @@ def test_a_run_calls_the_trainer_with_the_overridden_config(capsys, tmp_path, tr
     assert config.model.moe.router == "bpr" and config.num_steps == 500
     assert config.model.moe.router_options.to_dict() == {
         "k": 1,
-        "capacity_factor": 1.05,
         "priority_score": "sum",
     }
     assert capsys.readouterr().out == ""  # the trainer prints the summary

@@ -154,7 +154,6 @@ def test_a_new_router_option_is_allowed():
     )
     assert config.model.moe.router_options.to_dict() == {
         "k": 1,
-        "capacity_factor": 1.05,
         "priority_score": "sum",
     }
     assert cfg.validate_config(config, num_devices=1) == []
@@ -476,3 +475,24 @@ def test_json_refuses_what_is_not_data():
     config.seed = object()
     with pytest.raises(TypeError, match="seed"):
         cfg.config_to_json(config)
+
+
+@pytest.mark.parametrize(
+    ("field", "registry_of"),
+    [
+        ("model.moe.router", lambda: __import__("vmoe_routing").ROUTERS),
+        ("model.moe.expert_type", lambda: __import__("vmoe_layers").EXPERT_TYPES),
+    ],
+)
+def test_a_plugin_name_not_installed_names_the_package_to_install(monkeypatch, field, registry_of):
+    # A name of a repository plugin whose package is not installed (here a made-up one, so the
+    # test holds whatever plugins this environment has; integration/ uninstalls a real one).
+    registry = registry_of()
+    monkeypatch.setitem(registry.known, "not_here", "vmoe-plugin-not-here")
+    problems = cfg.validate_config(vmoe(f"{field}=not_here"))
+    assert len(problems) == 1 and problems[0].startswith(f"{field}='not_here': ")
+    assert (
+        "comes with the plugin package vmoe-plugin-not-here, which is not installed: "
+        in (problems[0])
+    )
+    assert "pip install vmoe-plugin-not-here; installed: [" in problems[0]

@@ -19,6 +19,7 @@ from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, run_local_exp
 from vmoe_layers.experts import (
     ACTIVATIONS,
     EXPERT_TYPES,
+    PLUGIN_EXPERT_TYPES,
     ExpertType,
     GluExperts,
     MlpExperts,
@@ -71,6 +72,7 @@ __all__ = [
     "EXPERTS_KEY",
     "EXPERT_TYPES",
     "GATING_RNG",
+    "PLUGIN_EXPERT_TYPES",
     "STRATEGIES",
     "AllToAllExchange",
     "DataParallel",

@@ -156,8 +156,19 @@ class GluExperts:
         return jnp.einsum("eth,ehd->etd", h_eth, p["w_out"])
 
 
+# The expert types of the vmoe repository's plugin packages (plugins/): a config naming one
+# while its package is not installed is told which package to install.
+PLUGIN_EXPERT_TYPES = {
+    "identity": "vmoe-experts-extra",
+    "low_rank": "vmoe-experts-extra",
+    "mixed_width": "vmoe-experts-extra",
+}
+
 EXPERT_TYPES: Registry[ExpertType] = Registry(
-    "vmoe_expert_types", "expert type", members=("param_specs", "__call__")
+    "vmoe_expert_types",
+    "expert type",
+    members=("param_specs", "__call__"),
+    known=PLUGIN_EXPERT_TYPES,
 )
 
 

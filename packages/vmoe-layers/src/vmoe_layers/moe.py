@@ -321,19 +321,18 @@ class MoeLayer(nn.Module):
         metrics = dict(routing.metrics)
         # Every layer reports it, whatever the router (plugins need not compute it).
         metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
+        if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.BlockRouting):
+            routing = routing.to_routing()  # capacity S: the slow, obvious reference
         if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
             routing = routing.to_dense()
-
-        x_gecd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
 
         def expert_fn(params_e, x_etd):
             return experts(params_e, x_etd, dtype=self.dtype)
 
-        # At init the exchange is skipped: the parameters do not depend on it, and a sample batch
-        # (often one image) need not split into as many groups as the exchange has devices.
-        exchange = run_local_experts if self.is_initializing() else self.exchange
-        y_gecd = exchange_or_local(exchange)(expert_fn, expert_params, x_gecd)
-        y_gsd = vmoe_routing.combine(self._round_buffers(y_gecd), routing)
+        if isinstance(routing, vmoe_routing.BlockRouting):
+            y_gsd = self._run_blocks(expert_fn, expert_params, x_gsd, routing)
+        else:
+            y_gsd = self._run_buffers(expert_fn, expert_params, x_gsd, routing)
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(
             output=y_gsd.reshape(x.shape).astype(self.dtype),
@@ -341,3 +340,26 @@ class MoeLayer(nn.Module):
             aux_losses=dict(routing.aux_losses),
             metrics=metrics,
         )
+
+    def _run_blocks(self, expert_fn, expert_params, x_gsd, routing):
+        """Experts on [B, b, D] blocks, each block with its expert's params gathered."""
+        if self.exchange is not None and not self.is_initializing():
+            raise ValueError(
+                f"router {router_name(self.router)!r} routes without a capacity (BlockRouting): "
+                "its experts run where the tokens are, so it cannot use an expert exchange "
+                f"({type(self.exchange).__name__}, e.g. the 'expert' sharding strategy); "
+                "allowed: the 'data' or 'fsdp' strategy, or none"
+            )
+        x_bbd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
+        params_b = jax.tree.map(lambda p: p[routing.block_expert], expert_params)
+        y_bbd = expert_fn(params_b, x_bbd)
+        return vmoe_routing.combine(self._round_buffers(y_bbd), routing)
+
+    def _run_buffers(self, expert_fn, expert_params, x_gsd, routing):
+        """Experts on [G, E, C, D] buffers, through the exchange (or locally)."""
+        x_gecd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
+        # At init the exchange is skipped: the parameters do not depend on it, and a sample batch
+        # (often one image) need not split into as many groups as the exchange has devices.
+        exchange = run_local_experts if self.is_initializing() else self.exchange
+        y_gecd = exchange_or_local(exchange)(expert_fn, expert_params, x_gecd)
+        return vmoe_routing.combine(self._round_buffers(y_gecd), routing)

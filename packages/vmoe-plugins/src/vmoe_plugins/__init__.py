@@ -33,6 +33,7 @@ from vmoe_plugins.checks import (
     is_int,
     is_number,
 )
+from vmoe_plugins.docs import readme_examples, run_readme_examples
 from vmoe_plugins.host import (
     ENTRY_POINT_GROUP,
     PROJECT,
@@ -77,9 +78,11 @@ __all__ = [
     "missing_members",
     "plugin_errors",
     "plugin_manager",
+    "readme_examples",
     "register_builtin",
     "register_plugin",
     "reset",
+    "run_readme_examples",
     "unregister_plugin",
     "with_article",
 ]

@@ -34,12 +34,21 @@ class Registry(Generic[T]):
       kind: what the registry holds, for messages ("router", "dataset", ...).
       members: attributes every created object must have (e.g. the members of its Protocol);
         `create` refuses an object that lacks any, naming the plugin and the missing members.
+      known: name -> the distribution that provides it, for names of separately installed
+        plugin packages: looking one up while it is not installed says what to pip install.
     """
 
-    def __init__(self, hook_name: str, kind: str, members: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        hook_name: str,
+        kind: str,
+        members: Sequence[str] = (),
+        known: Mapping[str, str] | None = None,
+    ) -> None:
         self.hook_name = hook_name
         self.kind = kind
         self.members = tuple(members)
+        self.known = dict(known or {})
         self._cache: tuple[Any, int, dict[str, _Entry[T]]] | None = None
 
     def _entries(self) -> dict[str, _Entry[T]]:
@@ -83,9 +92,23 @@ class Registry(Generic[T]):
         """The factory registered as `name`."""
         return self._lookup(name).factory
 
+    def missing_hint(self, name: str) -> str:
+        """For a known plugin name that is not installed, the sentence saying what to install
+        ("" otherwise)."""
+        if name in self.known and name not in self._entries():
+            dist = self.known[name]
+            return (
+                f"{self.kind} {name!r} comes with the plugin package {dist}, which is not "
+                f"installed: pip install {dist}"
+            )
+        return ""
+
     def _lookup(self, name: str) -> _Entry[T]:
         entries = self._entries()
         if name not in entries:
+            missing = self.missing_hint(str(name)) if isinstance(name, str) else ""
+            if missing:
+                raise ValueError(f"{missing}; installed: {sorted(entries)}")
             hint = difflib.get_close_matches(str(name), entries, n=1)
             maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
             failed = _host.plugin_errors()

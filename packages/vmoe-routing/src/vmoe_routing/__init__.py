@@ -30,7 +30,7 @@ from vmoe_plugins import (
 )
 from vmoe_routing import _builtins, hookspecs
 from vmoe_routing.capacity import compute_capacity
-from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.decision import BlockRouting, DenseRouting, Routing
 from vmoe_routing.dispatch import combine, dispatch
 from vmoe_routing.losses import gshard_loss, importance_loss, load_loss, z_loss
 from vmoe_routing.routers import (
@@ -40,15 +40,31 @@ from vmoe_routing.routers import (
     TokenChoiceRouter,
     TopKRouter,
     check_tokens,
+    gate_logits,
 )
-from vmoe_routing.token_choice import token_choice_metrics, token_choice_routing
+from vmoe_routing.token_choice import (
+    rank_within_expert,
+    token_choice_metrics,
+    token_choice_routing,
+)
 
 __version__ = importlib.metadata.version("vmoe-routing")
 
 vmoe_plugins.add_hookspecs(hookspecs)
 vmoe_plugins.register_builtin("vmoe_routing.builtins", _builtins)
 
-ROUTERS: Registry[Router] = Registry("vmoe_routers", "router", members=ROUTER_MEMBERS)
+# The router plugins of the vmoe repository (plugins/), each its own package: a config naming
+# one of them while it is not installed is told which package to install.
+PLUGIN_ROUTERS = {
+    "hash": "vmoe-router-hash",
+    "expert_choice": "vmoe-router-expert-choice",
+    "dropless": "vmoe-router-dropless",
+    "soft": "vmoe-router-soft",
+}
+
+ROUTERS: Registry[Router] = Registry(
+    "vmoe_routers", "router", members=ROUTER_MEMBERS, known=PLUGIN_ROUTERS
+)
 
 
 def get_router(name: str, /, **options) -> Router:
@@ -74,8 +90,10 @@ def available_routers() -> list[str]:
 
 
 __all__ = [
+    "PLUGIN_ROUTERS",
     "ROUTERS",
     "ROUTER_MEMBERS",
+    "BlockRouting",
     "BprRouter",
     "DenseRouting",
     "PluginError",
@@ -91,6 +109,7 @@ __all__ = [
     "combine",
     "compute_capacity",
     "dispatch",
+    "gate_logits",
     "get_router",
     "gshard_loss",
     "hookimpl",
@@ -99,6 +118,7 @@ __all__ = [
     "list_plugins",
     "load_loss",
     "plugin_errors",
+    "rank_within_expert",
     "register_plugin",
     "token_choice_metrics",
     "token_choice_routing",

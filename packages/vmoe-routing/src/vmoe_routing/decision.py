@@ -11,6 +11,10 @@ expert-choice routers make N = E*C. Memory is O(G*N), never O(G*S*E*C).
 
 Routers that mix every token into every slot (Soft MoE) use `DenseRouting` instead; it is also
 the one-hot reference (`Routing.to_dense`) that tests check the index path against.
+
+Routers without a capacity (dropless) use `BlockRouting`: the assignments of all groups, sorted
+by expert into one flat buffer cut in blocks of `block_size` rows, each block holding one
+expert's tokens. Memory is O(G*S*K + E*block_size) rows, whatever the load.
 """
 
 from __future__ import annotations
@@ -153,4 +157,91 @@ _register(
     DenseRouting,
     ("dispatch_weights", "combine_weights", "aux_loss", "aux_losses", "metrics"),
     (),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRouting:
+    """A capacity-free routing decision: every assignment kept, in expert-homogeneous blocks.
+
+    The M assignments of all G groups (M = G*S*K for top-K) own distinct rows of one flat
+    buffer of B*b rows (b = `block_size`); block j (rows j*b .. j*b+b-1) holds tokens of expert
+    `block_expert[j]` only, padded with empty rows. The experts run on [B, b, D] blocks, each
+    with its expert's parameters (`vmoe_layers.MoeLayer` gathers them per block), so no token is
+    dropped at any load and memory is O(M + E*b) rows of D. Use it where experts run where the
+    tokens are (one device, or the data / fsdp strategies); it has no per-expert buffers to send
+    over an all-to-all.
+
+    Attributes:
+      token: [M] int32, flat token index g*S + s into the G*S tokens.
+      row: [M] int32, the assignment's row in the [B*b] buffer (distinct per assignment).
+      expert: [M] int32, the assignment's expert (that of the block holding its row).
+      weight: [M] float, combine weight (differentiable: the router's gate learns through it).
+      block_expert: [B] int32, the expert of each block (blocks past the used ones: any expert,
+        their rows are empty).
+      num_groups: G (static).
+      group_size: S (static).
+      num_experts: E (static).
+      block_size: b (static).
+      aux_loss, aux_losses, metrics: as in `Routing`.
+    """
+
+    token: Array
+    row: Array
+    expert: Array
+    weight: Array
+    block_expert: Array
+    num_groups: int
+    group_size: int
+    num_experts: int
+    block_size: int
+    aux_loss: Array | float = 0.0
+    aux_losses: dict[str, Array] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Array] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+    def no_expert_fraction(self) -> Array:
+        """Scalar: the fraction of the G*S tokens without any assignment (0 for top-K)."""
+        g, s = self.num_groups, self.group_size
+        seen = jnp.zeros((g * s,), bool).at[self.token].set(True)
+        return 1.0 - jnp.mean(seen.astype(jnp.float32))
+
+    def to_routing(self) -> Routing:
+        """The same decision as a capacity `Routing` with C = S, N = M/G (a slow reference).
+
+        Each group must hold the same number of assignments (true of top-K: S*K). Slots are
+        ranks in buffer-row order within (group, expert)."""
+        g, s, e = self.num_groups, self.group_size, self.num_experts
+        by_group = jnp.argsort(self.token // s, stable=True)  # [M] -> groups of M/G
+        token, expert = self.token[by_group], self.expert[by_group]
+        row, weight = self.row[by_group], self.weight[by_group]
+        n = token.shape[0] // g
+        group = token // s
+        # Rank of each assignment among the earlier rows of its (group, expert).
+        pair = group * e + expert
+        order = jnp.lexsort((row, pair))
+        starts = jnp.searchsorted(pair[order], pair[order], side="left")
+        slot = jnp.zeros_like(token).at[order].set(jnp.arange(token.shape[0]) - starts)
+        return Routing(
+            token=(token % s).reshape(g, n).astype(jnp.int32),
+            expert=expert.reshape(g, n).astype(jnp.int32),
+            slot=slot.reshape(g, n).astype(jnp.int32),
+            weight=weight.reshape(g, n),
+            valid=jnp.ones((g, n), bool),
+            group_size=s,
+            num_experts=e,
+            capacity=s,
+            aux_loss=self.aux_loss,
+            aux_losses=self.aux_losses,
+            metrics=self.metrics,
+        )
+
+
+_register(
+    BlockRouting,
+    ("token", "row", "expert", "weight", "block_expert", "aux_loss", "aux_losses", "metrics"),
+    ("num_groups", "group_size", "num_experts", "block_size"),
 )

@@ -12,12 +12,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.decision import BlockRouting, DenseRouting, Routing
 
 Array = jax.Array
 
 
-def _check_x(x_gsd: Array, routing: Routing | DenseRouting) -> None:
+AnyRouting = Routing | DenseRouting | BlockRouting
+
+
+def _check_x(x_gsd: Array, routing: AnyRouting) -> None:
     if x_gsd.ndim != 3:
         raise ValueError(f"x must have shape [G, S, D]; got {x_gsd.shape}")
     expected = (routing.num_groups, routing.group_size)
@@ -25,9 +28,17 @@ def _check_x(x_gsd: Array, routing: Routing | DenseRouting) -> None:
         raise ValueError(f"x has [G, S]={x_gsd.shape[:2]} but the routing has [G, S]={expected}")
 
 
-def dispatch(x_gsd: Array, routing: Routing | DenseRouting) -> Array:
-    """[G, S, D] tokens -> [G, E, C, D] expert buffers; unused slots are zeros."""
+def dispatch(x_gsd: Array, routing: AnyRouting) -> Array:
+    """[G, S, D] tokens -> [G, E, C, D] expert buffers; unused slots are zeros.
+
+    A `BlockRouting` gives [B, b, D] blocks instead (block j for expert `block_expert[j]`)."""
     _check_x(x_gsd, routing)
+    if isinstance(routing, BlockRouting):
+        rows, d = routing.num_blocks * routing.block_size, x_gsd.shape[-1]
+        x_md = x_gsd.reshape(-1, d)
+        # Which token fills each row; G*S (out of range -> zeros) for padding rows.
+        source = jnp.full((rows,), x_md.shape[0], jnp.int32).at[routing.row].set(routing.token)
+        return x_md.at[source].get(mode="fill", fill_value=0).reshape(-1, routing.block_size, d)
     if isinstance(routing, DenseRouting):
         return jnp.einsum("gsec,gsd->gecd", routing.dispatch_weights.astype(x_gsd.dtype), x_gsd)
     e, c, s = routing.num_experts, routing.capacity, routing.group_size
@@ -40,8 +51,19 @@ def dispatch(x_gsd: Array, routing: Routing | DenseRouting) -> Array:
     return jax.vmap(one_group)(x_gsd, routing.token, routing.buffer_index())
 
 
-def combine(y_gecd: Array, routing: Routing | DenseRouting) -> Array:
-    """[G, E, C, D] expert outputs -> [G, S, D]: each token's weighted sum over its kept choices."""
+def combine(y_gecd: Array, routing: AnyRouting) -> Array:
+    """[G, E, C, D] expert outputs -> [G, S, D]: each token's weighted sum over its kept choices.
+
+    A `BlockRouting` takes the [B, b, D] outputs of `dispatch`'s blocks instead."""
+    if isinstance(routing, BlockRouting):
+        expected = (routing.num_blocks, routing.block_size)
+        if y_gecd.ndim != 3 or y_gecd.shape[:2] != expected:
+            raise ValueError(
+                f"y must have shape [B, b, D] with [B, b]={expected}; got {y_gecd.shape}"
+            )
+        g, s, d = routing.num_groups, routing.group_size, y_gecd.shape[-1]
+        picked = y_gecd.reshape(-1, d)[routing.row] * routing.weight[:, None].astype(y_gecd.dtype)
+        return jnp.zeros((g * s, d), y_gecd.dtype).at[routing.token].add(picked).reshape(g, s, d)
     if y_gecd.ndim != 4:
         raise ValueError(f"y must have shape [G, E, C, D]; got {y_gecd.shape}")
     expected = (routing.num_experts, routing.capacity)

@@ -21,7 +21,8 @@ def vmoe_routers() -> Mapping[str, Callable[..., Router]]:
         - `num_experts`: E;
         - `init(rng, d_model) -> params` (a pytree);
         - `__call__(params, x_gsd, *, rng=None, deterministic=True)` returning a
-          `vmoe_routing.Routing` (or `DenseRouting`);
+          `vmoe_routing.Routing` (or `DenseRouting` for dense mixing, `BlockRouting` for
+          routing without a capacity);
         - `replace(**changes)`: a copy with some options changed (K or the capacity factor at
           inference).
       A router that lacks one is refused when it is created (`get_router`), with an error

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from vmoe_plugins import checks
 from vmoe_routing import losses
 from vmoe_routing.capacity import ROUNDINGS, compute_capacity
-from vmoe_routing.decision import DenseRouting, Routing
+from vmoe_routing.decision import BlockRouting, DenseRouting, Routing
 from vmoe_routing.token_choice import token_choice_routing
 
 Array = jax.Array
@@ -57,7 +57,7 @@ class Router(Protocol):
 
     def __call__(
         self, params: Any, x_gsd: Array, *, rng: Array | None = None, deterministic: bool = True
-    ) -> Routing | DenseRouting:
+    ) -> Routing | DenseRouting | BlockRouting:
         """Routes x [G, S, D]. `deterministic=False` means training: noise, training capacity."""
         ...
 
@@ -73,6 +73,16 @@ def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
         raise ValueError(f"x must have rank 3 [groups, group_size, d_model]; got shape {shape}")
     if d_model is not None and x_gsd.shape[-1] != d_model:
         raise ValueError(f"x has d_model={x_gsd.shape[-1]} but the router params expect {d_model}")
+
+
+def gate_logits(gate_de: Array, x_gsd: Array, gate_dtype: Any = jnp.float32) -> Array:
+    """[G, S, E] float32 router logits x @ W (no bias), the matmul in `gate_dtype`.
+
+    Checks x is [G, S, D] with D the gate's first dimension. Shared by the built-in routers and
+    router plugins that gate with one [D, E] matrix."""
+    check_tokens(x_gsd, gate_de.shape[0])
+    logits = jnp.einsum("gsd,de->gse", x_gsd.astype(gate_dtype), gate_de.astype(gate_dtype))
+    return logits.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +225,33 @@ class TopKRouter(TokenChoiceRouter):
         rng: Array | None = None,
         deterministic: bool = True,
     ) -> Routing:
-        gate = params["gate"]
-        check_tokens(x_gsd, gate.shape[0])
-        logits = jnp.einsum(
-            "gsd,de->gse", x_gsd.astype(self.gate_dtype), gate.astype(self.gate_dtype)
-        ).astype(jnp.float32)
+        expert_gsk, weight_gsk, aux_loss, aux = self.choose(
+            params, x_gsd, rng=rng, deterministic=deterministic
+        )
+        return self.assign(
+            expert_gsk,
+            weight_gsk,
+            deterministic=deterministic,
+            priority_gs=self.priority(weight_gsk),
+            aux_loss=aux_loss,
+            aux_losses=aux,
+        )
+
+    def choose(
+        self,
+        params: dict[str, Array],
+        x_gsd: Array,
+        *,
+        rng: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, Array, Array, dict[str, Array]]:
+        """Each token's K choices, before any capacity: the gating half of `__call__`.
+
+        Returns (expert_gsk [G, S, K] int32 best first, weight_gsk [G, S, K] the raw softmax
+        gates, aux_loss the weighted sum, aux_losses by name). Routers that place the choices
+        differently (e.g. without a capacity) reuse it through a TopKRouter they hold.
+        """
+        logits = gate_logits(params["gate"], x_gsd, self.gate_dtype)
         noisy = not deterministic and self.noise_std > 0
         noise_std = self.noise_std / self.num_experts
         if noisy:
@@ -242,15 +274,7 @@ class TopKRouter(TokenChoiceRouter):
             "z": self.z_loss_weight,
         }
         aux_loss = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
-
-        return self.assign(
-            expert_gsk,
-            weight_gsk,
-            deterministic=deterministic,
-            priority_gs=self.priority(weight_gsk),
-            aux_loss=aux_loss,
-            aux_losses=aux,
-        )
+        return expert_gsk.astype(jnp.int32), weight_gsk, aux_loss, aux
 
     def _aux_losses(self, logits, noisy_logits, gates, expert_gsk, noise_std) -> dict[str, Array]:
         aux: dict[str, Array] = {}

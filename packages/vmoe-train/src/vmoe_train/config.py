@@ -395,12 +395,18 @@ class _Checker:
             return _MISSING
         return value
 
-    def choice(self, path: str, choices: Sequence[str], kind: str) -> Any:
+    def choice(self, path: str, choices: Sequence[str], kind: str, registry: Any = None) -> Any:
+        """The value at `path` if it is one of `choices`. With a plugin `registry`, a name of a
+        known plugin package that is not installed is reported with the package to install."""
         value = self.get(path)
         if value is _MISSING:
             return _MISSING
         if value not in choices:
-            self.add(path, _unknown_name(kind, value, choices), value)
+            missing = registry.missing_hint(value) if isinstance(value, str) and registry else ""
+            if missing:
+                self.add(path, f"{missing}; installed: {list(choices)}", value)
+            else:
+                self.add(path, _unknown_name(kind, value, choices), value)
             return _MISSING
         return value
 
@@ -804,7 +810,12 @@ def _check_model(checker: _Checker, dataset: Any, images: _Images, devices: int 
                 f"{_message(error)} ({name} has {model.num_layers} blocks)",
                 layers,
             )
-    checker.choice("model.moe.expert_type", vmoe_layers.available_expert_types(), "expert type")
+    checker.choice(
+        "model.moe.expert_type",
+        vmoe_layers.available_expert_types(),
+        "expert type",
+        vmoe_layers.EXPERT_TYPES,
+    )
     checker.choice("model.moe.dispatch_dtype", DISPATCH_DTYPES, "dispatch dtype")
     _check_router(checker, num_experts)
     _check_groups(checker, tokens, devices)
@@ -819,7 +830,9 @@ def _check_router(checker: _Checker, num_experts: Any) -> None:
     import vmoe_layers
     import vmoe_routing
 
-    router = checker.choice("model.moe.router", vmoe_routing.available_routers(), "router")
+    router = checker.choice(
+        "model.moe.router", vmoe_routing.available_routers(), "router", vmoe_routing.ROUTERS
+    )
     options = checker.get("model.moe.router_options")
     if router is _MISSING or options is _MISSING or num_experts is _MISSING:
         return

@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.moe.num_experts = 4
     c.model.moe.layers = "every-2"  # "every-2", "last-2", ... or a tuple of block indices
     c.model.moe.router = "top_k"  # any vmoe_routing router name: "top_k", "bpr", plugins
-    c.model.moe.router_options = ml_collections.ConfigDict({"k": 2, "capacity_factor": 1.05})
+    # Options for the router, over vmoe_layers.DEFAULT_ROUTER_OPTIONS (k=2, capacity_factor=1.05,
+    # V-MoE's pre-training recipe), which only reach routers that take them: so
+    # `model.moe.router=soft` or `=dropless` works with no other change.
+    c.model.moe.router_options = ml_collections.ConfigDict()
     c.model.moe.expert_type = "mlp"
     c.model.moe.group_images = 0  # images per routing group; 0 = the per-device batch
     c.model.moe.dispatch_dtype = ""  # "bfloat16": round expert buffers to it (the V-MoE release)

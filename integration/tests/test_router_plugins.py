@@ -1,0 +1,84 @@
+"""The plugin routers and expert types, installed next to the core packages: every router under
+every built-in sharding strategy on 8 host devices, and a few training steps of each router on
+the embedded digits chosen by `--config.model.moe.router=<name>` alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+PLUGIN_ROUTERS = ("expert_choice", "dropless", "soft")
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "router_sharding_worker.py")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_plugin_is_installed():
+    import vmoe_layers
+    import vmoe_routing
+
+    assert set(PLUGIN_ROUTERS) <= set(vmoe_routing.available_routers())
+    assert {"identity", "low_rank", "mixed_width"} <= set(vmoe_layers.available_expert_types())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["top_k", *PLUGIN_ROUTERS])
+@pytest.mark.parametrize("strategy", ["data", "expert", "fsdp"])
+def test_router_under_strategy_equals_one_device_or_refuses_clearly(
+    eight_devices, router, strategy
+):
+    result = eight_devices[router][strategy]
+    if router == "dropless" and strategy == "expert":
+        assert "routes without a capacity (BlockRouting)" in result["error"]
+        assert "allowed: the 'data' or 'fsdp' strategy" in result["error"]
+        return
+    assert "error" not in result, result
+    assert result["loss"] == pytest.approx(result["reference"], rel=1e-5)
+    assert result["grad_diff"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", PLUGIN_ROUTERS)
+def test_trains_on_digits_from_the_config_alone(router, tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "VMOE_DATA_DIR": str(tmp_path.parent / "digits-data")}
+    args = [
+        sys.executable,
+        "-m",
+        "vmoe_train",
+        "--config=digits_vmoe",
+        f"--config.model.moe.router={router}",
+        "--config.num_steps=3",
+        "--config.optimizer.warmup_steps=1",
+        "--config.batch_size=16",
+        "--config.eval_batch_size=32",
+        "--config.eval.every_steps=0",
+        "--config.checkpoint.every_steps=0",
+        "--config.log.every_steps=1",
+        "--config.log.callbacks=('jsonl',)",
+        "--config.dataset.test_split=''",
+        f"--workdir={workdir}",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["train/loss"] for row in logged if "train/loss" in row]
+    assert len(losses) == 3 and all(v == v and v < 10 for v in losses), losses
