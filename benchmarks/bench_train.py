@@ -19,7 +19,9 @@ initial state and batches (the train pipeline with the config's seed and pp):
   but reading data. 1 - trainer / trainer-mem is the input pipeline's share of the overhead,
   1 - trainer-mem / bare the rest (metrics, callbacks, checkpoints, `Setup.to_global`).
 - bare: the jitted step alone over the batches, put on the device before timing; timed from
-  the same step, `block_until_ready` at both ends. The reference.
+  the same step, `block_until_ready` at both ends and on the loss every `log.every_steps` steps
+  (as often as the trainer fetches its metrics: both loops let XLA run as far ahead). The
+  reference.
 
 The loops run in turns (the order reversed every other repeat) so that a ratio sees one machine
 load; each also records this process's CPU time per step (all threads: XLA's, the pipeline's,
@@ -237,6 +239,7 @@ class BareLoop:
 
     def run(self, from_step: int) -> dict:
         setup, config = self.setup, self.config
+        every = int(config.log.every_steps)
         state = self.fresh_state()
         batches = iter(self.batches)
         metrics = None
@@ -244,8 +247,10 @@ class BareLoop:
             state, metrics = setup.train_step(state, batch)
         jax.block_until_ready((state, metrics))
         start = _clocks()
-        for batch in batches:
+        for step, batch in enumerate(batches, start=from_step + 1):
             state, metrics = setup.train_step(state, batch)
+            if step % every == 0:  # reads its loss as often as the trainer logs: the same syncs
+                jax.block_until_ready(metrics["loss"])
         jax.block_until_ready((state, metrics))
         end = _clocks()
         return _result(

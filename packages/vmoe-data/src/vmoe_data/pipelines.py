@@ -77,8 +77,9 @@ def train_pipeline(
       num_workers: worker processes that preprocess batches (0: threads in this process).
         They are spawned: a script must guard its entry point with
         `if __name__ == "__main__":`.
-      num_threads: threads reading and preprocessing, one batch each (default:
-        min(8, CPUs available / max(1, num_workers))).
+      num_threads: threads reading and preprocessing, one batch each (default: 0, batches
+        made in the calling thread, on the vectorised path; else min(8, CPUs available /
+        max(1, num_workers))).
       process_index, process_count: this process's place among P; default
         `jax.process_index()`, `jax.process_count()`.
       cache: hold the split in memory: None (default) when it takes at most
@@ -111,6 +112,7 @@ def train_pipeline(
             )
     memory = in_memory(source, cache)
     if memory is not None and pp.vectorizable:
+        num_threads = _VECTORIZED_THREADS if num_threads is None else num_threads
         ds = grain.MapDataset.source(
             _StackedBatches(
                 memory.arrays,
@@ -234,6 +236,7 @@ def _eval_over(
     _check_example(source, pp)
     memory = in_memory(source, cache)
     if memory is not None and pp.vectorizable:
+        num_threads = _VECTORIZED_THREADS if num_threads is None else num_threads
         ds = grain.MapDataset.source(
             _StackedBatches(
                 memory.arrays,
@@ -254,6 +257,9 @@ def _eval_over(
 
 
 _ENDLESS = 2**62  # batches of a pipeline that repeats forever
+# A vectorised batch takes well under a millisecond to make: reading threads would cost more
+# (handing batches between threads, taking the GIL from the training loop) than they overlap.
+_VECTORIZED_THREADS = 0
 
 
 class _StackedBatches:
