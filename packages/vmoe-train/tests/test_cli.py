@@ -144,8 +144,8 @@ def test_a_config_file_by_path(tmp_path, trainer):
 
 
 def test_a_bad_config_never_reaches_the_trainer(capsys, trainer):
-    assert cli.main(["--config.optimizer.warmup_steps=5000", "--workdir=unused"]) == 2
-    assert "optimizer.warmup_steps=5000: must be <= num_steps=4000" in capsys.readouterr().err
+    assert cli.main(["--config.optimizer.warmup_steps=9000", "--workdir=unused"]) == 2
+    assert "optimizer.warmup_steps=9000: must be <= num_steps=6000" in capsys.readouterr().err
     assert trainer.calls == []
 
 
