@@ -187,6 +187,15 @@ def bench_eval(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_eval.py", *session.posargs)
 
 
+@nox.session
+def reproduce(session: nox.Session) -> None:
+    """V-MoE's claims at small scale: reproduce/run.py trains and evaluates every experiment
+    (3 seeds) and writes docs/results/ (JSON, PNG, summary.md). Not in the default set: it
+    trains for tens of minutes. Arguments go to the script (e.g. `-- --claims a_bpr`)."""
+    _install(session, PROJECTS["eval"], extras="")
+    session.run("python", "reproduce/run.py", *session.posargs)
+
+
 def _interpreter(version: str) -> str | None:
     """A working `python<version>`: on PATH, or under pyenv's versions folder."""
     candidates = [shutil.which(f"python{version}")]

@@ -1,0 +1,226 @@
+"""Per-claim aggregates over seeds (mean and standard deviation), their tables and plots.
+
+Pure functions of the per-run results that `run.py` writes, so the README's tables can be
+checked against the committed JSON (`tables(load(out))` is what `summary.md` holds).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+# The fields of a sweep point kept per run.
+SWEEP_FIELDS = (
+    "router",
+    "k",
+    "capacity_factor",
+    "accuracy",
+    "processed_fraction",
+    "no_expert_fraction",
+    "moe_flops_relative",
+)
+K_TABLE_CAPACITY = 1.0  # claim d compares K at this inference capacity factor
+
+
+def _stats(values: Iterable[float]) -> dict[str, float]:
+    array = np.asarray(list(values), dtype=np.float64)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "n": len(array),
+    }
+
+
+def _points(runs: list[dict], router: str, k: int, factor: float) -> list[dict]:
+    found = []
+    for result in runs:
+        matches = [
+            p
+            for p in result["sweep"]
+            if p["router"] == router and p["k"] == k and p["capacity_factor"] == factor
+        ]
+        if len(matches) != 1:
+            raise ValueError(
+                f"run {result['training']} seed {result['seed']} has {len(matches)} sweep points "
+                f"for router={router} k={k} capacity_factor={factor}; expected 1"
+            )
+        found.append(matches[0])
+    return found
+
+
+def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
+    """The claim's numbers: means and standard deviations over the seeds of each training."""
+    if claim == "a_bpr":
+        return {"claim": claim, "curves": _capacity_curves(per_run, ("vmoe_top_k", "vmoe_bpr"))}
+    if claim == "d_k":
+        rows = []
+        for training in ("vmoe_top_k", "vmoe_k1"):
+            runs = per_run[training]
+            for k in (1, 2):
+                points = _points(runs, "top_k", k, K_TABLE_CAPACITY)
+                rows.append(
+                    {
+                        "training": training,
+                        "trained_k": runs[0]["k"],
+                        "eval_k": k,
+                        "accuracy": _stats(p["accuracy"] for p in points),
+                        "moe_flops_relative": points[0]["moe_flops_relative"],
+                    }
+                )
+        return {"claim": claim, "capacity_factor": K_TABLE_CAPACITY, "rows": rows}
+    if claim == "c_routing":
+        runs = per_run["vmoe_top_k"]
+        layers = sorted(runs[0]["routing"], key=lambda n: int(n.rsplit("_", 1)[-1]))
+        return {
+            "claim": claim,
+            "layers": {
+                name: {
+                    field: _stats(r["routing"][name][field] for r in runs)
+                    for field in ("nmi_class", "nmi_position", "dropped_fraction")
+                }
+                for name in layers
+            },
+        }
+    raise ValueError(f"unknown claim {claim!r}")
+
+
+def _capacity_curves(per_run: Mapping[str, list[dict]], trainings: tuple[str, ...]) -> list[dict]:
+    curves = []
+    for training in trainings:
+        runs = per_run[training]
+        k = runs[0]["k"]
+        factors = sorted({p["capacity_factor"] for p in runs[0]["sweep"]})
+        for router in ("top_k", "bpr"):
+            points = []
+            for factor in factors:
+                found = _points(runs, router, k, factor)
+                points.append(
+                    {
+                        "capacity_factor": factor,
+                        "processed_fraction": _stats(p["processed_fraction"] for p in found),
+                        "accuracy": _stats(p["accuracy"] for p in found),
+                    }
+                )
+            curves.append({"training": training, "eval_router": router, "k": k, "points": points})
+    return curves
+
+
+def _pm(stats: Mapping[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+
+
+def tables(aggregates: Mapping[str, dict]) -> str:
+    """Markdown tables of every aggregate, in claim order (what summary.md and the README hold)."""
+    parts = []
+    for claim in sorted(aggregates):
+        data = aggregates[claim]
+        if claim == "a_bpr":
+            curves = data["curves"]
+            factors = [p["capacity_factor"] for p in curves[0]["points"]]
+            head = "| trained | inference filling | " + " | ".join(f"C={f:g}" for f in factors)
+            lines = [
+                "**a. Accuracy (%) at reduced inference capacity** (tokens processed, %, below)",
+                "",
+                head + " |",
+                "|---|---|" + "---|" * len(factors),
+            ]
+            for curve in curves:
+                cells = " | ".join(
+                    f"{_pm(p['accuracy'])}<br>{p['processed_fraction']['mean'] * 100:.0f}%"
+                    for p in curve["points"]
+                )
+                lines.append(f"| {curve['training']} | {curve['eval_router']} | {cells} |")
+        elif claim == "d_k":
+            lines = [
+                f"**d. K at inference** (top-K filling, C={data['capacity_factor']:g})",
+                "",
+                "| trained K | inference K | test accuracy (%) | MoE FLOPs (vs trained K, C=1) |",
+                "|---|---|---|---|",
+            ]
+            for row in data["rows"]:
+                lines.append(
+                    f"| {row['trained_k']} | {row['eval_k']} | {_pm(row['accuracy'])} | "
+                    f"{row['moe_flops_relative']:.2f}x |"
+                )
+        elif claim == "c_routing":
+            lines = [
+                "**c. Routing specialisation** (normalised mutual information, test split)",
+                "",
+                "| MoE layer | NMI(expert; class) | NMI(expert; position) | dropped choices (%) |",
+                "|---|---|---|---|",
+            ]
+            for name, layer in data["layers"].items():
+                lines.append(
+                    f"| {name} | {_pm(layer['nmi_class'], 1, 3)} | "
+                    f"{_pm(layer['nmi_position'], 1, 3)} | {_pm(layer['dropped_fraction'])} |"
+                )
+        else:
+            raise ValueError(f"unknown claim {claim!r}")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def load(out: pathlib.Path) -> dict[str, dict]:
+    """The committed aggregates in `out` (one JSON per claim)."""
+    return {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("*_*.json"))}
+
+
+def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
+    """The claim's figure as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    if claim == "a_bpr":
+        for curve in data["curves"]:
+            x = [p["processed_fraction"]["mean"] for p in curve["points"]]
+            y = [p["accuracy"]["mean"] for p in curve["points"]]
+            err = [p["accuracy"]["std"] for p in curve["points"]]
+            style = "-" if curve["eval_router"] == "bpr" else "--"
+            axes.errorbar(
+                x,
+                y,
+                yerr=err,
+                fmt=style + "o",
+                ms=3,
+                capsize=2,
+                label=f"trained {curve['training']}, inference {curve['eval_router']}",
+            )
+        axes.set_xlabel("fraction of token choices processed")
+        axes.set_ylabel("test accuracy")
+    elif claim == "d_k":
+        labels = [f"train K={r['trained_k']}\neval K={r['eval_k']}" for r in data["rows"]]
+        axes.bar(
+            labels,
+            [r["accuracy"]["mean"] for r in data["rows"]],
+            yerr=[r["accuracy"]["std"] for r in data["rows"]],
+            capsize=3,
+        )
+        axes.set_ylabel("test accuracy")
+    elif claim == "c_routing":
+        names = list(data["layers"])
+        x = np.arange(len(names))
+        for offset, field in ((-0.2, "nmi_class"), (0.2, "nmi_position")):
+            axes.bar(
+                x + offset,
+                [data["layers"][n][field]["mean"] for n in names],
+                0.4,
+                yerr=[data["layers"][n][field]["std"] for n in names],
+                capsize=3,
+                label=field.replace("nmi_", "NMI(expert; ") + ")",
+            )
+        axes.set_xticks(x, names)
+        axes.set_ylabel("normalised mutual information")
+    if claim != "d_k":
+        axes.legend(fontsize=7)
+    axes.set_title(claim)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
