@@ -37,6 +37,15 @@ TRAININGS = {
             ("model.moe.router_options.k=1",),
             "the same, trained with K=1",
         ),
+        Training(
+            "vmoe_no_aux",
+            "digits_vmoe",
+            (
+                "model.moe.router_options.importance_loss_weight=0.0",
+                "model.moe.router_options.load_loss_weight=0.0",
+            ),
+            "the same, without the importance and load losses",
+        ),
     )
 }
 
@@ -45,4 +54,5 @@ CLAIMS = {
     "a_bpr": ("vmoe_top_k", "vmoe_bpr"),
     "c_routing": ("vmoe_top_k",),
     "d_k": ("vmoe_top_k", "vmoe_k1"),
+    "f_aux": ("vmoe_top_k", "vmoe_no_aux"),
 }

@@ -85,6 +85,29 @@ def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
                 for name in layers
             },
         }
+    if claim == "f_aux":
+        trainings = {}
+        for training in ("vmoe_top_k", "vmoe_no_aux"):
+            runs = per_run[training]
+            steps = runs[0]["training_curve"]["step"]
+            tail = max(1, len(steps) // 10)  # the last tenth of the logged steps
+            trainings[training] = {
+                "accuracy": _stats(r["test_accuracy"] for r in runs),
+                **{
+                    f"final_{field}": _stats(
+                        np.mean(r["training_curve"][field][-tail:]) for r in runs
+                    )
+                    for field in ("load_cv", "dropped_fraction")
+                },
+                "curve": {
+                    "step": steps,
+                    **{
+                        field: np.mean([r["training_curve"][field] for r in runs], axis=0).tolist()
+                        for field in ("load_cv", "dropped_fraction")
+                    },
+                },
+            }
+        return {"claim": claim, "trainings": trainings}
     raise ValueError(f"unknown claim {claim!r}")
 
 
@@ -158,6 +181,19 @@ def tables(aggregates: Mapping[str, dict]) -> str:
                     f"| {name} | {_pm(layer['nmi_class'], 1, 3)} | "
                     f"{_pm(layer['nmi_position'], 1, 3)} | {_pm(layer['dropped_fraction'])} |"
                 )
+        elif claim == "f_aux":
+            lines = [
+                "**f. Auxiliary losses** (training: mean over the MoE layers and the last tenth "
+                "of the logged steps)",
+                "",
+                "| trained | test accuracy (%) | expert load CV | dropped choices (%) |",
+                "|---|---|---|---|",
+            ]
+            for training, row in data["trainings"].items():
+                lines.append(
+                    f"| {training} | {_pm(row['accuracy'])} | {_pm(row['final_load_cv'], 1, 3)} | "
+                    f"{_pm(row['final_dropped_fraction'])} |"
+                )
         else:
             raise ValueError(f"unknown claim {claim!r}")
         parts.append("\n".join(lines))
@@ -217,6 +253,17 @@ def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
             )
         axes.set_xticks(x, names)
         axes.set_ylabel("normalised mutual information")
+    elif claim == "f_aux":
+        for training, row in data["trainings"].items():
+            curve = row["curve"]
+            axes.plot(curve["step"], curve["load_cv"], label=f"{training}: load CV")
+            axes.plot(
+                curve["step"],
+                curve["dropped_fraction"],
+                "--",
+                label=f"{training}: dropped fraction",
+            )
+        axes.set_xlabel("training step")
     if claim != "d_k":
         axes.legend(fontsize=7)
     axes.set_title(claim)

@@ -1,6 +1,6 @@
 """Reproduce V-MoE's claims at small scale: train, evaluate, aggregate over seeds, plot.
 
-    python reproduce/run.py [--claims a_bpr,c_routing,d_k] [--seeds 0 1 2] [--steps 2000]
+    python reproduce/run.py [--claims a_bpr,c_routing,d_k,f_aux] [--seeds 0 1 2] [--steps 2000]
                             [--runs runs/reproduce] [--out docs/results] [--override F=V ...]
 
 (`nox -s reproduce` runs it with the defaults.) For each claim (reproduce/experiments.py) every
@@ -21,6 +21,8 @@ import pathlib
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -65,6 +67,23 @@ def trained_k(config: Any) -> int:
     return int(config_get(config, "model.moe.router_options.k", default))
 
 
+def training_curve(path: pathlib.Path) -> dict[str, list[float]]:
+    """Per logged step, the MoE layers' mean expert-load CV and dropped fraction (training)."""
+    curve: dict[str, list[float]] = {"step": [], "load_cv": [], "dropped_fraction": []}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        columns = {
+            field: [v for k, v in row.items() if k.startswith("train/moe_") and k.endswith(field)]
+            for field in ("/load_cv", "/dropped_fraction")
+        }
+        if not all(columns.values()):
+            continue  # an evaluation row, or a model without MoE layers
+        curve["step"].append(row["step"])
+        curve["load_cv"].append(float(np.mean(columns["/load_cv"])))
+        curve["dropped_fraction"].append(float(np.mean(columns["/dropped_fraction"])))
+    return curve
+
+
 def evaluate_run(workdir: pathlib.Path) -> dict[str, Any]:
     """Test accuracy, the sweep and the routing analysis of one trained run."""
     import vmoe_eval
@@ -83,6 +102,7 @@ def evaluate_run(workdir: pathlib.Path) -> dict[str, Any]:
         for name, layer in analysis.layers.items()
     }
     return {
+        "training_curve": training_curve(workdir / "metrics.jsonl"),
         "model": str(run.config.model.name),
         "router": str(run.config.model.moe.router),
         "k": trained_k(run.config),

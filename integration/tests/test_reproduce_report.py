@@ -16,7 +16,8 @@ spec.loader.exec_module(report)
 
 
 def _run(training, seed, k, accuracies, routing):
-    """A per-run result whose sweep has accuracy accuracies[(router, k, factor)]."""
+    """A per-run result whose sweep has accuracy accuracies[(router, k, factor)]; its training
+    curve logs 20 steps, load CV (seed + 1) * step / 1000, dropped fraction step / 1000."""
     sweep = [
         {
             "router": r,
@@ -29,7 +30,21 @@ def _run(training, seed, k, accuracies, routing):
         }
         for (r, kk, f), a in accuracies.items()
     ]
-    return {"training": training, "seed": seed, "k": k, "sweep": sweep, "routing": routing}
+    steps = list(range(25, 525, 25))
+    curve = {
+        "step": steps,
+        "load_cv": [(seed + 1) * s / 1000 for s in steps],
+        "dropped_fraction": [s / 1000 for s in steps],
+    }
+    return {
+        "training": training,
+        "seed": seed,
+        "k": k,
+        "sweep": sweep,
+        "routing": routing,
+        "test_accuracy": 0.9 + 0.01 * seed,
+        "training_curve": curve,
+    }
 
 
 def _accuracies(base):
@@ -50,7 +65,7 @@ ROUTING = {
 @pytest.fixture
 def per_run():
     runs = {}
-    for training, k in (("vmoe_top_k", 2), ("vmoe_bpr", 2), ("vmoe_k1", 1)):
+    for training, k in (("vmoe_top_k", 2), ("vmoe_bpr", 2), ("vmoe_k1", 1), ("vmoe_no_aux", 2)):
         runs[training] = [
             _run(
                 training,
@@ -93,10 +108,22 @@ def test_k_rows_and_routing_layers(per_run):
     )
 
 
+def test_aux_claim_averages_the_last_tenth_of_the_curve(per_run):
+    row = report.aggregate("f_aux", per_run)["trainings"]["vmoe_no_aux"]
+    # last tenth of 20 logged steps: steps 475 and 500; seed s: load CV (s + 1) * 0.4875
+    finals = [(s + 1) * 0.4875 for s in range(3)]
+    assert row["final_load_cv"]["mean"] == pytest.approx(statistics.mean(finals))
+    assert row["final_load_cv"]["std"] == pytest.approx(statistics.stdev(finals))
+    assert row["final_dropped_fraction"]["mean"] == pytest.approx(0.4875)
+    assert row["accuracy"]["mean"] == pytest.approx(0.91)
+    assert row["curve"]["load_cv"][-1] == pytest.approx(2 * 0.5)  # mean of 1, 2, 3 x 0.5
+
+
 def test_tables_show_the_aggregates(per_run):
-    aggregates = {c: report.aggregate(c, per_run) for c in ("a_bpr", "c_routing", "d_k")}
+    aggregates = {c: report.aggregate(c, per_run) for c in ("a_bpr", "c_routing", "d_k", "f_aux")}
     text = report.tables(aggregates)
-    assert text.index("**a.") < text.index("**c.") < text.index("**d.")
+    assert text.index("**a.") < text.index("**c.") < text.index("**d.") < text.index("**f.")
+    assert "| vmoe_no_aux | 91.0 ± 1.0 | 0.975 ± 0.487 | 48.8 ± 0.0 |" in text
     assert "| moe_block_3 | 0.100 ± 0.050 | 0.200 ± 0.100 | 12.0 ± 6.0 |" in text
     assert "| 2 | 1 |" in text and "0.50x" in text
 
