@@ -33,29 +33,37 @@ import report  # noqa: E402
 
 def train_once(
     training: experiments.Training, seed: int, steps: int, runs: pathlib.Path, overrides: list[str]
-) -> tuple[pathlib.Path, float]:
-    """Trains `training` with `seed` unless its finished run is there: (workdir, seconds)."""
+) -> tuple[pathlib.Path, bool]:
+    """Trains `training` with `seed` unless its finished run is there: (workdir, trained now).
+
+    The overrides a run was trained with are kept in `workdir/reproduce.json`; a run directory
+    holding another setting is an error (reusing or resuming it would mix two experiments)."""
     import vmoe_train as vt
 
     workdir = runs / training.name / f"seed{seed}"
-    summary = workdir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("steps") == steps:
-        return workdir, 0.0
-    config = vt.load_config(training.config)
-    config = vt.apply_overrides(
-        config,
-        [
-            *training.overrides,
-            f"seed={seed}",
-            f"num_steps={steps}",
-            "eval.every_steps=0",
-            "log.callbacks=('jsonl',)",
-            *overrides,
-        ],
-    )
-    start = time.perf_counter()
+    settings = [
+        *training.overrides,
+        f"seed={seed}",
+        f"num_steps={steps}",
+        "eval.every_steps=0",
+        "log.callbacks=('jsonl',)",
+        *overrides,
+    ]
+    marker = workdir / "reproduce.json"
+    if marker.exists():
+        recorded = json.loads(marker.read_text())["overrides"]
+        if recorded != settings:
+            raise SystemExit(
+                f"{workdir} was trained with {recorded}, not {settings}; use another --runs "
+                "folder or delete that run"
+            )
+        if (workdir / "summary.json").exists():
+            return workdir, False
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"overrides": settings}) + "\n")
+    config = vt.apply_overrides(vt.load_config(training.config), settings)
     vt.train(config, workdir)
-    return workdir, time.perf_counter() - start
+    return workdir, True
 
 
 def trained_k(config: Any) -> int:
@@ -132,15 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         training = experiments.TRAININGS[name]
         for seed in args.seeds:
             cached = args.out / "runs" / f"{name}-seed{seed}.json"
-            workdir, seconds = train_once(training, seed, args.steps, args.runs, args.override)
-            if seconds == 0.0 and cached.exists():
-                result = json.loads(cached.read_text())
-            else:
+            workdir, fresh = train_once(training, seed, args.steps, args.runs, args.override)
+            settings = json.loads((workdir / "reproduce.json").read_text())["overrides"]
+            result = json.loads(cached.read_text()) if cached.exists() else {}
+            if fresh or result.get("settings") != settings:  # evaluate this run afresh
                 result = {
                     "training": name,
                     "seed": seed,
+                    "settings": settings,
                     "steps": args.steps,
-                    "train_seconds": seconds,
+                    "train_seconds": json.loads((workdir / "summary.json").read_text())["seconds"],
                     **evaluate_run(workdir),
                 }
                 cached.parent.mkdir(parents=True, exist_ok=True)
