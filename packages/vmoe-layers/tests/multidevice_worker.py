@@ -44,6 +44,15 @@ def main() -> None:
             "all_to_all": "all-to-all" in run["hlo"],
             "expert_shard_shape": run["expert_shard_shape"],
         }
+    # Every all-gather left in a compiled expert-strategy train step: (dims of each result).
+    report["expert_all_gathers"] = {
+        str(shape): [
+            [list(dims) for _, dims in c.shapes]
+            for c in vl.collectives(case.train_step_hlo("expert", shape), jax.device_count())
+            if c.kind == "all-gather"
+        ]
+        for shape in [(1, 8), (2, 4)]
+    }
     report["init_sharded"] = {
         f"{name}-{shape}": case.init_sharded_matches(name, shape)
         for name, shape in [("data", None), ("expert", (2, 4)), ("fsdp", (2, 4))]

@@ -301,3 +301,20 @@ def test_init_sharded_accepts_a_raw_uint32_key():
     raw = vl.init_sharded(strategy, case.model(), jax.random.PRNGKey(0), images[:2])
     typed = vl.init_sharded(strategy, case.model(), jax.random.key(0), images[:2])
     jax.tree.map(np.testing.assert_array_equal, raw, typed)
+
+
+# What crosses devices: read from the compiled program.
+
+# The sharding case's routing arrays: G = 16 images / 2 per group, S = 34 tokens, E = 8.
+GROUPS, GROUP_SIZE = case.NUM_IMAGES * 17 // 34, 34
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", ["(1, 8)", "(2, 4)"])
+def test_expert_strategy_gathers_no_routing_arrays(eight_devices, mesh_shape):
+    """Each device routes its own groups: no gates [G, S, E], nor anything with as many
+    elements as the tokens of the batch, is all-gathered in a training step."""
+    for dims_list in eight_devices["expert_all_gathers"][mesh_shape]:
+        for dims in dims_list:
+            assert tuple(dims[-2:]) != (GROUP_SIZE, case.EXPERTS), dims_list
+            assert np.prod(dims) < GROUPS * GROUP_SIZE, dims_list
