@@ -197,9 +197,9 @@ def test_expert_strategy_rejects_experts_not_divisible_by_the_expert_axis():
 
 def test_all_to_all_exchange_rejects_experts_not_divisible_by_the_expert_axis():
     exchange = vl.AllToAllExchange(AbstractMesh((1, 3), ("data", "expert")))
-    x_gecd = np.zeros((3, 8, 2, 4), np.float32)
+    x_gsd, experts = np.zeros((3, 5, 4), np.float32), {"w": np.zeros((8, 4, 4))}
     with pytest.raises(ValueError, match=r"num_experts=8 is not divisible by the 'expert' mesh"):
-        exchange(lambda p, x: x, {}, x_gecd)
+        exchange(None, {}, experts, x_gsd, None)
 
 
 def test_a_model_with_an_exchange_initialises_from_one_image():
@@ -215,9 +215,9 @@ def test_a_model_with_an_exchange_initialises_from_one_image():
 
 def test_all_to_all_exchange_rejects_groups_not_divisible_by_the_batch_devices():
     exchange = vl.AllToAllExchange(AbstractMesh((2, 2), ("data", "expert")))
-    x_gecd = np.zeros((6, 8, 2, 4), np.float32)
+    x_gsd, experts = np.zeros((6, 5, 4), np.float32), {"w": np.zeros((8, 4, 4))}
     with pytest.raises(ValueError, match=r"makes 6 routing groups, not divisible by the 4 devices"):
-        exchange(lambda p, x: x, {}, x_gecd)
+        exchange(None, {}, experts, x_gsd, None)
 
 
 def test_fsdp_splits_the_largest_divisible_dimension_of_big_params():
@@ -230,8 +230,35 @@ def test_fsdp_splits_the_largest_divisible_dimension_of_big_params():
     assert strategy.batch_spec() == PartitionSpec(("data", "fsdp"))
 
 
+def test_expert_fsdp_splits_experts_over_expert_and_the_rest_over_every_device():
+    strategy = vl.ExpertFullySharded(AbstractMesh((2, 4), ("data", "expert")), min_size=100)
+    specs = strategy.param_specs(_params_like_a_vmoe())
+    experts = specs["block_1"]["moe"]["experts"]
+    # Experts over 'expert' (leading axis) and their largest other dimension over 'data'.
+    assert experts["w_in"] == PartitionSpec("expert", None, "data")
+    assert experts["b_in"] == PartitionSpec("expert", "data")
+    # Everything else: the largest dimension divisible by all 8 devices, over both axes.
+    assert specs["block_1"]["moe"]["router"]["gate"] == PartitionSpec(("data", "expert"), None)
+    assert specs["block_0"]["mlp"]["w_in"] == PartitionSpec(None, ("data", "expert"))
+    assert specs["block_0"]["mlp"]["b_in"] == PartitionSpec()  # 32 < min_size: replicated
+    assert strategy.batch_spec() == PartitionSpec(("data", "expert"))
+    assert isinstance(strategy.exchange, vl.AllToAllExchange)
+
+
+def test_expert_fsdp_falls_back_to_the_data_axis_for_dims_not_divisible_by_every_device():
+    strategy = vl.ExpertFullySharded(AbstractMesh((2, 4), ("data", "expert")), min_size=1)
+    specs = strategy.param_specs({"w": np.zeros((6, 10))})
+    assert specs["w"] == PartitionSpec(None, "data")  # 10 splits over data=2, not over 8
+
+
+def test_expert_fsdp_rejects_experts_not_divisible_by_the_expert_axis():
+    strategy = vl.ExpertFullySharded(AbstractMesh((1, 3), ("data", "expert")))
+    with pytest.raises(ValueError, match=r"num_experts=8 of block_1/moe/experts/\w+ is not"):
+        strategy.param_specs(_params_like_a_vmoe())
+
+
 def test_strategies_are_listed_and_unknown_ones_rejected():
-    assert vl.available_strategies() == ["data", "expert", "fsdp"]
+    assert vl.available_strategies() == ["data", "expert", "expert_fsdp", "fsdp"]
     with pytest.raises(ValueError, match=r"unknown sharding strategy 'experts' \(did you mean"):
         vl.get_strategy("experts")
 
@@ -242,7 +269,10 @@ def test_on_one_device_every_strategy_builds_a_one_device_mesh():
         assert strategy.mesh.size == jax.device_count() == 1
 
 
-@pytest.mark.parametrize("name, shape", [("data", (8,)), ("expert", (2, 4)), ("fsdp", (2, 4))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [("data", (8,)), ("expert", (2, 4)), ("fsdp", (2, 4)), ("expert_fsdp", (2, 4))],
+)
 def test_a_mesh_shape_must_use_every_device(name, shape):
     needs = rf"mesh_shape={re.escape(str(shape))} .* needs 8 devices; there are 1"
     with pytest.raises(ValueError, match=needs):

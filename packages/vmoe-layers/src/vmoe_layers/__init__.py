@@ -41,6 +41,7 @@ from vmoe_layers.presets import count_params, create_model, preset_names
 from vmoe_layers.sharding import (
     STRATEGIES,
     DataParallel,
+    ExpertFullySharded,
     ExpertParallel,
     FullySharded,
     ShardingStrategy,
@@ -81,6 +82,7 @@ __all__ = [
     "DataParallel",
     "EncoderBlock",
     "ExpertExchange",
+    "ExpertFullySharded",
     "ExpertParallel",
     "ExpertType",
     "FeedForward",
