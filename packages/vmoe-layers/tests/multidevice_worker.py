@@ -73,7 +73,12 @@ def main() -> None:
     }
     report["init_sharded"] = {
         f"{name}-{shape}": case.init_sharded_matches(name, shape)
-        for name, shape in [("data", None), ("expert", (2, 4)), ("fsdp", (2, 4))]
+        for name, shape in [
+            ("data", None),
+            ("expert", (2, 4)),
+            ("fsdp", (2, 4)),
+            ("expert_fsdp", (2, 4)),
+        ]
     }
     try:
         vl.shard_batch(vl.get_strategy("expert", mesh_shape=(2, 4)), np.zeros((6, 3)))
