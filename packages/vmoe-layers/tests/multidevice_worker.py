@@ -41,6 +41,12 @@ def run_case(name, mesh_shape, router="bpr") -> dict:
         "grad_max_rel_diff": case.max_relative_difference(run["grads"], reference_grads),
         "stats_max_diff": case.stats_max_difference(run["stats"], reference_stats),
         "all_to_all": "all-to-all" in run["hlo"],
+        # The result dims of every all-gather left in the compiled training step.
+        "all_gathers": [
+            [list(dims) for _, dims in c.shapes]
+            for c in vl.collectives(run["hlo"], jax.device_count())
+            if c.kind == "all-gather"
+        ],
         "expert_shard_shape": run["expert_shard_shape"],
     }
 
@@ -62,15 +68,6 @@ def main() -> None:
     report = {"devices": jax.device_count(), "cases": {}}
     for name, mesh_shape in case.CASES:
         report["cases"][f"{name}-{mesh_shape}"] = run_case(name, mesh_shape)
-    # Every all-gather left in a compiled expert-strategy train step: (dims of each result).
-    report["expert_all_gathers"] = {
-        str(shape): [
-            [list(dims) for _, dims in c.shapes]
-            for c in vl.collectives(case.train_step_hlo("expert", shape), jax.device_count())
-            if c.kind == "all-gather"
-        ]
-        for shape in [(1, 8), (2, 4)]
-    }
     report["init_sharded"] = {
         f"{name}-{shape}": case.init_sharded_matches(name, shape)
         for name, shape in [

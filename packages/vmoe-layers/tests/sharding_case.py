@@ -138,21 +138,6 @@ def stats_max_difference(stats, reference) -> float:
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
 
 
-def train_step_hlo(strategy_name: str, mesh_shape) -> str:
-    """The compiled HLO of one training step's loss and gradients under a strategy, with the
-    gradients left in the parameters' layout (as an optimizer update would use them)."""
-    strategy = vl.get_strategy(strategy_name, mesh_shape=mesh_shape)
-    params = init_params()
-    sharded_params = vl.shard_params(strategy, params)
-    sharded_batch = vl.shard_batch(strategy, batch())
-    replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(
-        jax.value_and_grad(loss_fn(model(strategy.exchange))),
-        out_shardings=(replicated, vl.param_shardings(strategy, params)),
-    )
-    return step.lower(sharded_params, *sharded_batch).compile().as_text()
-
-
 def max_relative_difference(grads, reference) -> float:
     """max over leaves of max|g - g_ref| / max(max|g_ref|, 1e-3 * largest |g_ref| of all leaves).
 
