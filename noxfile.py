@@ -127,6 +127,32 @@ def build(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", *sorted(str(p) for p in out.glob("*/*")))
 
 
+@nox.session(name="sharding-matrix")
+def sharding_matrix(session: nox.Session) -> None:
+    """Every sharding strategy on every 8-device mesh (1x8, 2x4, 4x2) vs one device, for the
+    top_k, bpr and hash (plugin) routers: loss, gradients, aux losses and metrics (30 compiled
+    train steps; the default tests-layers run covers BPR on every case)."""
+    _install(session, PROJECTS["layers"])
+    session.run(
+        "pytest",
+        "packages/vmoe-layers/tests/test_sharding_matrix.py",
+        *session.posargs,
+        env={"VMOE_SHARDING_MATRIX": "1"},
+    )
+
+
+@nox.session(name="bench-comm")
+def bench_comm(session: nox.Session) -> None:
+    """Bytes each device sends per collective kind, and planned memory, of one V-MoE-S/32 and
+    V-MoE-B/16 train step under every strategy on 8..64 simulated CPU devices
+    (benchmarks/bench_comm.py: table on stdout, JSON in bench-results/comm.json, the plot in
+    benchmarks/comm.png); exits 1 if the expert strategy's all-to-all bytes per MoE layer
+    vary by more than 10% from 8 to 64 devices."""
+    _install(session, PROJECTS["layers"], extras="")
+    session.install("matplotlib")
+    session.run("python", "benchmarks/bench_comm.py", *session.posargs)
+
+
 @nox.session(name="bench-data")
 def bench_data(session: nox.Session) -> None:
     """Images/s of the vmoe-data train pipeline vs measured train steps (is it the bottleneck?).

@@ -150,3 +150,24 @@ def test_a_package_benchmark_imports_only_vmoe_packages_its_package_declares(pat
     allowed = {name.replace("-", "_") for name in declared}
     ours = {m for m in _imported_modules(path) if m.startswith("vmoe_")}
     assert ours <= allowed, f"{path.relative_to(ROOT)} imports {sorted(ours - allowed)}"
+
+
+def test_bench_comm_measures_the_expert_strategy_at_8_devices(tmp_path):
+    """bench_comm.py on one case: the expert strategy's step sends by all-to-all, gathers no
+    gates, and its weak-scaling check passes (one device count: trivially)."""
+    out = tmp_path / "comm.json"
+    args = ["--models", "V-MoE-S/32", "--devices", "8", "--strategies", "expert", "--png", ""]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_comm.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["strategy"], row["devices"], row["mesh"]) == ("expert", 8, "(1, 8)")
+    # 4 MoE layers, 2 all-to-alls each way per layer in a train step.
+    assert row["all-to-all MB/MoE layer"] == pytest.approx(row["all-to-all MB"] / 4)
+    assert row["all-to-all MB"] > 0 and row["all-gather MB"] == 0
+    assert row["gate all-gathers"] == [] and row["planned memory MB"] > 0

@@ -1,7 +1,7 @@
 """Runs every sharding case, and the README's examples, on 8 host devices; prints one JSON report.
 
-Run as a script. The parent sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before this
-process starts.
+Run as a script; `--matrix`: every router x strategy x mesh of `sharding_case` instead. The
+parent sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before this process starts.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import sys
 import traceback
 
 import jax
@@ -31,22 +32,50 @@ def run_readme() -> str:
     return "ok"
 
 
+def run_case(name, mesh_shape, router="bpr") -> dict:
+    reference_loss, reference_grads, reference_stats = case.single_device_run(router, True)
+    run = case.sharded_run(name, mesh_shape, router=router)
+    return {
+        "loss": run["loss"],
+        "reference_loss": reference_loss,
+        "grad_max_rel_diff": case.max_relative_difference(run["grads"], reference_grads),
+        "stats_max_diff": case.stats_max_difference(run["stats"], reference_stats),
+        "all_to_all": "all-to-all" in run["hlo"],
+        # The result dims of every all-gather left in the compiled training step.
+        "all_gathers": [
+            [list(dims) for _, dims in c.shapes]
+            for c in vl.collectives(run["hlo"], jax.device_count())
+            if c.kind == "all-gather"
+        ],
+        "expert_shard_shape": run["expert_shard_shape"],
+    }
+
+
+def matrix() -> None:
+    """Every router x strategy x mesh of `case.MATRIX_CASES`; prints one JSON report."""
+    report = {
+        f"{router}/{name}-{mesh_shape}": run_case(name, mesh_shape, router)
+        for router in case.ROUTERS
+        for name, mesh_shape in case.MATRIX_CASES
+    }
+    print(json.dumps(report))
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
-    reference_loss, reference_grads = case.single_device_run()
+    if sys.argv[1:] == ["--matrix"]:
+        return matrix()
     report = {"devices": jax.device_count(), "cases": {}}
     for name, mesh_shape in case.CASES:
-        run = case.sharded_run(name, mesh_shape)
-        report["cases"][f"{name}-{mesh_shape}"] = {
-            "loss": run["loss"],
-            "reference_loss": reference_loss,
-            "grad_max_rel_diff": case.max_relative_difference(run["grads"], reference_grads),
-            "all_to_all": "all-to-all" in run["hlo"],
-            "expert_shard_shape": run["expert_shard_shape"],
-        }
+        report["cases"][f"{name}-{mesh_shape}"] = run_case(name, mesh_shape)
     report["init_sharded"] = {
         f"{name}-{shape}": case.init_sharded_matches(name, shape)
-        for name, shape in [("data", None), ("expert", (2, 4)), ("fsdp", (2, 4))]
+        for name, shape in [
+            ("data", None),
+            ("expert", (2, 4)),
+            ("fsdp", (2, 4)),
+            ("expert_fsdp", (2, 4)),
+        ]
     }
     try:
         vl.shard_batch(vl.get_strategy("expert", mesh_shape=(2, 4)), np.zeros((6, 3)))

@@ -15,7 +15,7 @@ import numpy as np
 import vmoe_layers as vl
 
 NUM_IMAGES, IMAGE, CLASSES, EXPERTS = 16, 8, 10, 8
-# Cases: (strategy, mesh_shape); "data" has a one-axis mesh.
+# Cases: (strategy, mesh_shape); "data" has a one-axis mesh. The default run (BPR):
 CASES = [
     ("data", None),
     ("expert", (1, 8)),
@@ -24,11 +24,19 @@ CASES = [
     ("fsdp", (1, 8)),
     ("fsdp", (2, 4)),
     ("fsdp", (4, 2)),
+    ("expert_fsdp", (2, 4)),
 ]
+# The full matrix (`nox -s sharding-matrix`): every strategy on every 8-device mesh, per router.
+MESHES = [(1, 8), (2, 4), (4, 2)]
+MATRIX_CASES = [("data", None)] + [
+    (name, shape) for name in ("expert", "fsdp", "expert_fsdp") for shape in MESHES
+]
+ROUTERS = ("top_k", "bpr", "hash")  # hash: a plugin router (vmoe-router-hash)
 
 
-def model(exchange=None, group_size=34) -> vl.VisionTransformer:
-    """2 blocks (dense, then MoE with 8 experts), BPR K=2, dropout on, groups of 2 images."""
+def model(exchange=None, group_size=34, router="bpr") -> vl.VisionTransformer:
+    """2 blocks (dense, then MoE with 8 experts), K=2 (BPR by default), dropout on, groups of 2
+    images."""
     return vl.VisionTransformer(
         num_classes=CLASSES,
         patch_size=2,
@@ -40,7 +48,7 @@ def model(exchange=None, group_size=34) -> vl.VisionTransformer:
         moe=vl.MoeConfig(
             EXPERTS,
             "every-2",
-            router="bpr",
+            router=router,
             router_options={"k": 2, "capacity_factor": 1.05},
             group_size=group_size,  # 2 images x 17 tokens
         ),
@@ -64,29 +72,38 @@ def init_params() -> dict:
     return params
 
 
-def loss_fn(model: vl.VisionTransformer):
-    """(params, images, labels) -> cross-entropy + aux loss, in training mode (noise, dropout)."""
+def loss_fn(model: vl.VisionTransformer, with_stats: bool = False):
+    """(params, images, labels) -> cross-entropy + aux loss, in training mode (noise, dropout);
+    with_stats: (loss, {"aux_losses": ..., "metrics": ...}) of the MoE layers."""
 
     def loss(params, images, labels):
         rng = jax.random.key(42)
         rngs = {"dropout": jax.random.fold_in(rng, 0), "gating": jax.random.fold_in(rng, 1)}
         out = model.apply({"params": params}, images, train=True, rngs=rngs)
         xent = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out.logits), labels[:, None], 1))
+        if with_stats:
+            return xent + out.aux_loss, {"aux_losses": out.aux_losses, "metrics": out.metrics}
         return xent + out.aux_loss
 
     return loss
 
 
 @functools.cache
-def single_device_run():
-    """Loss and gradients on one device, no strategy (computed once per process)."""
+def single_device_run(router: str = "bpr", with_stats: bool = False):
+    """Loss and gradients on one device, no strategy (computed once per process); with_stats:
+    also the MoE layers' aux losses and metrics."""
     params, (images, labels) = init_params(), batch()
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn(model())))(params, images, labels)
-    return float(loss), jax.tree.map(np.asarray, grads)
+    step = jax.value_and_grad(loss_fn(model(router=router), with_stats), has_aux=with_stats)
+    value, grads = jax.jit(step)(params, images, labels)
+    grads = jax.tree.map(np.asarray, grads)
+    if with_stats:
+        return float(value[0]), grads, jax.tree.map(np.asarray, value[1])
+    return float(value), grads
 
 
-def sharded_run(strategy_name: str, mesh_shape=None, **options):
-    """Loss and gradients with a strategy; also the compiled HLO text (to look for all-to-all)."""
+def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **options):
+    """Loss, gradients and the MoE layers' aux losses and metrics with a strategy; also the
+    compiled HLO text (to look for all-to-all)."""
     if mesh_shape is not None:
         options["mesh_shape"] = mesh_shape
     strategy = vl.get_strategy(strategy_name, **options)
@@ -96,19 +113,29 @@ def sharded_run(strategy_name: str, mesh_shape=None, **options):
     sharded_batch = vl.shard_batch(strategy, (images, labels))
     replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
     step = jax.jit(
-        jax.value_and_grad(loss_fn(model(strategy.exchange))),
-        out_shardings=(replicated, jax.tree.map(lambda _: replicated, params)),
+        jax.value_and_grad(
+            loss_fn(model(strategy.exchange, router=router), with_stats=True), has_aux=True
+        ),
+        out_shardings=((replicated, replicated), jax.tree.map(lambda _: replicated, params)),
     )
     compiled = step.lower(sharded_params, *sharded_batch).compile()
-    loss, grads = compiled(sharded_params, *sharded_batch)
+    (loss, stats), grads = compiled(sharded_params, *sharded_batch)
     local = lambda a: np.asarray(a.addressable_data(0))  # noqa: E731 (replicated: any copy)
     expert_leaf = sharded_params["block_1"]["moe"]["experts"]["w_in"]
     return {
         "loss": float(local(loss)),
         "grads": jax.tree.map(local, grads),
+        "stats": jax.tree.map(local, stats),
         "hlo": compiled.as_text(),
         "expert_shard_shape": list(expert_leaf.addressable_shards[0].data.shape),
     }
+
+
+def stats_max_difference(stats, reference) -> float:
+    """max over the aux losses and metrics of |value - reference| (all are O(1) fractions or
+    losses, so an absolute difference is the meaningful one)."""
+    pairs = zip(jax.tree.leaves(stats), jax.tree.leaves(reference), strict=True)
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
 
 
 def max_relative_difference(grads, reference) -> float:

@@ -1,5 +1,6 @@
-"""One of two jax processes (2 host devices each) running the sharding case with the expert
-strategy over a (1, 4) mesh, so the all-to-all crosses processes. Run as a script:
+"""One of two jax processes (2 host devices each) running the sharding case with the expert_fsdp
+strategy over a (1, 4) mesh, so the all-to-all and the param gathers cross processes. Run as a
+script:
 
     python two_process_worker.py <coordinator address> <process id> <output .npz>
 """
@@ -19,23 +20,32 @@ jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv
 import numpy as np  # noqa: E402
 import sharding_case as case  # noqa: E402
 
+# (strategy, mesh): expert_fsdp over (1, 4): the expert axis spans both processes, so the
+# all-to-alls (the same AllToAllExchange as the expert strategy's) cross processes, and every
+# other param is split over the 4 devices, so XLA's gathers and gradient reductions do too. One
+# compiled step: this test is in the default run (the expert strategy's own layouts are checked
+# on 8 devices in one process).
+RUNS = {"expert_fsdp": (1, 4)}
+
 
 def main() -> None:
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-    run = case.sharded_run("expert", (1, 4))
-    init = case.init_sharded_matches("expert", (1, 4))
-    leaves = {
-        jax.tree_util.keystr(path): leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(run["grads"])
-    }
-    np.savez(
-        sys.argv[3],
-        loss=run["loss"],
-        all_to_all="all-to-all" in run["hlo"],
-        expert_shard_shape=np.asarray(run["expert_shard_shape"]),
-        init_sharded_ok=init["values_equal"] and init["layout_ok"],
-        **{f"grad{key}": value for key, value in leaves.items()},
-    )
+    arrays = {}
+    for name, mesh_shape in RUNS.items():
+        run = case.sharded_run(name, mesh_shape)
+        init = case.init_sharded_matches(name, mesh_shape)
+        leaves = {
+            jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(run["grads"])
+        }
+        arrays |= {
+            f"{name}/loss": run["loss"],
+            f"{name}/all_to_all": "all-to-all" in run["hlo"],
+            f"{name}/expert_shard_shape": np.asarray(run["expert_shard_shape"]),
+            f"{name}/init_sharded_ok": init["values_equal"] and init["layout_ok"],
+            **{f"{name}/grad{key}": value for key, value in leaves.items()},
+        }
+    np.savez(sys.argv[3], **arrays)
     jax.distributed.shutdown()
 
 

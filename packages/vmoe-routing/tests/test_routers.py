@@ -251,7 +251,7 @@ def test_router_load_loss_equals_the_standalone_load_loss_and_its_gradient():
 
     def standalone(params):
         logits = jnp.einsum("gsd,de->gse", x, params["gate"])
-        noisy = logits + (1.0 / 5) * jax.random.normal(rng, logits.shape)
+        noisy = logits + (1.0 / 5) * vr.gate_noise(rng, logits.shape)
         return vr.load_loss(logits, noisy, 1.0 / 5, 2)
 
     assert float(via_router(params)) == pytest.approx(float(standalone(params)), rel=1e-6)

@@ -15,6 +15,7 @@ import importlib.metadata
 
 import vmoe_plugins
 from vmoe_layers import hookspecs
+from vmoe_layers.comm import Collective, bytes_sent_per_device, collectives
 from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, run_local_experts
 from vmoe_layers.experts import (
     ACTIVATIONS,
@@ -40,6 +41,7 @@ from vmoe_layers.presets import count_params, create_model, preset_names
 from vmoe_layers.sharding import (
     STRATEGIES,
     DataParallel,
+    ExpertFullySharded,
     ExpertParallel,
     FullySharded,
     ShardingStrategy,
@@ -48,6 +50,7 @@ from vmoe_layers.sharding import (
     init_sharded,
     is_expert_param,
     make_mesh,
+    param_shardings,
     shard_batch,
     shard_params,
 )
@@ -75,9 +78,11 @@ __all__ = [
     "PLUGIN_EXPERT_TYPES",
     "STRATEGIES",
     "AllToAllExchange",
+    "Collective",
     "DataParallel",
     "EncoderBlock",
     "ExpertExchange",
+    "ExpertFullySharded",
     "ExpertParallel",
     "ExpertType",
     "FeedForward",
@@ -94,6 +99,8 @@ __all__ = [
     "__version__",
     "available_expert_types",
     "available_strategies",
+    "bytes_sent_per_device",
+    "collectives",
     "count_params",
     "create_model",
     "get_expert_type",
@@ -103,6 +110,7 @@ __all__ = [
     "is_expert_param",
     "make_mesh",
     "moe_block_indices",
+    "param_shardings",
     "preset_names",
     "run_local_experts",
     "shard_batch",

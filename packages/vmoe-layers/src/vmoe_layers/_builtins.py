@@ -4,7 +4,7 @@ third-party plugins."""
 from __future__ import annotations
 
 from vmoe_layers.experts import GluExperts, MlpExperts
-from vmoe_layers.sharding import DataParallel, ExpertParallel, FullySharded
+from vmoe_layers.sharding import DataParallel, ExpertFullySharded, ExpertParallel, FullySharded
 from vmoe_routing import hookimpl
 
 
@@ -15,4 +15,5 @@ def vmoe_expert_types():
 
 @hookimpl
 def vmoe_sharding_strategies():
-    return {s.name: s.create for s in (DataParallel, ExpertParallel, FullySharded)}
+    strategies = (DataParallel, ExpertParallel, FullySharded, ExpertFullySharded)
+    return {s.name: s.create for s in strategies}

@@ -1,16 +1,22 @@
-"""Expert exchange: how dispatched buffers reach the experts and come back.
+"""Expert exchange: where a MoE layer routes its groups and how buffers reach the experts.
 
-The MoE layer turns tokens into per-expert buffers `x_gecd` [G, E, C, D] and hands them, with the
-stacked expert params and the expert type, to an exchange, which returns `y_gecd` of the same
-shape. Two exchanges:
+The MoE layer hands its exchange one function, `moe_fn`, that routes groups of tokens, turns them
+into per-expert buffers, runs the experts through a given `run_experts` and combines the
+outputs, and the arrays it needs (router params, stacked expert params, tokens x [G, S, D], one
+gating key per group or None). The exchange decides where that runs:
 
-- `run_local_experts` (the default): every device that holds buffers also holds (or is given, by
-  the XLA partitioner) all E experts. Used on one device and by the data / fsdp strategies.
-- `AllToAllExchange`: experts are split over a mesh axis (E/n per device) and the buffers travel
-  there and back with two all-to-alls inside `jax.shard_map`, as in the original V-MoE. Used by
-  the expert strategy.
+- `run_local` (the default): once, over every group, with `run_local_experts` (all E experts
+  where the buffers are). Used on one device and by the data / fsdp strategies (the XLA
+  partitioner moves what it must).
+- `AllToAllExchange`: inside `jax.shard_map`, each device routes *its own* groups (gate, top-K,
+  priorities, capacity, aux losses: nothing of shape [G, S, E] crosses devices), and only the
+  dispatched buffers travel, to the devices holding their experts and back, with two
+  all-to-alls as in the original V-MoE; the per-device aux losses and metrics (means over
+  groups) are combined exactly with `vmoe_routing.combine_over_shards`. Used by the expert
+  and expert_fsdp strategies.
 
-Shape legend: G groups, E experts, C capacity, D model dim, T = G*C tokens per expert.
+Shape legend: G groups, S group size, E experts, C capacity, D model dim, T = G*C tokens per
+expert.
 """
 
 from __future__ import annotations
@@ -18,21 +24,34 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
+import vmoe_routing
+
 Array = jax.Array
 ExpertFn = Callable[[Mapping[str, Array], Array], Array]  # (params_e..., x_etd) -> y_etd
+# run_experts(expert_fn, expert_params, x_gecd) -> y_gecd: how buffers meet their experts.
+RunExperts = Callable[[ExpertFn, Mapping[str, Array], Array], Array]
+# moe_fn(router_params, expert_params, x_gsd, keys_g, run_experts) -> (y_gsd, stats), where
+# stats is a pytree of group means (aux losses, metrics).
+MoeFn = Callable[[Any, Mapping[str, Array], Array, Array | None, RunExperts], tuple[Array, Any]]
 
 
 class ExpertExchange(Protocol):
-    """Runs `expert_fn(params, x_etd)` on buffers x [G, E, C, D]; returns y [G, E, C, D]."""
+    """Runs a MoE layer's `moe_fn` over the groups of x [G, S, D]; returns (y [G, S, D], stats)
+    with stats the batch's aux losses and metrics (as if every group was routed at once)."""
 
     def __call__(
-        self, expert_fn: ExpertFn, params: Mapping[str, Array], x_gecd: Array
-    ) -> Array: ...
+        self,
+        moe_fn: MoeFn,
+        router_params: Any,
+        expert_params: Mapping[str, Array],
+        x_gsd: Array,
+        keys_g: Array | None,
+    ) -> tuple[Array, Any]: ...
 
 
 def run_local_experts(expert_fn: ExpertFn, params: Mapping[str, Array], x_gecd: Array) -> Array:
@@ -43,15 +62,28 @@ def run_local_experts(expert_fn: ExpertFn, params: Mapping[str, Array], x_gecd: 
     return y_etd.reshape(e, g, c, -1).transpose(1, 0, 2, 3)
 
 
+def run_local(
+    moe_fn: MoeFn,
+    router_params: Any,
+    expert_params: Mapping[str, Array],
+    x_gsd: Array,
+    keys_g: Array | None,
+) -> tuple[Array, Any]:
+    """The default exchange: every group routed at once, all experts where the buffers are."""
+    return moe_fn(router_params, expert_params, x_gsd, keys_g, run_local_experts)
+
+
 @dataclasses.dataclass(frozen=True)
 class AllToAllExchange:
     """Experts split over `expert_axis` of `mesh`; groups split over `batch_axes`.
 
-    Inside `shard_map` each device holds G/B groups (B = product of the batch axes' sizes) of
-    buffers for all E experts, and E/n experts (n = size of the expert axis). One all-to-all over
-    the expert axis sends each device the buffers of its own experts from the n devices of its
-    expert row ([G/B, E, C, D] -> [n*G/B, E/n, C, D]); the experts run locally; a second
-    all-to-all brings the outputs back to where their tokens live.
+    Inside `shard_map` each device routes its G/B groups (B = product of the batch axes' sizes)
+    and dispatches them into buffers [G/B, E, C, D] for all E experts; it holds E/n experts (n =
+    size of the expert axis). One all-to-all over the expert axis sends each device the buffers
+    of its own experts from the n devices of its expert row ([G/B, E, C, D] -> [n*G/B, E/n, C,
+    D]); the experts run locally; a second all-to-all brings the outputs back to where their
+    tokens live, where they are combined. Per device and MoE layer, the all-to-alls carry
+    2 * (n-1)/n * G/B * E * C * D elements: constant when the batch per device is.
     """
 
     mesh: Mesh
@@ -73,8 +105,25 @@ class AllToAllExchange:
     def num_batch_shards(self) -> int:
         return math.prod(self.mesh.shape[a] for a in self.batch_axes)
 
-    def __call__(self, expert_fn: ExpertFn, params: Mapping[str, Array], x_gecd: Array) -> Array:
-        g, e = x_gecd.shape[:2]
+    def exchange_buffers(
+        self, expert_fn: ExpertFn, params_local: Mapping[str, Array], x_local_gecd: Array
+    ) -> Array:
+        """Inside `shard_map`: buffers [G/B, E, C, D] to their experts' devices and back."""
+        axis = self.expert_axis
+        x_here = jax.lax.all_to_all(x_local_gecd, axis, split_axis=1, concat_axis=0, tiled=True)
+        y_here = run_local_experts(expert_fn, params_local, x_here)
+        return jax.lax.all_to_all(y_here, axis, split_axis=0, concat_axis=1, tiled=True)
+
+    def __call__(
+        self,
+        moe_fn: MoeFn,
+        router_params: Any,
+        expert_params: Mapping[str, Array],
+        x_gsd: Array,
+        keys_g: Array | None,
+    ) -> tuple[Array, Any]:
+        g = x_gsd.shape[0]
+        e = jax.tree.leaves(expert_params)[0].shape[0]
         n, b = self.num_expert_shards, self.num_batch_shards
         if e % n:
             raise ValueError(
@@ -87,22 +136,23 @@ class AllToAllExchange:
                 f"batch axes {self.batch_axes}; allowed: a number of groups that is a multiple "
                 f"of {b}"
             )
-        axis = self.expert_axis
 
-        def on_device(params_local, x_local_gecd):
-            x_here = jax.lax.all_to_all(x_local_gecd, axis, split_axis=1, concat_axis=0, tiled=True)
-            y_here = run_local_experts(expert_fn, params_local, x_here)
-            return jax.lax.all_to_all(y_here, axis, split_axis=0, concat_axis=1, tiled=True)
+        def on_device(router_params, expert_params, x_gsd, keys_g):
+            run = self.exchange_buffers
+            y_gsd, stats = moe_fn(router_params, expert_params, x_gsd, keys_g, run)
+            return y_gsd, vmoe_routing.combine_over_shards(stats, self.batch_axes)
 
-        param_specs = jax.tree.map(lambda _: PartitionSpec(axis), params)
-        batch_spec = PartitionSpec(self.batch_axes)
+        batch = PartitionSpec(self.batch_axes)
+        in_specs = (
+            jax.tree.map(lambda _: PartitionSpec(), router_params),
+            jax.tree.map(lambda _: PartitionSpec(self.expert_axis), expert_params),
+            batch,
+            batch,
+        )
         return jax.shard_map(
-            on_device,
-            mesh=self.mesh,
-            in_specs=(param_specs, batch_spec),
-            out_specs=batch_spec,
-        )(params, x_gecd)
+            on_device, mesh=self.mesh, in_specs=in_specs, out_specs=(batch, PartitionSpec())
+        )(router_params, expert_params, x_gsd, keys_g)
 
 
 def exchange_or_local(exchange: ExpertExchange | None) -> ExpertExchange:
-    return run_local_experts if exchange is None else exchange
+    return run_local if exchange is None else exchange

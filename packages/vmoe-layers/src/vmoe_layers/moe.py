@@ -1,8 +1,13 @@
 """The sparse Mixture-of-Experts layer: group tokens, route, dispatch, run experts, combine.
 
     x [..., D] --group--> x_gsd [G, S, D] --router--> Routing (indices, weights, aux losses)
-               --dispatch--> x_gecd [G, E, C, D] --experts (exchange)--> y_gecd [G, E, C, D]
+               --dispatch--> x_gecd [G, E, C, D] --experts--> y_gecd [G, E, C, D]
                --combine--> y_gsd [G, S, D] --dropout, ungroup--> y [..., D]
+
+The part from routing to combining runs where the exchange puts it: once over every group, or
+(the expert strategies) on each device for its own groups, with only the buffers crossing
+devices (see `vmoe_layers.exchange`). Gating noise is drawn per group (`vmoe_routing.group_keys`),
+so both give the same result.
 
 Routers come from vmoe-routing by name (`top_k`, `bpr`, or any plugin such as `hash`) or as a
 router object; expert types from this package's registry (`mlp`, `glu`, or plugins). Dispatch and
@@ -290,7 +295,6 @@ class MoeLayer(nn.Module):
         # The router sees the tokens before the compute-dtype cast, so a float32 gate_dtype gates
         # in float32 even when the experts compute in bfloat16.
         x_in_gsd = group_tokens(x, self.group_size)
-        x_gsd = x_in_gsd.astype(self.dtype)
         router = self.make_router()
         experts = self.make_experts()
         router_params = self.param("router", lambda key: router.init(key, d))
@@ -307,59 +311,70 @@ class MoeLayer(nn.Module):
         expert_params = self.param(EXPERTS_KEY, init_experts)
         router = override_router(router, k, capacity_factor)
 
-        rng = None
+        keys_g = None
         if not deterministic:
             if self.has_rng(GATING_RNG):
-                rng = self.make_rng(GATING_RNG)
+                # One key per group, split over devices with the groups (see `exchange`).
+                keys_g = vmoe_routing.group_keys(self.make_rng(GATING_RNG), x_in_gsd.shape[0])
             elif getattr(router, "noise_std", 0) > 0:
                 raise ValueError(
                     f"training (deterministic=False) with router {router_name(self.router)!r} "
                     f"and noise_std="
                     f"{router.noise_std} needs rngs={{'{GATING_RNG}': key}} in apply()"
                 )
-        routing = router(router_params, x_in_gsd, rng=rng, deterministic=deterministic)
-        metrics = dict(routing.metrics)
-        # Every layer reports it, whatever the router (plugins need not compute it).
-        metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
-        if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.BlockRouting):
-            routing = routing.to_routing()  # capacity S: the slow, obvious reference
-        if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
-            routing = routing.to_dense()
 
         def expert_fn(params_e, x_etd):
             return experts(params_e, x_etd, dtype=self.dtype)
 
-        if isinstance(routing, vmoe_routing.BlockRouting):
-            y_gsd = self._run_blocks(expert_fn, expert_params, x_gsd, routing)
-        else:
-            y_gsd = self._run_buffers(expert_fn, expert_params, x_gsd, routing)
+        def moe_fn(router_params, expert_params, x_in_gsd, keys_g, run_experts):
+            """Route, dispatch, run the experts (through `run_experts`), combine: the part of
+            the layer an exchange may run per device, on that device's groups."""
+            routing = router(router_params, x_in_gsd, rng=keys_g, deterministic=deterministic)
+            metrics = dict(routing.metrics)
+            # Every layer reports it, whatever the router (plugins need not compute it).
+            metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
+            if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.BlockRouting):
+                routing = routing.to_routing()  # capacity S: the slow, obvious reference
+            if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
+                routing = routing.to_dense()
+            x_gsd = x_in_gsd.astype(self.dtype)
+            if isinstance(routing, vmoe_routing.BlockRouting):
+                if run_experts is not run_local_experts:
+                    raise ValueError(
+                        f"router {router_name(self.router)!r} routes without a capacity "
+                        "(BlockRouting): its experts run where the tokens are, so it cannot use "
+                        f"an expert exchange ({type(self.exchange).__name__}, e.g. the 'expert' "
+                        "sharding strategy); allowed: the 'data' or 'fsdp' strategy, or none"
+                    )
+                y_gsd = self._run_blocks(expert_fn, expert_params, x_gsd, routing)
+            else:
+                x_gecd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
+                y_gecd = run_experts(expert_fn, expert_params, x_gecd)
+                y_gsd = vmoe_routing.combine(self._round_buffers(y_gecd), routing)
+            stats = {
+                "aux_loss": jnp.asarray(routing.aux_loss, jnp.float32),
+                "aux_losses": dict(routing.aux_losses),
+                "metrics": metrics,
+            }
+            return y_gsd, stats
+
+        # At init the exchange is skipped: the parameters do not depend on it, and a sample batch
+        # (often one image) need not split into as many groups as the exchange has devices.
+        exchange = None if self.is_initializing() else self.exchange
+        y_gsd, stats = exchange_or_local(exchange)(
+            moe_fn, router_params, expert_params, x_in_gsd, keys_g
+        )
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(
             output=y_gsd.reshape(x.shape).astype(self.dtype),
-            aux_loss=jnp.asarray(routing.aux_loss, jnp.float32),
-            aux_losses=dict(routing.aux_losses),
-            metrics=metrics,
+            aux_loss=stats["aux_loss"],
+            aux_losses=stats["aux_losses"],
+            metrics=stats["metrics"],
         )
 
     def _run_blocks(self, expert_fn, expert_params, x_gsd, routing):
         """Experts on [B, b, D] blocks, each block with its expert's params gathered."""
-        if self.exchange is not None and not self.is_initializing():
-            raise ValueError(
-                f"router {router_name(self.router)!r} routes without a capacity (BlockRouting): "
-                "its experts run where the tokens are, so it cannot use an expert exchange "
-                f"({type(self.exchange).__name__}, e.g. the 'expert' sharding strategy); "
-                "allowed: the 'data' or 'fsdp' strategy, or none"
-            )
         x_bbd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
         params_b = jax.tree.map(lambda p: p[routing.block_expert], expert_params)
         y_bbd = expert_fn(params_b, x_bbd)
         return vmoe_routing.combine(self._round_buffers(y_bbd), routing)
-
-    def _run_buffers(self, expert_fn, expert_params, x_gsd, routing):
-        """Experts on [G, E, C, D] buffers, through the exchange (or locally)."""
-        x_gecd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))
-        # At init the exchange is skipped: the parameters do not depend on it, and a sample batch
-        # (often one image) need not split into as many groups as the exchange has devices.
-        exchange = run_local_experts if self.is_initializing() else self.exchange
-        y_gecd = exchange_or_local(exchange)(expert_fn, expert_params, x_gecd)
-        return vmoe_routing.combine(self._round_buffers(y_gecd), routing)

@@ -14,6 +14,9 @@ Built-ins:
           experts by all-to-all (the original V-MoE layout).
   fsdp    mesh ('data', 'fsdp'): every parameter big enough is split over 'fsdp' along its
           largest divisible dimension (gathered by XLA when used), batch split over both axes.
+  expert_fsdp  mesh ('data', 'expert'): experts split over 'expert' (and over 'data' along
+          another dimension), every other parameter big enough split over all devices; batch
+          split over both axes; buffers by all-to-all as in `expert`.
 
 All work on one device, on many host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)
 and across processes (jax.distributed). The free functions `shard_params`, `shard_batch` and
@@ -182,6 +185,28 @@ def _strategy_mesh(strategy: str, names: tuple[str, ...], mesh_shape, devices) -
     return make_mesh(shape, names, devices)
 
 
+def _split_largest(shape, size: int, axes, min_size: int, skip: int = 0) -> list:
+    """Spec entries that split the largest dimension of `shape` divisible by `size` (ties: the
+    first) over `axes`, dimensions before `skip` left alone; [] (replicated) when the leaf has
+    fewer than `min_size` elements, `size` is 1 or no dimension divides."""
+    divisible = [i for i in range(skip, len(shape)) if shape[i] % size == 0]
+    if size == 1 or math.prod(shape) < min_size or not divisible:
+        return []
+    axis = max(divisible, key=lambda i: (shape[i], -i))
+    return [axes if i == axis else None for i in range(len(shape))]
+
+
+def _check_expert_leaf(path, leaf, n: int) -> None:
+    """Raises unless an expert param's leading (expert) axis splits over n devices."""
+    if np.ndim(leaf) < 1 or np.shape(leaf)[0] % n:
+        name = "/".join(_path_keys(path))
+        num_experts = np.shape(leaf)[0] if np.ndim(leaf) else None
+        raise ValueError(
+            f"num_experts={num_experts} of {name} is not divisible by the 'expert' "
+            f"mesh axis of size {n}; allowed: a multiple of {n} experts"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel(_Strategy):
     """Params replicated on every device; the batch split over the one mesh axis 'data'."""
@@ -229,27 +254,15 @@ class ExpertParallel(_Strategy):
     def param_spec(self, path, leaf) -> PartitionSpec:
         if not is_expert_param(path):
             return PartitionSpec()
-        n = self.mesh.shape["expert"]
-        if np.ndim(leaf) < 1 or np.shape(leaf)[0] % n:
-            name = "/".join(_path_keys(path))
-            num_experts = np.shape(leaf)[0] if np.ndim(leaf) else None
-            raise ValueError(
-                f"num_experts={num_experts} of {name} is not divisible by the 'expert' "
-                f"mesh axis of size {n}; allowed: a multiple of {n} experts"
-            )
+        _check_expert_leaf(path, leaf, self.mesh.shape["expert"])
         return PartitionSpec("expert")
 
 
-@dataclasses.dataclass(frozen=True)
-class FullySharded(_Strategy):
-    """Every parameter of at least `min_size` elements split over 'fsdp' (largest divisible
-    dimension); the batch split over ('data', 'fsdp'). XLA gathers params where they are used."""
+class _SplitsParams(_Strategy):
+    """What the fully-sharded built-ins share: a (data, <second axis>) mesh and `min_size`."""
 
-    name: ClassVar[str] = "fsdp"
-    batch_axes: ClassVar[tuple[str, ...]] = ("data", "fsdp")
-
-    mesh: Mesh
-    min_size: int = 1024
+    name: ClassVar[str]
+    min_size: int
 
     @classmethod
     def create(
@@ -257,21 +270,64 @@ class FullySharded(_Strategy):
         mesh_shape: Sequence[int] | None = None,
         devices: Sequence[Any] | None = None,
         min_size: int = 1024,
-    ) -> FullySharded:
-        """mesh_shape = (data, fsdp); default (1, number of devices)."""
+    ):
+        """mesh_shape = (data, second axis); default (1, number of devices)."""
         min_size = check_int("min_size", min_size, low=0)  # a plain int: a static field
-        return cls(_strategy_mesh("fsdp", ("data", "fsdp"), mesh_shape, devices), min_size)
+        return cls(_strategy_mesh(cls.name, cls.batch_axes, mesh_shape, devices), min_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullySharded(_SplitsParams):
+    """Every parameter of at least `min_size` elements split over 'fsdp' (largest divisible
+    dimension); the batch split over ('data', 'fsdp'). XLA gathers params where they are used.
+    `create(mesh_shape=(data, fsdp), devices=None, min_size=1024)`."""
+
+    name: ClassVar[str] = "fsdp"
+    batch_axes: ClassVar[tuple[str, ...]] = ("data", "fsdp")
+
+    mesh: Mesh
+    min_size: int = 1024
 
     def param_spec(self, path, leaf) -> PartitionSpec:
         shape = np.shape(leaf)
-        n = self.mesh.shape["fsdp"]
-        if math.prod(shape) < self.min_size:
-            return PartitionSpec()
-        divisible = [i for i, size in enumerate(shape) if size % n == 0]
-        if not divisible:
-            return PartitionSpec()
-        axis = max(divisible, key=lambda i: (shape[i], -i))
-        return PartitionSpec(*(["fsdp" if i == axis else None for i in range(len(shape))]))
+        return PartitionSpec(*_split_largest(shape, self.mesh.shape["fsdp"], "fsdp", self.min_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFullySharded(_SplitsParams):
+    """Experts split over 'expert' and every other parameter split over all devices: the layout
+    a V-MoE too big for one device's memory needs.
+    `create(mesh_shape=(data, expert), devices=None, min_size=1024)`.
+
+    Mesh ('data', 'expert') of shape (D, X), the batch split over both axes, tokens reach their
+    experts by all-to-all over 'expert' (as `ExpertParallel`; each device routes its own
+    groups). Expert params: leading axis over 'expert', and, when at least `min_size` elements,
+    their largest other divisible dimension over 'data' (gathered over 'data' where the layer
+    uses them). Every other param of at least `min_size` elements: its largest dimension
+    divisible by D*X split over ('data', 'expert'), else its largest divisible by D over
+    'data', else replicated. XLA gathers them where they are used and reduce-scatters their
+    gradients.
+    """
+
+    name: ClassVar[str] = "expert_fsdp"
+    batch_axes: ClassVar[tuple[str, ...]] = ("data", "expert")
+
+    mesh: Mesh
+    min_size: int = 1024
+
+    @property
+    def exchange(self) -> AllToAllExchange:
+        return AllToAllExchange(self.mesh, "expert", self.batch_axes)
+
+    def param_spec(self, path, leaf) -> PartitionSpec:
+        shape = np.shape(leaf)
+        data = self.mesh.shape["data"]
+        if is_expert_param(path):
+            _check_expert_leaf(path, leaf, self.mesh.shape["expert"])
+            rest = _split_largest(shape, data, "data", self.min_size, skip=1)
+            return PartitionSpec("expert", *rest[1:])
+        entries = _split_largest(shape, self.mesh.size, self.batch_axes, self.min_size)
+        return PartitionSpec(*(entries or _split_largest(shape, data, "data", self.min_size)))
 
 
 STRATEGIES: Registry[ShardingStrategy] = Registry(

@@ -42,6 +42,7 @@ from vmoe_routing.routers import (
     check_tokens,
     gate_logits,
 )
+from vmoe_routing.shards import combine_over_shards, gate_noise, group_keys
 from vmoe_routing.token_choice import (
     rank_within_expert,
     token_choice_metrics,
@@ -107,10 +108,13 @@ __all__ = [
     "available_routers",
     "check_tokens",
     "combine",
+    "combine_over_shards",
     "compute_capacity",
     "dispatch",
     "gate_logits",
+    "gate_noise",
     "get_router",
+    "group_keys",
     "gshard_loss",
     "hookimpl",
     "hookspec",

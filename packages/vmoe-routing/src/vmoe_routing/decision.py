@@ -52,7 +52,9 @@ class Routing:
         0.0 for a router without any.
       aux_losses: unweighted auxiliary losses by name (scalars), for logging; {} by default.
       metrics: routing statistics by name, averaged over groups (see `token_choice_metrics`);
-        {} by default (the MoE layer adds the ones it can compute from the decision).
+        names ending in `_max` / `_min` are maxima / minima over groups instead (how
+        `combine_over_shards` joins the groups of several devices). {} by default (the MoE
+        layer adds the ones it can compute from the decision).
     """
 
     token: Array

@@ -20,7 +20,8 @@ def vmoe_routers() -> Mapping[str, Callable[..., Router]]:
       the `vmoe_routing.Router` protocol (`vmoe_routing.ROUTER_MEMBERS`):
         - `num_experts`: E;
         - `init(rng, d_model) -> params` (a pytree);
-        - `__call__(params, x_gsd, *, rng=None, deterministic=True)` returning a
+        - `__call__(params, x_gsd, *, rng=None, deterministic=True)` (rng: one key, or one
+          key per group; draw noise with `vmoe_routing.gate_noise`) returning a
           `vmoe_routing.Routing` (or `DenseRouting` for dense mixing, `BlockRouting` for
           routing without a capacity);
         - `replace(**changes)`: a copy with some options changed (K or the capacity factor at

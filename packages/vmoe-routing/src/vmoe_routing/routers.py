@@ -13,7 +13,8 @@ router object can be reused, compared, hashed and changed with `router.replace(k
 (for example to evaluate a trained model at another K or capacity without touching its params).
 
 Gating (V-MoE, Section 2.1): logits = x @ W; during training Gaussian noise of std
-noise_std / E is added to the logits; gates = softmax(noisy logits). Each token picks its
+noise_std / E is added to the logits (group g's noise drawn from its own key, see
+`vmoe_routing.shards`); gates = softmax(noisy logits). Each token picks its
 top-K gates; the combine weights are those raw softmax values (not renormalised over the K).
 The importance loss uses the clean softmax; the load loss measures how likely each expert
 would still be picked if the noise were drawn again.
@@ -33,6 +34,7 @@ from vmoe_plugins import checks
 from vmoe_routing import losses
 from vmoe_routing.capacity import ROUNDINGS, compute_capacity
 from vmoe_routing.decision import BlockRouting, DenseRouting, Routing
+from vmoe_routing.shards import gate_noise
 from vmoe_routing.token_choice import token_choice_routing
 
 Array = jax.Array
@@ -58,7 +60,11 @@ class Router(Protocol):
     def __call__(
         self, params: Any, x_gsd: Array, *, rng: Array | None = None, deterministic: bool = True
     ) -> Routing | DenseRouting | BlockRouting:
-        """Routes x [G, S, D]. `deterministic=False` means training: noise, training capacity."""
+        """Routes x [G, S, D]. `deterministic=False` means training: noise, training capacity.
+
+        `rng` is one key or one key per group ([G] keys); draw noise with
+        `vmoe_routing.gate_noise` so that group g's noise comes from its own key (then the
+        groups can be routed on different devices with the same result)."""
         ...
 
     def replace(self, **changes: Any) -> Router:
@@ -260,7 +266,7 @@ class TopKRouter(TokenChoiceRouter):
                     f"router {self.name!r} needs rng when deterministic=False and "
                     f"noise_std={self.noise_std} > 0"
                 )
-            noisy_logits = logits + noise_std * jax.random.normal(rng, logits.shape)
+            noisy_logits = logits + noise_std * gate_noise(rng, logits.shape)
         else:
             noisy_logits = logits
         gates = jax.nn.softmax(noisy_logits, axis=-1)

@@ -57,6 +57,7 @@ STRATEGY_AXES: Mapping[str, tuple[str, ...]] = {
     "data": ("data",),
     "expert": ("data", "expert"),
     "fsdp": ("data", "fsdp"),
+    "expert_fsdp": ("data", "expert"),
 }
 
 __all__ = [
@@ -933,14 +934,14 @@ def _check_sharding(checker: _Checker, devices: int | None) -> None:
             shape,
         )
         return
-    if strategy == "expert" and _is_moe(checker):
+    if strategy in ("expert", "expert_fsdp") and _is_moe(checker):
         experts = checker.get("model.moe.num_experts")
         size = shape[1] if shape else devices
         if experts is not _MISSING and size and experts % size:
             checker.add(
                 "model.moe.num_experts",
                 f"must be a multiple of the 'expert' mesh axis ({size}) for "
-                "sharding.strategy='expert'",
+                f"sharding.strategy={strategy!r}",
                 experts,
             )
 

@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.lr_multipliers = ()  # ((regex, multiplier), ...): first match wins
 
     c.sharding = ml_collections.ConfigDict()
-    c.sharding.strategy = "data"  # "data", "expert", "fsdp" or a plugin's
+    c.sharding.strategy = "data"  # "data", "expert", "fsdp", "expert_fsdp" or a plugin's
     c.sharding.mesh_shape = ()  # () = the strategy's default over all devices
 
     c.eval = ml_collections.ConfigDict()

@@ -1,0 +1,53 @@
+"""Every strategy on every 8-device mesh equals one device, for top_k, bpr and a plugin router.
+
+30 compiled training steps: too slow for the default run. `nox -s sharding-matrix` runs it
+(VMOE_SHARDING_MATRIX=1); the default run covers BPR on every case (test_sharding.py) and the
+plugin routers under each strategy on (2, 4) (integration/tests/test_router_plugins.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import sharding_case as case
+
+HERE = pathlib.Path(__file__).parent
+LOSS_RTOL, GRAD_RTOL, STATS_ATOL = 1e-5, 1e-4, 1e-5
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("VMOE_SHARDING_MATRIX") != "1",
+    reason="the full matrix runs in `nox -s sharding-matrix` (VMOE_SHARDING_MATRIX=1)",
+)
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "multidevice_worker.py"), "--matrix"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", case.ROUTERS)
+@pytest.mark.parametrize(
+    "name, mesh_shape", case.MATRIX_CASES, ids=[f"{n}-{m}" for n, m in case.MATRIX_CASES]
+)
+def test_strategy_equals_one_device(matrix, router, name, mesh_shape):
+    report = matrix[f"{router}/{name}-{mesh_shape}"]
+    assert report["loss"] == pytest.approx(report["reference_loss"], rel=LOSS_RTOL)
+    assert report["grad_max_rel_diff"] < GRAD_RTOL
+    assert report["stats_max_diff"] < STATS_ATOL
+    assert report["all_to_all"] == name.startswith("expert")

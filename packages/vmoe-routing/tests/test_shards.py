@@ -1,0 +1,61 @@
+"""Routing groups on different devices: per-group noise keys, and statistics combined exactly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vmoe_routing
+
+G, S, D, E = 8, 12, 6, 4
+
+
+def _tokens():
+    return jax.random.normal(jax.random.key(0), (G, S, D))
+
+
+@pytest.mark.parametrize("name", ["top_k", "bpr"])
+def test_routing_a_slice_of_groups_with_its_keys_equals_that_slice_of_the_batch(name):
+    router = vmoe_routing.get_router(name, num_experts=E, k=2, capacity_factor=1.0)
+    params = router.init(jax.random.key(1), D)
+    x, rng = _tokens(), jax.random.key(2)
+    whole = router(params, x, rng=rng, deterministic=False)
+    keys = vmoe_routing.group_keys(rng, G)
+    part = router(params, x[4:], rng=keys[4:], deterministic=False)
+    for field in ("token", "expert", "slot", "weight", "valid"):
+        np.testing.assert_array_equal(getattr(part, field), getattr(whole, field)[4:])
+
+
+def test_one_key_and_its_group_split_give_the_same_noise():
+    rng = jax.random.key(3)
+    one = vmoe_routing.gate_noise(rng, (G, S, E))
+    split = vmoe_routing.gate_noise(vmoe_routing.group_keys(rng, G), (G, S, E))
+    np.testing.assert_array_equal(one, split)
+    assert one.shape == (G, S, E)
+    assert not np.allclose(one[0], one[1])  # groups draw different noise
+
+
+def test_raw_uint32_keys_work_too():
+    raw = vmoe_routing.group_keys(jax.random.PRNGKey(0), G)
+    assert raw.shape == (G, 2)
+    assert vmoe_routing.gate_noise(raw, (G, S, E)).shape == (G, S, E)
+
+
+def test_keys_for_another_number_of_groups_are_refused():
+    keys = jax.random.split(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"one key per group \(8 groups\); got keys of shape"):
+        vmoe_routing.group_keys(keys, G)
+
+
+def test_combining_over_shards_averages_means_and_keeps_extremes():
+    mesh = jax.make_mesh((1,), ("b",))
+    per_device = {"loss": jnp.float32(2.0), "nested": {"sim_max": jnp.float32(3.0)}}
+    combined = jax.shard_map(
+        lambda s: vmoe_routing.combine_over_shards(s, "b"),
+        mesh=mesh,
+        in_specs=jax.sharding.PartitionSpec(),
+        out_specs=jax.sharding.PartitionSpec(),
+    )(per_device)
+    assert float(combined["loss"]) == 2.0 and float(combined["nested"]["sim_max"]) == 3.0
