@@ -108,7 +108,51 @@ def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
                 },
             }
         return {"claim": claim, "trainings": trainings}
+    if claim == "b_dense":
+        rows = []
+        for training in ("vmoe_top_k", "vit", "vit_equal_time"):
+            runs = per_run[training]
+            rows.append(
+                {
+                    "training": training,
+                    "model": runs[0]["model"],
+                    "steps": runs[0]["steps"],
+                    "train_seconds": _stats(r["train_seconds"] for r in runs),
+                    "accuracy": _stats(r["test_accuracy"] for r in runs),
+                    "fewshot": _per_shots(runs, "fewshot"),
+                }
+            )
+        return {"claim": claim, "rows": rows}
+    if claim == "e_transfer":
+        first = per_run["vmoe_first_half"][0]
+        models = {}
+        for family in ("vmoe", "vit"):
+            pretrained = per_run[f"{family}_first_half"]
+            models[family] = {
+                "model": pretrained[0]["model"],
+                "pretrain_accuracy": _stats(r["test_accuracy"] for r in pretrained),
+                "transfer_fewshot": _per_shots(pretrained, "transfer_fewshot"),
+                "finetuned_accuracy": _stats(
+                    r["test_accuracy"] for r in per_run[f"{family}_finetuned"]
+                ),
+                "scratch_accuracy": _stats(
+                    r["test_accuracy"] for r in per_run[f"{family}_scratch_second_half"]
+                ),
+                "pretrain_steps": pretrained[0]["steps"],
+                "finetune_steps": per_run[f"{family}_finetuned"][0]["steps"],
+            }
+        return {
+            "claim": claim,
+            "pretrain_classes": first["classes"],
+            "transfer_classes": first["transfer_classes"],
+            "models": models,
+        }
     raise ValueError(f"unknown claim {claim!r}")
+
+
+def _per_shots(runs: list[dict], field: str) -> dict[str, dict[str, float]]:
+    """Per number of shots, the few-shot accuracy's mean and spread over the runs."""
+    return {shots: _stats(r[field][shots] for r in runs) for shots in runs[0][field]}
 
 
 def _capacity_curves(per_run: Mapping[str, list[dict]], trainings: tuple[str, ...]) -> list[dict]:
@@ -194,6 +238,43 @@ def tables(aggregates: Mapping[str, dict]) -> str:
                     f"| {training} | {_pm(row['accuracy'])} | {_pm(row['final_load_cv'], 1, 3)} | "
                     f"{_pm(row['final_dropped_fraction'])} |"
                 )
+        elif claim == "b_dense":
+            shots = list(data["rows"][0]["fewshot"])
+            lines = [
+                "**b. V-MoE vs its dense twin** (equal per-token FLOPs; few-shot: linear on "
+                "frozen features, accuracy %)",
+                "",
+                "| trained | model | steps | training time (s) | test accuracy (%) | "
+                + " | ".join(f"{n}-shot" for n in shots)
+                + " |",
+                "|---|---|---|---|---|" + "---|" * len(shots),
+            ]
+            for row in data["rows"]:
+                cells = " | ".join(_pm(row["fewshot"][n]) for n in shots)
+                lines.append(
+                    f"| {row['training']} | {row['model']} | {row['steps']} | "
+                    f"{_pm(row['train_seconds'], 1, 0)} | {_pm(row['accuracy'])} | {cells} |"
+                )
+        elif claim == "e_transfer":
+            models = data["models"]
+            shots = list(next(iter(models.values()))["transfer_fewshot"])
+            first = ",".join(map(str, data["pretrain_classes"]))
+            second = ",".join(map(str, data["transfer_classes"]))
+            lines = [
+                f"**e. Transfer** from classes {first} to classes {second} (accuracy %, "
+                f"test split of the classes named)",
+                "",
+                f"| model | pre-trained on {first} | "
+                + " | ".join(f"{n}-shot on {second}" for n in shots)
+                + f" | fine-tuned on {second} | from scratch on {second} (same steps) |",
+                "|---|---|" + "---|" * len(shots) + "---|---|",
+            ]
+            for row in models.values():
+                cells = " | ".join(_pm(row["transfer_fewshot"][n]) for n in shots)
+                lines.append(
+                    f"| {row['model']} | {_pm(row['pretrain_accuracy'])} | {cells} | "
+                    f"{_pm(row['finetuned_accuracy'])} | {_pm(row['scratch_accuracy'])} |"
+                )
         else:
             raise ValueError(f"unknown claim {claim!r}")
         parts.append("\n".join(lines))
@@ -264,6 +345,28 @@ def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
                 label=f"{training}: dropped fraction",
             )
         axes.set_xlabel("training step")
+    elif claim == "b_dense":
+        _grouped_bars(
+            axes,
+            {
+                r["training"]: {"test": r["accuracy"], **_shot_labels(r["fewshot"])}
+                for r in data["rows"]
+            },
+        )
+        axes.set_ylabel("accuracy")
+    elif claim == "e_transfer":
+        _grouped_bars(
+            axes,
+            {
+                row["model"]: {
+                    **_shot_labels(row["transfer_fewshot"]),
+                    "fine-tuned": row["finetuned_accuracy"],
+                    "from scratch": row["scratch_accuracy"],
+                }
+                for row in data["models"].values()
+            },
+        )
+        axes.set_ylabel("accuracy on the held-out classes")
     if claim != "d_k":
         axes.legend(fontsize=7)
     axes.set_title(claim)
@@ -271,3 +374,24 @@ def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _shot_labels(per_shots: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{n}-shot": stats for n, stats in per_shots.items()}
+
+
+def _grouped_bars(axes: Any, groups: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+    """One group of bars per key of `groups` (x axis), one bar per measure (legend)."""
+    measures = list(next(iter(groups.values())))
+    x = np.arange(len(measures))
+    width = 0.8 / len(groups)
+    for i, (label, values) in enumerate(groups.items()):
+        axes.bar(
+            x + (i - (len(groups) - 1) / 2) * width,
+            [values[m]["mean"] for m in measures],
+            width,
+            yerr=[values[m]["std"] for m in measures],
+            capsize=2,
+            label=label,
+        )
+    axes.set_xticks(x, measures)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from vmoe_data.classes import ClassSubset, select_classes
 from vmoe_data.dataset import ArraySource, Dataset, IndexedSource, Source, parse_split
 from vmoe_data.digits import DATA_DIR_ENV, default_data_dir
 from vmoe_data.draws import Draws
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_DATASET",
     "PP_OPS",
     "ArraySource",
+    "ClassSubset",
     "Dataset",
     "Draws",
     "IndexedSource",
@@ -65,6 +67,7 @@ __all__ = [
     "parse_split",
     "preprocess",
     "resolve_processes",
+    "select_classes",
     "train_pipeline",
     "with_vectorized",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from vmoe_data.classes import ClassSubset
 from vmoe_data.dataset import ArraySource, IndexedSource, Source
 
 AUTO_CACHE_BYTES = 64 * 2**20  # splits up to this size are held in memory by default
@@ -39,6 +40,13 @@ def in_memory(source: Source, cache: bool | None) -> ArraySource | None:
         if parent is None:
             return None
         return ArraySource({key: value[source.indices] for key, value in parent.arrays.items()})
+    if isinstance(source, ClassSubset):
+        parent = in_memory(source.parent, cache)
+        if parent is None:
+            return None
+        arrays = {key: value[source.indices] for key, value in parent.arrays.items()}
+        arrays["label"] = source.label_map[arrays["label"]]
+        return ArraySource(arrays)
     if isinstance(source, ArraySource):  # in memory already: usable if its arrays are numeric
         return (
             source if all(map(_stackable, source.arrays.values())) else _held(None, source, cache)

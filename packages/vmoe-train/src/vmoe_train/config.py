@@ -641,6 +641,13 @@ def _check_dataset(checker: _Checker) -> Any:
     except Exception as error:  # tfds not prepared, a bad folder, a plugin's own errors
         checker.add("dataset.name", _message(error), name)
         return None
+    classes = checker.get("dataset.classes")
+    if classes is not _MISSING and classes != ():
+        try:
+            dataset = vmoe_data.select_classes(dataset, classes)
+        except ValueError as error:
+            checker.add("dataset.classes", _message(error), classes)
+            return None
     for path, split in _dataset_splits(checker):
         try:
             size = dataset.num_examples(split)
@@ -1101,6 +1108,17 @@ def routing_group_size(config: ConfigDict, *, per_device_batch: int, tokens_per_
 
 # ---------------------------------------------------------------------------------------------
 # JSON
+
+
+def open_dataset(config: Any) -> Any:
+    """The config's `vmoe_data.Dataset`: `dataset.name` (with `dataset.data_dir`), restricted to
+    `dataset.classes` (relabelled 0..n-1) where that is set."""
+    import vmoe_data
+
+    data_dir = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
+    dataset = vmoe_data.get_dataset(config.dataset.name, **data_dir)
+    classes = tuple(config_get(config, "dataset.classes", ()) or ())
+    return vmoe_data.select_classes(dataset, classes) if classes else dataset
 
 
 def data_cache(config: Any) -> bool | None:

@@ -103,8 +103,7 @@ def tokens_per_image(model: vl.VisionTransformer, image_hwc: tuple[int, ...]) ->
 
 def build(config: Any) -> Setup:
     """Every part of the run from the config (nothing is computed on devices yet)."""
-    data_dir = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
-    dataset = vmoe_data.get_dataset(config.dataset.name, **data_dir)
+    dataset = config_lib.open_dataset(config)
     strategy_options = {}
     if config.sharding.mesh_shape:
         strategy_options["mesh_shape"] = tuple(config.sharding.mesh_shape)

@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.train_split = "train"
     c.dataset.eval_splits = ("validation",)  # evaluated every `eval.every_steps`
     c.dataset.test_split = "test"  # evaluated once at the end ("" = none)
+    # () = every class; e.g. (5, 6, 7, 8, 9): only those, relabelled 0..4 (transfer experiments;
+    # the pp's onehot depth must then be the number of classes kept).
+    c.dataset.classes = ()
     c.dataset.num_workers = 0  # grain worker processes for the train pipeline
     # Hold splits in memory, so batches are made by vmoe-data's vectorised ops: "auto" (splits
     # up to 64 MiB whose examples stack), "always" (any size), "never" (read per example).
