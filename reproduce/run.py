@@ -75,7 +75,7 @@ def run_settings(
 
 def loop_speed(workdir: pathlib.Path) -> float:
     """A finished run's training speed: the median of its logged images per second (each over
-    the steps since the previous log), robust to the first window's compilation."""
+    the steps since the previous log), leaving out the first window (it includes compiling)."""
     speeds = [
         row["train/images_per_second"]
         for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
@@ -83,7 +83,7 @@ def loop_speed(workdir: pathlib.Path) -> float:
     ]
     if not speeds:
         raise SystemExit(f"{workdir} logged no train/images_per_second; train it first")
-    return float(np.median(speeds))
+    return float(np.median(speeds[1:] or speeds))
 
 
 def train_once(

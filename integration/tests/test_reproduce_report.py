@@ -135,3 +135,69 @@ def test_a_missing_sweep_point_is_an_error_naming_the_run(per_run):
     ]
     with pytest.raises(ValueError, match="run vmoe_bpr seed 1 has 0 sweep points"):
         report.aggregate("a_bpr", per_run)
+
+
+def _fewshot(base):
+    return {"1": base, "5": base + 0.05, "10": base + 0.1}
+
+
+def test_dense_twin_rows_are_means_over_seeds():
+    per_run = {
+        training: [
+            {
+                "model": model,
+                "steps": steps,
+                "train_seconds": seconds + seed,
+                "test_accuracy": accuracy + 0.01 * seed,
+                "fewshot": _fewshot(accuracy - 0.1 + 0.01 * seed),
+            }
+            for seed in range(3)
+        ]
+        for training, model, steps, seconds, accuracy in (
+            ("vmoe_top_k", "V-MoE-Mu/2", 2000, 60.0, 0.9),
+            ("vit", "ViT-Mu/2", 2000, 30.0, 0.8),
+            ("vit_equal_time", "ViT-Mu/2", 4000, 58.0, 0.85),
+        )
+    }
+    rows = report.aggregate("b_dense", per_run)["rows"]
+    assert [r["training"] for r in rows] == ["vmoe_top_k", "vit", "vit_equal_time"]
+    assert rows[2]["steps"] == 4000
+    assert rows[2]["train_seconds"]["mean"] == pytest.approx(59.0)
+    assert rows[1]["accuracy"]["mean"] == pytest.approx(0.81)
+    assert rows[1]["fewshot"]["10"]["mean"] == pytest.approx(0.81)
+    assert rows[1]["fewshot"]["10"]["std"] == pytest.approx(statistics.stdev([0.8, 0.81, 0.82]))
+    text = report.tables({"b_dense": {"rows": rows}})
+    assert "| vit_equal_time | ViT-Mu/2 | 4000 | 59 ± 1 | 86.0 ± 1.0 | 76.0 ± 1.0 |" in text
+
+
+def test_transfer_rows_pair_each_model_with_its_own_runs():
+    def runs(accuracy, **extra):
+        return [
+            {"model": "M", "steps": 500, "test_accuracy": accuracy + 0.01 * s, **extra}
+            for s in range(3)
+        ]
+
+    per_run = {}
+    for family, offset in (("vmoe", 0.0), ("vit", -0.1)):
+        per_run[f"{family}_first_half"] = runs(
+            0.95 + offset,
+            classes=[0, 1, 2, 3, 4],
+            transfer_classes=[5, 6, 7, 8, 9],
+            transfer_fewshot=_fewshot(0.6 + offset),
+        )
+        per_run[f"{family}_finetuned"] = runs(0.9 + offset)
+        per_run[f"{family}_scratch_second_half"] = runs(0.7 + offset)
+    data = report.aggregate("e_transfer", per_run)
+    assert data["pretrain_classes"] == [0, 1, 2, 3, 4]
+    assert data["transfer_classes"] == [5, 6, 7, 8, 9]
+    vit = data["models"]["vit"]
+    assert vit["pretrain_accuracy"]["mean"] == pytest.approx(0.86)
+    assert vit["transfer_fewshot"]["5"]["mean"] == pytest.approx(0.55)
+    assert vit["finetuned_accuracy"]["mean"] == pytest.approx(0.81)
+    assert vit["scratch_accuracy"]["mean"] == pytest.approx(0.61)
+    text = report.tables({"e_transfer": data})
+    assert "from classes 0,1,2,3,4 to classes 5,6,7,8,9" in text
+    assert (
+        "| M | 86.0 ± 1.0 | 50.0 ± 0.0 | 55.0 ± 0.0 | 60.0 ± 0.0 | 81.0 ± 1.0 | 61.0 ± 1.0 |"
+        in text
+    )
