@@ -232,6 +232,9 @@ RULES = [
     (["checkpoint.keep=0"], {}, "checkpoint.keep"),
     (["dataset.num_workers=-1"], {}, "dataset.num_workers"),
     (["dataset.cache=sometimes"], {}, "dataset.cache"),
+    (["dataset.classes=(0, 12)"], {}, "dataset.classes"),
+    (["dataset.classes=(1, 1)"], {}, "dataset.classes"),
+    (["dataset.classes=(0, 1, 2, 3, 4)"], {}, "pp.train"),  # onehot(10) for 5 classes
     (["dataset.name=digitz"], {}, "dataset.name"),
     (["dataset.train_split=trian"], {}, "dataset.train_split"),
     (["dataset.eval_splits=validation,nope"], {}, "dataset.eval_splits[1]"),
@@ -496,3 +499,16 @@ def test_a_plugin_name_not_installed_names_the_package_to_install(monkeypatch, f
         in (problems[0])
     )
     assert "pip install vmoe-plugin-not-here; installed: [" in problems[0]
+
+
+def test_dataset_classes_restrict_and_relabel_the_dataset():
+    config = cfg.apply_overrides(
+        cfg.load_config("digits_vmoe"),
+        ["dataset.classes=(7, 3)", "pp.train=decode|value_range(-1, 1)|onehot(2)"],
+    )
+    cfg.validate_config(config)
+    dataset = cfg.open_dataset(config)
+    assert (dataset.num_classes, dataset.class_names) == (2, ("7", "3"))
+    digits = cfg.open_dataset(cfg.load_config("digits_vmoe"))
+    expected = [{7: 0, 3: 1}[c] for c in digits.labels("test").tolist() if c in (7, 3)]
+    assert dataset.labels("test").tolist() == expected
