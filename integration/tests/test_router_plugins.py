@@ -55,6 +55,31 @@ def test_router_under_strategy_equals_one_device_or_refuses_clearly(
     assert result["grad_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("dispatch_path", ["index", "einsum"])
+def test_dropless_refuses_any_exchange_on_either_dispatch_path(dispatch_path):
+    """Also where the einsum path would turn its blocks into capacity-S buffers: a dropless
+    decision's statistics are over the whole batch, so no exchange may split its groups."""
+    import jax
+    import jax.numpy as jnp
+
+    import vmoe_layers
+
+    def wrapping_exchange(moe_fn, router_params, expert_params, x_gsd, keys_g):
+        def run(expert_fn, params, x_gecd):  # local, but not the default runner
+            return vmoe_layers.run_local_experts(expert_fn, params, x_gecd)
+
+        return moe_fn(router_params, expert_params, x_gsd, keys_g, run)
+
+    layer = vmoe_layers.MoeLayer(
+        num_experts=4, mlp_dim=8, router="dropless", group_size=6, dispatch_path=dispatch_path
+    )
+    x = jnp.ones((2, 6, 4))
+    params = layer.init(jax.random.key(0), x)
+    layer.apply(params, x)  # without an exchange: fine
+    with pytest.raises(ValueError, match=r"routes without a capacity \(BlockRouting\)"):
+        layer.clone(exchange=wrapping_exchange).apply(params, x)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("router", PLUGIN_ROUTERS)
 def test_trains_on_digits_from_the_config_alone(router, tmp_path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +63,35 @@ def test_combining_over_shards_averages_means_and_keeps_extremes():
         out_specs=jax.sharding.PartitionSpec(),
     )(per_device)
     assert float(combined["loss"]) == 2.0 and float(combined["nested"]["sim_max"]) == 3.0
+
+
+COMBINE_ON_FOUR_DEVICES = """
+import jax, jax.numpy as jnp, vmoe_routing
+from jax.sharding import PartitionSpec as P
+assert jax.device_count() == 4
+mesh = jax.make_mesh((2, 2), ("a", "b"))
+
+def per_device(_):
+    i = (jax.lax.axis_index("a") * 2 + jax.lax.axis_index("b")).astype(jnp.float32)
+    stats = {"loss": i, "nested": {"sim_max": 10.0 - i, "sim_min": i + 1.0, "peak_max_mean": i}}
+    return vmoe_routing.combine_over_shards(stats, ("a", "b"))
+
+out = jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P())(jnp.zeros(()))
+print(float(out["loss"]), float(out["nested"]["sim_max"]), float(out["nested"]["sim_min"]),
+      float(out["nested"]["peak_max_mean"]))
+"""
+
+
+def test_combining_over_four_real_shards(tmp_path):
+    """Devices hold different values: means average, *_max / *_min take the extremes (and a
+    name merely containing _max is a mean)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run(
+        [sys.executable, "-c", COMBINE_ON_FOUR_DEVICES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [float(v) for v in result.stdout.split()] == [1.5, 10.0, 1.0, 1.5]

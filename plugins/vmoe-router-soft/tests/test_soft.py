@@ -110,8 +110,8 @@ def test_slot_similarity_diagnostics():
     m = router(orthogonal, x).metrics
     np.testing.assert_allclose(m["slot_param_similarity_mean"], 0.0, atol=1e-6)
     np.testing.assert_allclose(m["slot_param_similarity_max"], 0.0, atol=1e-6)
-    assert 0.25 <= float(m["dispatch_max"]) <= 1.0  # between uniform (1/S) and one token
-    assert 0.25 <= float(m["combine_max"]) <= 1.0  # between uniform (1/(E*P)) and one slot
+    assert 0.25 <= float(m["dispatch_max_mean"]) <= 1.0  # between uniform (1/S) and one token
+    assert 0.25 <= float(m["combine_max_mean"]) <= 1.0  # between uniform (1/(E*P)) and one slot
 
 
 def test_training_and_evaluation_route_alike():

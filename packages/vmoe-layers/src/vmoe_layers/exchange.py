@@ -123,7 +123,13 @@ class AllToAllExchange:
         keys_g: Array | None,
     ) -> tuple[Array, Any]:
         g = x_gsd.shape[0]
-        e = jax.tree.leaves(expert_params)[0].shape[0]
+        leaves = jax.tree.leaves(expert_params)
+        if not leaves:
+            raise ValueError(
+                "AllToAllExchange needs expert params stacked along a leading expert axis; got "
+                "an empty tree (an expert type without params cannot be split over devices)"
+            )
+        e = leaves[0].shape[0]
         n, b = self.num_expert_shards, self.num_batch_shards
         if e % n:
             raise ValueError(

@@ -51,7 +51,8 @@ def vmoe_sharding_strategies() -> Mapping[str, Callable[..., Any]]:
       name -> factory. `factory(**options)` (options such as `mesh_shape` and `devices`) returns a
       strategy (see `vmoe_layers.ShardingStrategy`): it has a `mesh`, `param_specs(params)` (a
       PartitionSpec for every parameter), `batch_spec()` (the PartitionSpec of the leading batch
-      axis) and `exchange` (None, or how expert buffers reach experts on other devices).
+      axis) and `exchange` (None, or an `ExpertExchange`: where MoE layers route their groups
+      and how expert buffers reach experts on other devices).
 
     Example::
 

@@ -333,19 +333,24 @@ class MoeLayer(nn.Module):
             metrics = dict(routing.metrics)
             # Every layer reports it, whatever the router (plugins need not compute it).
             metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
+            # Checked before the einsum path turns blocks into buffers: a BlockRouting's
+            # statistics are over the whole batch, not group means an exchange could combine.
+            if (
+                isinstance(routing, vmoe_routing.BlockRouting)
+                and run_experts is not run_local_experts
+            ):
+                raise ValueError(
+                    f"router {router_name(self.router)!r} routes without a capacity "
+                    "(BlockRouting): its experts run where the tokens are, so it cannot use "
+                    f"an expert exchange ({type(self.exchange).__name__}, e.g. the 'expert' "
+                    "sharding strategy); allowed: the 'data' or 'fsdp' strategy, or none"
+                )
             if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.BlockRouting):
                 routing = routing.to_routing()  # capacity S: the slow, obvious reference
             if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.Routing):
                 routing = routing.to_dense()
             x_gsd = x_in_gsd.astype(self.dtype)
             if isinstance(routing, vmoe_routing.BlockRouting):
-                if run_experts is not run_local_experts:
-                    raise ValueError(
-                        f"router {router_name(self.router)!r} routes without a capacity "
-                        "(BlockRouting): its experts run where the tokens are, so it cannot use "
-                        f"an expert exchange ({type(self.exchange).__name__}, e.g. the 'expert' "
-                        "sharding strategy); allowed: the 'data' or 'fsdp' strategy, or none"
-                    )
                 y_gsd = self._run_blocks(expert_fn, expert_params, x_gsd, routing)
             else:
                 x_gecd = self._round_buffers(vmoe_routing.dispatch(x_gsd, routing))

@@ -4,8 +4,9 @@ A strategy owns a `jax.sharding.Mesh` and says where everything goes:
 
 - `param_specs(params)`: a PartitionSpec for every parameter (a pytree like `params`);
 - `batch_spec()`: the PartitionSpec of arrays whose leading axis is the batch;
-- `exchange`: None (the XLA partitioner moves what it must) or an `ExpertExchange` that moves
-  expert buffers between devices explicitly (all-to-all inside `shard_map`).
+- `exchange`: None (the XLA partitioner moves what it must) or an `ExpertExchange` that decides
+  where MoE layers route their groups and moves expert buffers between devices explicitly
+  (each device routes its own groups and the buffers travel by all-to-all inside `shard_map`).
 
 Built-ins:
   data    mesh ('data',): params replicated, batch split over every device.
@@ -58,7 +59,8 @@ class ShardingStrategy(Protocol):
 
     @property
     def exchange(self) -> ExpertExchange | None:
-        """How MoE layers move buffers to experts; pass it to the model."""
+        """Where MoE layers route their groups and how buffers reach the experts; pass it to
+        the model."""
         ...
 
 
@@ -305,8 +307,8 @@ class ExpertFullySharded(_SplitsParams):
     their largest other divisible dimension over 'data' (gathered over 'data' where the layer
     uses them). Every other param of at least `min_size` elements: its largest dimension
     divisible by D*X split over ('data', 'expert'), else its largest divisible by D over
-    'data', else replicated. XLA gathers them where they are used and reduce-scatters their
-    gradients.
+    'data', else replicated. XLA gathers them where they are used and brings their gradients
+    back to the shards (on XLA:CPU as an all-reduce, see benchmarks/README.md).
     """
 
     name: ClassVar[str] = "expert_fsdp"

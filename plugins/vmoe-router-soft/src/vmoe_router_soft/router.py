@@ -126,9 +126,11 @@ class SoftRouter:
         metrics = slot_similarity(params["slots"], slot_inputs)
         metrics.update(
             # How peaked the mixtures are: 1/S (slot) or 1/(E*P) (token) when uniform, 1 when
-            # one token fills a slot / one slot makes a token's output.
-            dispatch_max=jnp.mean(jnp.max(dispatch, axis=1)),
-            combine_max=jnp.mean(jnp.max(combine.reshape(g, s, e * p), axis=-1)),
+            # one token fills a slot / one slot makes a token's output. Means over groups (named
+            # `*_mean`, not `*_max`: `vmoe_routing.combine_over_shards` takes a `*_max` as a
+            # maximum over groups).
+            dispatch_max_mean=jnp.mean(jnp.max(dispatch, axis=1)),
+            combine_max_mean=jnp.mean(jnp.max(combine.reshape(g, s, e * p), axis=-1)),
         )
         metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
         return vmoe_routing.DenseRouting(
