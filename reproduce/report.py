@@ -116,7 +116,7 @@ def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
                 {
                     "training": training,
                     "model": runs[0]["model"],
-                    "steps": runs[0]["steps"],
+                    "steps": [r["steps"] for r in runs],  # per seed (equal time: they differ)
                     "train_seconds": _stats(r["train_seconds"] for r in runs),
                     "accuracy": _stats(r["test_accuracy"] for r in runs),
                     "fewshot": _per_shots(runs, "fewshot"),
@@ -148,6 +148,12 @@ def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
             "models": models,
         }
     raise ValueError(f"unknown claim {claim!r}")
+
+
+def _span(values: list[int]) -> str:
+    """ "2000", or "1928-2062" where the seeds' values differ."""
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def _per_shots(runs: list[dict], field: str) -> dict[str, dict[str, float]]:
@@ -252,7 +258,7 @@ def tables(aggregates: Mapping[str, dict]) -> str:
             for row in data["rows"]:
                 cells = " | ".join(_pm(row["fewshot"][n]) for n in shots)
                 lines.append(
-                    f"| {row['training']} | {row['model']} | {row['steps']} | "
+                    f"| {row['training']} | {row['model']} | {_span(row['steps'])} | "
                     f"{_pm(row['train_seconds'], 1, 0)} | {_pm(row['accuracy'])} | {cells} |"
                 )
         elif claim == "e_transfer":

@@ -146,7 +146,7 @@ def test_dense_twin_rows_are_means_over_seeds():
         training: [
             {
                 "model": model,
-                "steps": steps,
+                "steps": steps + 10 * seed * (steps > 2000),
                 "train_seconds": seconds + seed,
                 "test_accuracy": accuracy + 0.01 * seed,
                 "fewshot": _fewshot(accuracy - 0.1 + 0.01 * seed),
@@ -161,13 +161,14 @@ def test_dense_twin_rows_are_means_over_seeds():
     }
     rows = report.aggregate("b_dense", per_run)["rows"]
     assert [r["training"] for r in rows] == ["vmoe_top_k", "vit", "vit_equal_time"]
-    assert rows[2]["steps"] == 4000
+    assert rows[2]["steps"] == [4000, 4010, 4020] and rows[1]["steps"] == [2000] * 3
     assert rows[2]["train_seconds"]["mean"] == pytest.approx(59.0)
     assert rows[1]["accuracy"]["mean"] == pytest.approx(0.81)
     assert rows[1]["fewshot"]["10"]["mean"] == pytest.approx(0.81)
     assert rows[1]["fewshot"]["10"]["std"] == pytest.approx(statistics.stdev([0.8, 0.81, 0.82]))
     text = report.tables({"b_dense": {"rows": rows}})
-    assert "| vit_equal_time | ViT-Mu/2 | 4000 | 59 ± 1 | 86.0 ± 1.0 | 76.0 ± 1.0 |" in text
+    assert "| vit_equal_time | ViT-Mu/2 | 4000-4020 | 59 ± 1 | 86.0 ± 1.0 | 76.0 ± 1.0 |" in text
+    assert "| vit | ViT-Mu/2 | 2000 | 31 ± 1 |" in text
 
 
 def test_transfer_rows_pair_each_model_with_its_own_runs():
@@ -201,3 +202,14 @@ def test_transfer_rows_pair_each_model_with_its_own_runs():
         "| M | 86.0 ± 1.0 | 50.0 ± 0.0 | 55.0 ± 0.0 | 60.0 ± 0.0 | 81.0 ± 1.0 | 61.0 ± 1.0 |"
         in text
     )
+
+
+def test_readme_tables_are_the_committed_results():
+    """The README quotes docs/results/summary.md, which is `tables(load(docs/results))`."""
+    results = ROOT / "docs" / "results"
+    text = report.tables(report.load(results))
+    assert (results / "summary.md").read_text() == text
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- reproduce: tables -->", "<!-- reproduce: end of tables -->"
+    quoted = readme[readme.index(begin) + len(begin) : readme.index(end)]
+    assert quoted.strip() == text.strip()
