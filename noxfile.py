@@ -223,6 +223,19 @@ def reproduce(session: nox.Session) -> None:
     session.run("python", "reproduce/run.py", *session.posargs)
 
 
+@nox.session(name="reproduce-smoke")
+def reproduce_smoke(session: nox.Session) -> None:
+    """reproduce/run.py end to end on a generated image folder by its `--dataset` flag: every
+    claim, 10 steps, one seed (about 5 minutes; integration/tests/test_reproduce_smoke.py)."""
+    _install(session, PROJECTS["eval"])
+    session.run(
+        "pytest",
+        "integration/tests/test_reproduce_smoke.py",
+        *session.posargs,
+        env={"VMOE_REPRODUCE_SMOKE": "1"},
+    )
+
+
 def _interpreter(version: str) -> str | None:
     """A working `python<version>`: on PATH, or under pyenv's versions folder."""
     candidates = [shutil.which(f"python{version}")]
