@@ -83,3 +83,23 @@ def test_train_batches_hold_only_the_new_labels(digits, both_paths):
 def test_bad_classes_are_named(digits, classes, message):
     with pytest.raises(ValueError, match=message):
         vmoe_data.select_classes(digits, classes)
+
+
+def test_each_splits_labels_are_read_once():
+    reads = []
+    labels = np.array([0, 1, 2, 1, 0, 2, 2])
+    arrays = {"image": np.zeros((7, 2, 2, 1), np.uint8), "label": labels}
+
+    def read_labels(split):
+        reads.append(split)
+        return labels
+
+    parent = vmoe_data.Dataset(
+        "tiny", 3, {"train": 7}, lambda split: vmoe_data.ArraySource(arrays), (), read_labels
+    )
+    selected = vmoe_data.select_classes(parent, (2, 0))
+    assert selected.num_examples("train") == 5
+    np.testing.assert_array_equal(selected.labels("train"), [1, 0, 1, 0, 0])
+    source = selected.source("train")
+    assert [int(source[i]["label"]) for i in range(len(source))] == [1, 0, 1, 0, 0]
+    assert reads == ["train"]

@@ -38,24 +38,28 @@ class ClassSubset:
 
 
 class _Selection(Mapping[str, int]):
-    """Per split, the indices of the kept examples (read once, on first use): also the
-    selected dataset's `split_sizes`, so listing splits reads no labels."""
+    """Per split, the kept examples' indices and new labels (the parent's labels are read once,
+    on first use): also the selected dataset's `split_sizes`, so listing splits reads none."""
 
     def __init__(self, dataset: Dataset, label_map: np.ndarray) -> None:
         self.dataset = dataset
         self.label_map = label_map
-        self._indices: dict[str, np.ndarray] = {}
+        self._kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> (indices, labels)
         self._lock = threading.Lock()
 
-    def indices(self, split: str) -> np.ndarray:
+    def _read(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
-            if split not in self._indices:
-                labels = self.dataset.labels(split)
-                self._indices[split] = np.flatnonzero(self.label_map[labels] >= 0)
-            return self._indices[split]
+            if split not in self._kept:
+                new_labels = self.label_map[self.dataset.labels(split)]
+                indices = np.flatnonzero(new_labels >= 0)
+                self._kept[split] = (indices, new_labels[indices])
+            return self._kept[split]
+
+    def indices(self, split: str) -> np.ndarray:
+        return self._read(split)[0]
 
     def labels(self, split: str) -> np.ndarray:
-        return self.label_map[self.dataset.labels(split)[self.indices(split)]]
+        return self._read(split)[1].copy()  # a copy: callers may modify what they get
 
     def open_split(self, split: str) -> ClassSubset:
         return ClassSubset(self.dataset.source(split), self.indices(split), self.label_map)
