@@ -185,6 +185,14 @@ def main() -> None:
     parser.add_argument("--json", default="bench-results/comm.json")
     parser.add_argument("--png", default="benchmarks/comm.png")
     args = parser.parse_args()
+    counts = [int(d) for d in args.devices.split(",")]
+    expert_strategies = [s for s in args.strategies.split(",") if s.startswith("expert")]
+    uneven = [n for n in counts if n % EXPERT_AXIS or n < EXPERT_AXIS]
+    if expert_strategies and uneven:
+        parser.error(
+            f"--devices {uneven} do not fill the {EXPERT_AXIS}-device expert axis of "
+            f"{expert_strategies}; allowed: multiples of {EXPERT_AXIS}"
+        )
     rows = []
     columns = [
         "model",
@@ -198,7 +206,7 @@ def main() -> None:
     ]
     for model in args.models.split(","):
         for strategy in args.strategies.split(","):
-            for n in (int(d) for d in args.devices.split(",")):
+            for n in counts:
                 rows.append(measure(model, strategy, n, args.images_per_device))
                 harness.print_table(rows[-1:], columns)
     print()
