@@ -19,6 +19,7 @@ deviation over seeds) to `--out/<claim>.json` with its PNG, and the tables to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import re
@@ -158,6 +159,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """What `evaluations` names (see `experiments.MOE_EVALUATIONS`) for one trained run;
     `figures`: where to write its routing heatmaps, if wanted."""
+    import vmoe_data
     import vmoe_eval
     from vmoe_train.config import open_dataset
 
@@ -193,13 +195,22 @@ def evaluate_run(
     if "fewshot" in evaluations:
         result["fewshot"] = fewshot(run)
     if "transfer_fewshot" in evaluations:
-        everything = run.config.copy_and_resolve_references()
-        everything.dataset.classes = ()
-        other = experiments.class_halves(open_dataset(everything).num_classes)["second"]
-        result["transfer_classes"] = list(other)
-        result["transfer_fewshot"] = fewshot(
-            vmoe_eval.load_run(workdir, overrides=[f"dataset.classes={other}"])
+        # The same params on the held-out classes: only the run's dataset changes (no second
+        # checkpoint restore).
+        config = run.config.copy_and_resolve_references()
+        config.dataset.classes = ()
+        everything = open_dataset(config)
+        other = experiments.class_halves(everything.num_classes)["second"]
+        config.dataset.classes = other
+        held_out = dataclasses.replace(
+            run,
+            config=config,
+            setup=dataclasses.replace(
+                run.setup, dataset=vmoe_data.select_classes(everything, other)
+            ),
         )
+        result["transfer_classes"] = list(other)
+        result["transfer_fewshot"] = fewshot(held_out)
     result["eval_seconds"] = time.perf_counter() - start
     return result
 
