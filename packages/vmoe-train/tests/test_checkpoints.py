@@ -23,6 +23,7 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from vmoe_train import checkpoints as ck
+from vmoe_train.checkpoints import integrity, layout
 from vmoe_train.checkpoints import (
     Checkpointer,
     CheckpointError,
@@ -34,6 +35,7 @@ from vmoe_train.checkpoints import (
 from vmoe_train.state import TrainState
 
 HERE = pathlib.Path(__file__).parent
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
 CONFIG = {"model": {"name": "V-MoE-Nano/2", "num_experts": 4}, "lr": 1e-3, "sizes": (8, 8)}
 
 
@@ -140,9 +142,9 @@ def test_async_save_restores_in_a_fresh_checkpointer(tmp_path):
         for x in jax.tree.leaves(state):
             x.delete()
         if s == 2:  # step 1's async write was finished before step 2's began
-            assert (tmp_path / "1" / ck.COMMIT_FILE).is_file()
+            assert (tmp_path / "1" / layout.COMMIT_FILE).is_file()
     ckpt.close()  # waits for step 2
-    assert not any(ck.TMP_SUFFIX in p.name for p in tmp_path.iterdir())
+    assert not any(TMP_SUFFIX in p.name for p in tmp_path.iterdir())
 
     fresh = Checkpointer(tmp_path, every_steps=1, keep=3)  # as a new process would
     assert fresh.steps() == [1, 2]
@@ -169,18 +171,20 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
     restored, messages = restore_warned(ckpt)
     assert restored.step == 2 and restored.data_state == {"batches": 20}
     assert_identical(restored.state, make_state(2))
-    assert len(messages) == 1, messages
+    assert len(messages) == 2, messages  # skipped, then moved aside (not deleted)
     message = messages[0]
-    assert message.startswith(f"{tmp_path.absolute() / '3'}: cannot be restored (")
+    assert message.startswith(f"{tmp_path.absolute() / '3'}: cannot be restored, it is corrupt (")
     assert "\n" not in message
-    reason = {"truncate": "OUT_OF_RANGE", "garbage": "ValueError", "bit-flip": "checksum"}[damage]
-    assert reason in message
+    reason = {"truncate": "OUT_OF_RANGE", "garbage": "FAILED_PRECONDITION", "bit-flip": "checksum"}
+    assert reason[damage] in message
+    aside = tmp_path.parent / f"{tmp_path.name}.corrupt" / "3"
+    assert messages[1].startswith(f"{tmp_path.absolute() / '3'}: moved to {aside.absolute()}")
+    assert (aside / "state").is_dir() and not (tmp_path / "3").exists()
 
-    # The run resumed from step 2 saves step 3 again: the bad one is deleted first.
-    with pytest.warns(CheckpointWarning, match=r"/3: deleted, it cannot be restored"):
-        assert ckpt.save(3, make_state(33), data_state={"batches": 33}, config=CONFIG)
+    # The run resumed from step 2 saves step 3 again; the corrupt one is still aside.
+    assert ckpt.save(3, make_state(33), data_state={"batches": 33}, config=CONFIG)
     ckpt.wait()
-    assert ckpt.steps() == [1, 2, 3]
+    assert ckpt.steps() == [1, 2, 3] and (aside / "state").is_dir()
     assert_identical(ckpt.restore(abstract()).state, make_state(33))
     ckpt.close()
 
@@ -190,11 +194,11 @@ def test_incomplete_latest_is_reported_and_skipped(tmp_path, damage):
     save_steps(tmp_path, (1, 2, 3)).close()
     step3 = tmp_path / "3"
     if damage == "killed-before-commit":  # what orbax leaves when killed mid-save
-        step3.rename(tmp_path / f"3{ck.TMP_SUFFIX}")
-        bad, reason = tmp_path.absolute() / f"3{ck.TMP_SUFFIX}", "never committed"
+        step3.rename(tmp_path / f"3{TMP_SUFFIX}")
+        bad, reason = tmp_path.absolute() / f"3{TMP_SUFFIX}", "never committed"
     elif damage == "no-commit-record":
-        (step3 / ck.COMMIT_FILE).unlink()
-        (step3 / ck.STEP_METADATA_FILE).unlink()
+        (step3 / layout.COMMIT_FILE).unlink()
+        (step3 / layout.STEP_METADATA_FILE).unlink()
         bad, reason = tmp_path.absolute() / "3", "no commit record"
     else:
         shutil.rmtree(step3 / "data")
@@ -214,6 +218,8 @@ def test_incomplete_latest_is_reported_and_skipped(tmp_path, damage):
     assert ckpt.steps() == [1, 2, 3]
     assert ckpt.restore(abstract()).data_state == {"batches": 33}
     ckpt.close()
+    if damage != "killed-before-commit":  # it was committed once: moved aside, not deleted
+        assert (tmp_path.parent / f"{tmp_path.name}.corrupt" / "3").is_dir()
 
 
 def test_nothing_restorable_raises_with_every_path(tmp_path):
@@ -228,7 +234,7 @@ def test_nothing_restorable_raises_with_every_path(tmp_path):
         ckpt.restore(abstract())
     message = str(info.value)
     assert f"{tmp_path.absolute() / '1'}: ValueError: OUT_OF_RANGE" in message
-    assert f"{tmp_path.absolute() / '2'}: incomplete: no item config" in message
+    assert f"{tmp_path.absolute() / '2'}: damaged: no item config" in message
 
     # An explicit step is restored exactly, without falling back.
     with pytest.raises(CheckpointError, match=r"/1: ValueError: OUT_OF_RANGE"):
@@ -281,15 +287,19 @@ def test_restore_params_and_read_config(tmp_path):
         path.write_bytes(b"")
     assert read_config(tmp_path)["s"] == 2
     # ...but restore_params falls back to step 1, saying why.
-    with pytest.warns(CheckpointWarning, match=r"/2: cannot be restored \(ValueError: OUT_OF"):
+    with pytest.warns(
+        CheckpointWarning, match=r"/2: cannot be restored, it is corrupt \(ValueError: OUT_OF"
+    ):
         assert_identical(restore_params(tmp_path), make_state(1).params)
     # A flipped bit in the params' data (here: on the host, through the fingerprints).
-    saved = json.loads((tmp_path / "1" / ck.CHECKSUMS / "metadata").read_text())
+    saved = json.loads((tmp_path / "1" / layout.CHECKSUMS / "metadata").read_text())
     kernel = np.asarray(make_state(1).params["dense"]["kernel"]).copy()
-    assert saved["arrays"]["params/dense/kernel"]["fingerprint"] == ck._fingerprint_np(kernel)
+    assert saved["arrays"]["params/dense/kernel"]["fingerprint"] == integrity._fingerprint_np(
+        kernel
+    )
     kernel.view(np.uint32)[3, 4] ^= 1 << 7
     with pytest.raises(ValueError, match="'params/dense/kernel' does not match its saved checksum"):
-        ck._verify({"params": {"dense": {"kernel": kernel}}}, saved)
+        integrity.verify({"params": {"dense": {"kernel": kernel}}}, saved)
 
 
 def test_config_and_data_state_must_be_json(tmp_path):
@@ -315,12 +325,12 @@ def test_fingerprint_is_the_same_on_host_and_device():
         np.arange(6, dtype=np.int8).reshape(2, 3),
     ]
     for x in arrays:
-        on_device = int(jax.jit(ck._fingerprint_jax)(jnp.asarray(x)))
-        assert on_device == ck._fingerprint_np(np.asarray(x))
+        on_device = int(jax.jit(integrity._fingerprint_jax)(jnp.asarray(x)))
+        assert on_device == integrity._fingerprint_np(np.asarray(x))
     a = arrays[0].copy()
     b = a.copy()
     b[0, 0], b[0, 1] = a[0, 1], a[0, 0]  # moved values change it too
-    assert ck._fingerprint_np(a) != ck._fingerprint_np(b)
+    assert integrity._fingerprint_np(a) != integrity._fingerprint_np(b)
 
 
 def test_saved_on_an_expert_mesh_restores_on_one_device_and_back(tmp_path):
@@ -344,3 +354,142 @@ def test_saved_on_an_expert_mesh_restores_on_one_device_and_back(tmp_path):
     np.testing.assert_allclose(out["loss_from_one"], out["loss_before"], rtol=1e-6, atol=0)
     # One device, local experts: the same model, computed without the all-to-all.
     np.testing.assert_allclose(out["loss_one"], out["loss_before"], rtol=1e-5, atol=0)
+
+
+def _flaky_reads(monkeypatch, error: Exception, failures: int) -> list[int]:
+    """orbax's CheckpointManager.restore raises `error` on its first `failures` calls (a storage
+    layer that fails reads transiently); returns the list of steps it was asked for."""
+    import orbax.checkpoint as ocp
+
+    real = ocp.CheckpointManager.restore
+    asked: list[int] = []
+
+    def restore(self, step, *args, **kwargs):
+        asked.append(int(step))
+        if len(asked) <= failures:
+            raise error
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    monkeypatch.setattr(ck.reading, "RETRY_DELAYS_S", (0.0, 0.0))
+    return asked
+
+
+TRANSIENT = [
+    OSError(5, "Input/output error"),
+    TimeoutError("read timed out"),
+    ValueError('UNAVAILABLE: Error reading "params.dense.kernel/0.0" in OCDBT database'),
+    ValueError("DEADLINE_EXCEEDED: deadline exceeded"),
+]
+
+
+@pytest.mark.parametrize("error", TRANSIENT, ids=lambda e: str(e).split(":")[0][:20])
+def test_a_read_that_fails_now_is_retried_not_skipped(tmp_path, monkeypatch, error):
+    ckpt = save_steps(tmp_path, (1, 2, 3))
+    asked = _flaky_reads(monkeypatch, error, failures=2)
+    restored, messages = restore_warned(ckpt)
+    assert restored.step == 3 and asked == [3, 3, 3]  # two failures, then read
+    assert_identical(restored.state, make_state(3))
+    assert len(messages) == 2 and all("cannot be read now" in m for m in messages)
+    ckpt.close()
+
+
+def test_a_read_that_keeps_failing_stops_the_run_and_loses_nothing(tmp_path, monkeypatch):
+    ckpt = save_steps(tmp_path, (1, 2, 3))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    asked = _flaky_reads(monkeypatch, OSError(5, "Input/output error"), failures=100)
+    with warnings.catch_warnings(), pytest.raises(ck.CheckpointUnavailableError) as info:
+        warnings.simplefilter("ignore", CheckpointWarning)
+        ckpt.restore(abstract())
+    assert asked == [3, 3, 3]  # never fell back to step 2
+    message = str(info.value)
+    assert f"{tmp_path.absolute() / '3'} cannot be read now (OSError: " in message
+    assert "Input/output error" in message and "3 tries" in message
+    # Nothing moved or deleted, not even by the next save.
+    assert ckpt.save(4, make_state(4), data_state={}, config=CONFIG)
+    ckpt.wait()
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert ckpt.steps() == [2, 3, 4]  # keep=3: step 1 goes by the policy, nothing else does
+    assert {f for f in before if not f.startswith("1")} <= set(after)
+    assert not (tmp_path.parent / f"{tmp_path.name}.corrupt").exists()
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "verdict"),
+    [
+        (integrity.CorruptCheckpointError("checksum"), "corrupt"),
+        (ValueError("OUT_OF_RANGE: Requested byte range [7660, 11485)"), "corrupt"),
+        (ValueError("FAILED_PRECONDITION: ZSTD_decompressStream() failed"), "corrupt"),
+        (ValueError("DATA_LOSS: checksum"), "corrupt"),
+        (json.JSONDecodeError("Expecting value", "{x", 1), "corrupt"),
+        (FileNotFoundError(2, "No such file"), "corrupt"),
+        (OSError(5, "Input/output error"), "unavailable"),
+        (TimeoutError(), "unavailable"),
+        (ConnectionResetError(), "unavailable"),
+        (ValueError("UNAVAILABLE: try again"), "unavailable"),
+        (ValueError("PERMISSION_DENIED: no"), "unavailable"),
+        (RuntimeError("something nobody expected"), "unavailable"),  # loses nothing
+    ],
+)
+def test_classify_tells_corrupt_from_cannot_read_now(error, verdict):
+    assert integrity.classify(error) == verdict
+    wrapped = Exception("Encountered error while reading array index")
+    wrapped.__cause__ = error  # orbax wraps TensorStore's error
+    assert integrity.classify(wrapped) == verdict
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [
+        ("validation/loss", "min"),
+        ("validation/error", "min"),
+        ("train/total_loss", "min"),
+        ("validation/accuracy", "max"),
+        ("fewshot/5shot_acc", "max"),
+    ],
+)
+def test_best_mode_follows_the_metric(metric, mode):
+    assert ck.best_mode_of(metric) == mode
+    assert ck.best_mode_of(metric, "max") == "max"
+
+
+def test_best_mode_of_an_unknown_metric_must_be_stated():
+    with pytest.raises(ValueError, match="'validation/score'.*state the mode: 'max' or 'min'"):
+        ck.best_mode_of("validation/score")
+    with pytest.raises(ValueError, match="best mode 'up'.*allowed"):
+        ck.best_mode_of("validation/loss", "up")
+
+
+def test_keep_best_loss_keeps_the_lowest_loss_by_default(tmp_path):
+    metric = "validation/loss"
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=1, keep_best=metric)
+    for s, value in enumerate([0.9, 0.2, 0.7, 0.6], start=1):
+        ckpt.save(s, make_state(0), data_state={}, config={}, metrics={metric: value})
+    ckpt.close()
+    assert ckpt.best_mode == "min" and ckpt.steps() == [2, 4]
+
+
+def test_locate_accepts_a_run_its_checkpoints_or_a_step(tmp_path):
+    save_steps(tmp_path / "run" / "checkpoints", (1, 2)).close()
+    run = (tmp_path / "run").absolute()
+    assert ck.locate(run) == ck.Location(run / "checkpoints", None)
+    assert ck.locate(run / "checkpoints") == ck.Location(run / "checkpoints", None)
+    assert ck.locate(run / "checkpoints" / "2") == ck.Location(run / "checkpoints", 2)
+    with pytest.raises(FileNotFoundError, match="it does not exist"):
+        ck.locate(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a run directory"):
+        ck.locate(tmp_path / "empty")
+
+
+def test_orbax_still_writes_the_commit_record_we_read(tmp_path):
+    # layout.orbax_commit_recorded reads orbax's own file names; a new orbax that renames them
+    # makes every checkpoint look damaged: this fails first.
+    save_steps(tmp_path, (1,)).close()
+    step = tmp_path / "1"
+    assert (step / layout.COMMIT_FILE).is_file() or (
+        json.loads((step / layout.STEP_METADATA_FILE).read_text())["commit_timestamp_nsecs"]
+    )
+    assert layout.orbax_commit_recorded(step)
+    assert layout.scan(tmp_path).complete == [1]

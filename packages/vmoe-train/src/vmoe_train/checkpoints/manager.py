@@ -24,67 +24,43 @@ one item per part, each in a format that holds no Python objects:
   on the devices holding the arrays at save time and again after every restore.
 - `metrics/` (orbax's, only with `keep_best`): the metrics the best checkpoint is chosen by.
 
-Completion: orbax writes into `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` when
-every item is on disk (atomic rename; on object stores, a `commit_success.txt` file instead);
-the rename is preceded by writing `commit_success.txt` and the commit time into
-`_CHECKPOINT_METADATA`. A step directory counts as complete here when it has its final name, a
-record of that commit (either file) and its three items. Anything else (a temporary directory
-left by a killed save, a directory missing its commit record or an item) is incomplete: never
-restored, and reported by `restore` when newer than the checkpoint it returns.
-
-Corruption: `restore` (and `restore_params`, `read_config`) try the newest complete checkpoint
-first; if reading it fails (a truncated or garbled file: orbax/TensorStore raise) or a restored
-array does not match its saved fingerprint, a `CheckpointWarning` names the step directory and
-the reason, and the previous one is tried, down to the oldest. If none restores, a
-`CheckpointError` lists every path and reason. Checkpoints found unrestorable (or incomplete)
-are deleted by the next `save`: the run has moved past them and they must not count among the
-`keep` newest.
+Completion and corruption: see `layout` (which step directories are complete) and `reading`
+(`restore` tries the newest complete checkpoint; one that cannot be read now is retried, then
+an error; a corrupt one is skipped for the previous one). A corrupt or damaged checkpoint is
+never deleted: once an older one has restored, it is moved to `<directory>.corrupt/<step>` and
+reported (a `CheckpointWarning`), so it no longer counts among the `keep` newest and its step
+can be saved again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import pathlib
-import sys
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vmoe_train.checkpoints import integrity
+from vmoe_train.checkpoints.layout import CHECKSUMS, ITEMS, scan
+from vmoe_train.checkpoints.reading import CheckpointWarning, restore_latest
 from vmoe_train.state import TrainState
 
 __all__ = [
-    "CheckpointError",
-    "CheckpointWarning",
     "Checkpointer",
     "Restored",
     "abstract_like",
+    "best_mode_of",
     "read_config",
     "restore_params",
 ]
 
-ITEMS = ("state", "data", "config")  # what every checkpoint holds; CHECKSUMS is optional
-CHECKSUMS = "checksums"
-TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
-COMMIT_FILE = "commit_success.txt"  # orbax's commit marker
-STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's step metadata, with the commit time
-_FINGERPRINT_ALGORITHM = "fmix32-sum-v1"
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (incomplete or unreadable) or deleted; one line: path, reason."""
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint could be restored; the message lists each path tried and why it failed."""
+BEST_MODES = ("auto", "max", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +82,24 @@ class Restored:
     path: pathlib.Path
 
 
+def best_mode_of(metric: str, mode: str = "auto") -> str:
+    """ "max" or "min": which end of `metric` is best. "auto" follows the name: losses and errors
+    are best small, accuracies (precision, recall, ...) large; other names must say."""
+    if mode not in BEST_MODES:
+        raise ValueError(f"best mode {mode!r} for {metric!r}; allowed: {BEST_MODES}")
+    if mode != "auto":
+        return mode
+    name = metric.rsplit("/", 1)[-1].lower()
+    if name.endswith(("loss", "error", "err", "perplexity")):
+        return "min"
+    if name.endswith(("accuracy", "acc", "precision", "recall", "f1", "auc")):
+        return "max"
+    raise ValueError(
+        f"cannot tell whether a larger or a smaller {metric!r} is better; state the mode: 'max' "
+        "or 'min'"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The Checkpointer.
 
@@ -121,10 +115,13 @@ class Checkpointer:
         save); 0 keeps all.
       keep_best: a metric name (a key of the `metrics` given to `save`, e.g.
         "validation/accuracy"): the best checkpoint by it is also kept, whatever its age.
-      best_mode: "max" or "min": which end of `keep_best` is best.
+      best_mode: "max" or "min": which end of `keep_best` is best; "auto" (default) follows
+        the metric's name (`best_mode`: losses and errors min, accuracies max).
       async_save: write in a background thread (`save` returns once the arrays are copied to
         host memory, so the caller may donate or overwrite them); `wait`, the next `save` and
         `close` wait for it.
+      collective: restore as one decision of every process (see `reading`); default: when
+        jax runs more than one process. Every process must then call `restore` together.
     """
 
     def __init__(
@@ -134,22 +131,22 @@ class Checkpointer:
         every_steps: int,
         keep: int,
         keep_best: str = "",
-        best_mode: str = "max",
+        best_mode: str = "auto",
         async_save: bool = True,
+        collective: bool | None = None,
     ):
         if not isinstance(every_steps, int) or every_steps < 0:
             raise ValueError(f"every_steps={every_steps!r} must be an integer >= 0")
         if not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep={keep!r} must be an integer >= 0 (0: keep all)")
-        if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode={best_mode!r}; allowed: 'max', 'min'")
+        if best_mode not in BEST_MODES:
+            raise ValueError(f"best_mode={best_mode!r}; allowed: {BEST_MODES}")
         self.directory = pathlib.Path(directory).absolute()  # orbax needs absolute paths
         self.every_steps = every_steps
         self.keep = keep
         self.keep_best = keep_best
-        self.best_mode = best_mode
-        # Steps that failed to restore, with the reason: deleted by the next save.
-        self._unrestorable: dict[int, str] = {}
+        self.best_mode = best_mode = best_mode_of(keep_best, best_mode) if keep_best else "max"
+        self.collective = jax.process_count() > 1 if collective is None else collective
 
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep or None)]
         best_fn = None
@@ -210,9 +207,12 @@ class Checkpointer:
         config = _json_copy(config, "config")
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         # Computed on the devices while the previous save may still be writing.
-        checksums = {"algorithm": _FINGERPRINT_ALGORITHM, "arrays": _fingerprints(state)}
+        checksums = {
+            "algorithm": integrity.FINGERPRINT_ALGORITHM,
+            "arrays": integrity.fingerprints(state),
+        }
         self.wait()
-        self._delete_bad_steps()
+        self._move_aside(scan(self.directory).damaged_steps)
         existing = list(self._manager.all_steps())
         if step in existing:
             return None
@@ -239,7 +239,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """The complete checkpoints' steps, ascending (read from disk, not cached)."""
-        return _scan(self.directory)[0]
+        return scan(self.directory).complete
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> Restored:
         """The checkpoint `step` (default: the latest that restores), laid out as asked.
@@ -248,11 +248,13 @@ class Checkpointer:
           abstract_state: a `TrainState` of `jax.ShapeDtypeStruct`s (see `abstract_like`) whose
             shardings say where each array goes: any mesh, whatever the checkpoint was saved
             on. Shapes must match the saved ones; dtypes may differ (arrays are cast).
-          step: a step to restore, exactly (no fallback); None: the latest complete one, and
-            on failure the previous one, and so on (each failure is a `CheckpointWarning`).
+          step: a step to restore, exactly (no fallback); None: the latest complete one; if it
+            is corrupt, the previous one, and so on (each skipped one is a `CheckpointWarning`,
+            and is moved aside once an older one has restored).
 
         Raises:
           FileNotFoundError: there is no checkpoint at all.
+          CheckpointUnavailableError: the checkpoint cannot be read now (retried first).
           CheckpointError: none could be restored (every path and reason in the message).
         """
         self.wait()
@@ -267,14 +269,15 @@ class Checkpointer:
                 args[CHECKSUMS] = ocp.args.JsonRestore()
             out = self._manager.restore(int(path.name), args=ocp.args.Composite(**args))
             if CHECKSUMS in args:
-                _verify(out.state, out[CHECKSUMS])
+                integrity.verify(out.state, out[CHECKSUMS])
             return Restored(int(path.name), out.state, out.data, out.config, path)
 
-        failed: dict[int, str] = {}
-        restored = _restore_latest(self.directory, step, read, failed)
+        restored, _, corrupt = restore_latest(
+            self.directory, step, read, collective=self.collective
+        )
         # Only now, with an older checkpoint read by the same abstract state, are the newer
         # failures known to be the checkpoints' fault (not, say, a wrong abstract state).
-        self._unrestorable = failed
+        self._move_aside(corrupt)
         return restored
 
     def data_state(self, step: int | None = None) -> dict:
@@ -301,22 +304,39 @@ class Checkpointer:
     def _step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
-    def _delete_bad_steps(self) -> None:
-        """Deletes checkpoints orbax counts but that cannot be restored (found so by `restore`,
-        or incomplete): a run that resumed from an older step must not keep them among its
-        newest, nor be stopped by them from saving their step again."""
-        _, incomplete = _scan(self.directory)
-        bad = dict(self._unrestorable)
-        bad.update({int(p.name): r for p, r in incomplete.items() if p.name.isdigit()})
-        for step in self._manager.all_steps():
-            if step in bad:
+    def _move_aside(self, bad: Mapping[int, str]) -> None:
+        """Moves the step directories `bad` ({step: reason}) to `<directory>.corrupt/` (process
+        0; every process waits for it): a run that resumed from an older step must neither keep
+        them among its newest nor be stopped by them from saving their step again, and they are
+        not the trainer's to delete."""
+        if not bad and not self.collective:
+            return
+        if jax.process_index() == 0:  # the one decision: process 0's view of the directory
+            for step, why in sorted(bad.items()):
+                moved = move_aside(self._step_dir(step))
                 warnings.warn(
-                    f"{self._step_dir(step)}: deleted, it cannot be restored ({bad[step]})",
+                    f"{self._step_dir(step)}: moved to {moved}, it cannot be restored ({why})",
                     CheckpointWarning,
                     stacklevel=3,
                 )
-                self._manager.delete(step)
-        self._unrestorable.clear()
+        if self.collective:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("vmoe_train: checkpoints moved aside")
+        self._manager.reload()
+
+
+def move_aside(step_dir: pathlib.Path) -> pathlib.Path:
+    """Renames `step_dir` (`<directory>/<step>`) to `<directory>.corrupt/<step>` (or
+    `<step>.1`, `.2`, ... if taken) and returns the new path."""
+    aside = step_dir.parent.with_name(step_dir.parent.name + ".corrupt")
+    aside.mkdir(exist_ok=True)
+    target, n = aside / step_dir.name, 0
+    while target.exists():
+        n += 1
+        target = aside / f"{step_dir.name}.{n}"
+    step_dir.rename(target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +359,7 @@ def _read_json_item(directory: pathlib.Path, item: str, step: int | None) -> Any
             )
         return out[item]
 
-    return _restore_latest(directory, step, read)
+    return restore_latest(directory, step, read)[0]
 
 
 def restore_params(
@@ -380,10 +400,10 @@ def restore_params(
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             out = checkpointer.restore(path, args=ocp.args.Composite(**args))
         if CHECKSUMS in args:
-            _verify(out.state, out[CHECKSUMS])
+            integrity.verify(out.state, out[CHECKSUMS])
         return out.state["params"]
 
-    return _restore_latest(directory, step, read)
+    return restore_latest(directory, step, read, collective=jax.process_count() > 1)[0]
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
@@ -404,283 +424,6 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: leaf(x, shardings), tree)
     return jax.tree.map(leaf, tree, shardings)
-
-
-# ---------------------------------------------------------------------------------------------
-# Completeness, fallback.
-
-
-def _scan(directory: pathlib.Path) -> tuple[list[int], dict[pathlib.Path, str]]:
-    """(complete steps ascending, {incomplete step dir: reason}) under `directory`."""
-    complete: list[int] = []
-    incomplete: dict[pathlib.Path, str] = {}
-    if not directory.is_dir():
-        return complete, incomplete
-    for path in directory.iterdir():
-        name = path.name
-        if TMP_SUFFIX in name and name.split(".", 1)[0].isdigit():
-            incomplete[path] = "an interrupted save: orbax's temporary directory, never committed"
-        elif name.isdigit() and path.is_dir():
-            reason = _incomplete_reason(path)
-            if reason:
-                incomplete[path] = reason
-            else:
-                complete.append(int(name))
-    return sorted(complete), incomplete
-
-
-def _incomplete_reason(path: pathlib.Path) -> str:
-    """Why the step directory `path` is not a complete checkpoint ("" if it is)."""
-    missing = [item for item in ITEMS if not (path / item).is_dir()]
-    if missing:
-        return f"incomplete: no item {', '.join(missing)}"
-    if (path / COMMIT_FILE).is_file():
-        return ""
-    try:
-        metadata = json.loads((path / STEP_METADATA_FILE).read_text())
-        committed = metadata.get("commit_timestamp_nsecs")
-    except (OSError, ValueError, AttributeError):
-        committed = None
-    if committed is None:
-        return f"incomplete: no commit record ({COMMIT_FILE}, {STEP_METADATA_FILE})"
-    return ""
-
-
-def _step_of(path: pathlib.Path) -> int:
-    return int(path.name.split(".", 1)[0])
-
-
-def _restore_latest(
-    directory: pathlib.Path,
-    step: int | None,
-    read: Callable[[pathlib.Path], Any],
-    failed: dict[int, str] | None = None,
-) -> Any:
-    """`read(step_dir)` of `step`, or of the newest complete step that reads, warning about
-    each one skipped; failures are recorded in `failed` (step -> reason)."""
-    complete, incomplete = _scan(directory)
-    if step is not None:
-        path = directory / str(int(step))
-        if int(step) not in complete:
-            reason = incomplete.get(path, "no such checkpoint")
-            raise CheckpointError(f"cannot restore {path}: {reason} (complete: {complete})")
-        ok, value = _attempt(read, path)
-        if not ok:
-            raise CheckpointError(f"cannot restore {path}: {value}")
-        return value
-    if not complete and not incomplete:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    tried: list[str] = []
-    newest_complete = complete[-1] if complete else -1
-    for path, reason in sorted(incomplete.items(), key=lambda kv: _step_of(kv[0])):
-        tried.append(f"{path}: {reason}")
-        if _step_of(path) > newest_complete:
-            warnings.warn(f"{path}: skipped, {reason}", CheckpointWarning, stacklevel=3)
-    for s in reversed(complete):
-        path = directory / str(s)
-        ok, value = _attempt(read, path)
-        if ok:
-            return value
-        if failed is not None:
-            failed[s] = value
-        tried.append(f"{path}: {value}")
-        warnings.warn(
-            f"{path}: cannot be restored ({value}); trying the previous checkpoint",
-            CheckpointWarning,
-            stacklevel=3,
-        )
-    raise CheckpointError(f"no checkpoint in {directory} can be restored:\n  " + "\n  ".join(tried))
-
-
-def _attempt(read: Callable[[pathlib.Path], Any], path: pathlib.Path) -> tuple[bool, Any]:
-    """(True, read(path)), or (False, the one-line reason it failed).
-
-    When orbax fails to read a checkpoint, it closes its event loop with reads still in flight:
-    as they complete (in TensorStore's threads) and as the dead coroutines are collected, Python
-    reports "Exception ignored" (`sys.unraisablehook`): echoes of the failure, which is
-    already reported (the reason, then a `CheckpointWarning` or `CheckpointError`). So after a
-    failed read, its garbage is collected and the echoes from orbax, TensorStore and asyncio
-    are dropped until they stop (`_ECHO_QUIET_S` without one, at most `_ECHO_WAIT_S`); any
-    other unraisable exception is passed on to the hook.
-    """
-    previous = sys.unraisablehook
-    caught: list[Any] = []
-
-    def hook(unraisable: Any) -> None:
-        caught.append(unraisable)
-
-    sys.unraisablehook = hook
-    try:
-        try:
-            return True, read(path)
-        except Exception as e:
-            reason = _reason(e)  # `e`, whose frames hold orbax's dead coroutines, goes here
-        start = last = time.monotonic()
-        seen = -1
-        while (now := time.monotonic()) - last < _ECHO_QUIET_S and now - start < _ECHO_WAIT_S:
-            gc.collect()
-            if len(caught) != seen:
-                seen, last = len(caught), now
-            time.sleep(_ECHO_QUIET_S / 5)
-        return False, reason
-    finally:
-        if sys.unraisablehook is hook:
-            sys.unraisablehook = previous
-        for unraisable in caught:
-            if not _is_orbax_echo(unraisable):
-                previous(unraisable)
-
-
-_ECHO_QUIET_S = 0.25
-_ECHO_WAIT_S = 3.0
-
-
-def _is_orbax_echo(unraisable: Any) -> bool:
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return True
-    code = getattr(unraisable.object, "cr_code", None)
-    files = [getattr(code, "co_filename", "")]
-    tb = unraisable.exc_traceback
-    while tb is not None:
-        files.append(tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    return any("orbax" in f or "tensorstore" in f for f in files)
-
-
-def _reason(e: BaseException) -> str:
-    """One line saying why a restore failed: the root cause's type and first line."""
-    chain = [e]
-    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None:
-        if cause in chain or len(chain) > 8:
-            break
-        chain.append(cause)
-    root = chain[-1]
-    text = (str(root).strip().splitlines() or [""])[0]
-    for cut in (" [tensorstore_spec=", " See full TensorStore details"):
-        text = text.split(cut, 1)[0]
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(root).__name__}: {text}" if text else type(root).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Array fingerprints: a 32-bit integer per array, independent of its sharding.
-
-_GOLDEN = 0x9E3779B9  # the index is mixed in so that moved values change the fingerprint too
-
-
-def _bits_dtype(dtype: np.dtype) -> Any:
-    """The unsigned integer type of the same width as `dtype` (None: not fingerprinted)."""
-    if dtype == np.bool_:
-        return np.uint8
-    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}.get(dtype.itemsize)
-
-
-def _mix(xp: Any, bits: Any, index: Any) -> Any:
-    """murmur3's 32-bit finaliser of (bits ^ index * golden): a bijection of the bits, so one
-    changed value always changes the (wrapping) sum."""
-    h = bits ^ (index * xp.uint32(_GOLDEN))
-    h = h ^ (h >> 16)
-    h = h * xp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * xp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _fingerprint_jax(x: jax.Array) -> jax.Array:
-    """Traced: the uint32 fingerprint of one array, elementwise then a sum (no reshape, so a
-    sharded array is never gathered)."""
-    if x.dtype == jnp.bool_:
-        bits = x.astype(jnp.uint8)
-    else:
-        bits = jax.lax.bitcast_convert_type(x, _bits_dtype(np.dtype(x.dtype)))
-    bits = bits.astype(jnp.uint32)  # 8-byte types: a trailing axis of 2 words
-    index = jnp.zeros(bits.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(bits.ndim)):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
-        index = index + iota * jnp.uint32(stride % 2**32)
-        stride *= bits.shape[axis]
-    return jnp.sum(_mix(jnp, bits, index), dtype=jnp.uint32)
-
-
-def _fingerprint_np(x: np.ndarray) -> int:
-    """The same as `_fingerprint_jax`, on the host."""
-    flat = np.ascontiguousarray(x).reshape(-1)
-    bits = flat.astype(np.uint8) if x.dtype == np.bool_ else flat.view(_bits_dtype(x.dtype))
-    bits = bits.reshape(*x.shape, 2) if bits.size == 2 * x.size else bits.reshape(x.shape)
-    bits = bits.astype(np.uint32)
-    index = np.arange(bits.size, dtype=np.uint64).astype(np.uint32).reshape(bits.shape)
-    with np.errstate(over="ignore"):
-        return int(np.sum(_mix(np, bits, index), dtype=np.uint32))
-
-
-_fingerprint_all = jax.jit(lambda xs: [_fingerprint_jax(x) for x in xs])
-
-
-def _leaf_name(path: tuple) -> str:
-    """A leaf's name, e.g. params/block_1/moe/experts/w_in: the same whether "params" is a
-    TrainState field or a dict key (`restore_params` reads it as the latter)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(getattr(k, "key", k)))
-    return "/".join(parts)
-
-
-def _fingerprintable(x: Any) -> bool:
-    try:
-        return _bits_dtype(np.dtype(x.dtype)) is not None
-    except (AttributeError, TypeError):  # not an array, or a typed PRNG key
-        return False
-
-
-def _fingerprints(tree: Any) -> dict[str, dict]:
-    """{leaf name: {"dtype", "shape", "fingerprint"}} of every array leaf of `tree`: jax arrays
-    in one jit on their own devices, numpy arrays on the host."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    named = [(_leaf_name(p), x) for p, x in leaves if _fingerprintable(x)]
-    on_device = [(n, x) for n, x in named if isinstance(x, jax.Array)]
-    values = {n: _fingerprint_np(np.asarray(x)) for n, x in named if not isinstance(x, jax.Array)}
-    if on_device:
-        sums = jax.device_get(_fingerprint_all([x for _, x in on_device]))
-        values.update({n: int(s) for (n, _), s in zip(on_device, sums, strict=True)})
-    return {
-        n: {"dtype": np.dtype(x.dtype).name, "shape": list(np.shape(x)), "fingerprint": values[n]}
-        for n, x in named
-    }
-
-
-def _verify(tree: Any, checksums: Mapping[str, Any]) -> None:
-    """Raises ValueError naming the first array of `tree` whose fingerprint differs from the
-    saved one (arrays restored with another dtype or shape are not compared)."""
-    if checksums.get("algorithm") != _FINGERPRINT_ALGORITHM:
-        return
-    saved = checksums.get("arrays", {})
-    wanted = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = _leaf_name(path)
-        entry = saved.get(name)
-        if (
-            entry is not None
-            and _fingerprintable(x)
-            and entry["dtype"] == np.dtype(x.dtype).name
-            and entry["shape"] == list(np.shape(x))
-        ):
-            wanted[name] = x
-    actual = _fingerprints(wanted)
-    for name in wanted:
-        if actual[name]["fingerprint"] != saved[name]["fingerprint"]:
-            raise ValueError(
-                f"array {name!r} does not match its saved checksum (the data file is corrupt)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
