@@ -205,3 +205,38 @@ def test_callback_names_must_be_a_tuple_of_distinct_names(tmp_path):
     with pytest.raises(ValueError, match=r"\['jsonl'\] are named more than once"):
         cb.make_callbacks(("jsonl", "progress", "jsonl"), run)
     assert cb.make_callbacks((), run) == []
+
+
+def test_profiler_at_the_trainers_cadence_traces_a_window_shorter_than_it(tmp_path, monkeypatch):
+    # log.profile_steps=5 with log.every_steps=25 (the defaults): steps arrive at 25, 50, ...
+    calls = []
+    monkeypatch.setattr("jax.profiler.start_trace", lambda d: calls.append(("start", d)))
+    monkeypatch.setattr("jax.profiler.stop_trace", lambda: calls.append(("stop",)))
+    run = make_run(tmp_path, num_steps=100, profile_steps=5)
+    profiler = cb.Profiler.from_run(run)
+    profiler.on_train_start(run)
+    for step in (25, 50, 75, 100):
+        profiler.on_step_end(step, {})
+        calls.append(("tracing" if profiler.tracing else "idle", step))
+    profiler.on_train_end({})
+    assert calls == [
+        ("start", str(tmp_path / "profile")),
+        ("tracing", 25),
+        ("stop",),
+        ("idle", 50),
+        ("idle", 75),
+        ("idle", 100),
+    ]
+
+
+def test_builtins_close_on_abort(tmp_path):
+    run = make_run(tmp_path, num_steps=10)
+    jsonl, board = cb.JsonlLogger(), cb.TensorBoardLogger()
+    for callback in (jsonl, board):
+        callback.on_train_start(run)
+        callback.on_step_end(1, {"train/loss": 1.0})
+        callback.on_train_abort(KeyboardInterrupt())
+        callback.on_train_abort(KeyboardInterrupt())  # idempotent
+    assert jsonl._writer is None and board._writer is None
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["train/loss"] == 1.0

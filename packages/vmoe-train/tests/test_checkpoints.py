@@ -23,12 +23,13 @@ import pytest
 from jax.sharding import SingleDeviceSharding
 
 from vmoe_train import checkpoints as ck
-from vmoe_train.checkpoints import integrity, layout
 from vmoe_train.checkpoints import (
     Checkpointer,
     CheckpointError,
     CheckpointWarning,
     abstract_like,
+    integrity,
+    layout,
     read_config,
     restore_params,
 )
@@ -455,9 +456,9 @@ def test_best_mode_follows_the_metric(metric, mode):
 
 
 def test_best_mode_of_an_unknown_metric_must_be_stated():
-    with pytest.raises(ValueError, match="'validation/score'.*state the mode: 'max' or 'min'"):
+    with pytest.raises(ValueError, match=r"'validation/score'.*state the mode: 'max' or 'min'"):
         ck.best_mode_of("validation/score")
-    with pytest.raises(ValueError, match="best mode 'up'.*allowed"):
+    with pytest.raises(ValueError, match=r"best mode 'up'.*allowed"):
         ck.best_mode_of("validation/loss", "up")
 
 

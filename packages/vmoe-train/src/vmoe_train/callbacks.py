@@ -7,6 +7,7 @@ The loop calls, in order:
     on_eval(step, results)              after each periodic and the final evaluation
     on_checkpoint(step, path)           after a checkpoint is written (or its async write begun)
     on_train_end(summary)               once, with the final results
+    on_train_abort(error)               instead, if training raised (close what you opened)
 
 `metrics` and `results` are flat dicts of Python floats keyed by "/"-separated names
 ("train/loss", "train/moe_block_1/no_expert_fraction", "validation/accuracy"). A callback
@@ -76,8 +77,19 @@ class Callback:
     def on_train_end(self, summary: dict[str, Any]) -> None:
         pass
 
+    def on_train_abort(self, error: BaseException) -> None:
+        """Training raised `error` (re-raised after every callback saw it): close files, stop
+        traces. May follow `on_train_end` (when a later callback's raised): make it idempotent."""
 
-CALLBACK_MEMBERS = ("on_train_start", "on_step_end", "on_eval", "on_checkpoint", "on_train_end")
+
+CALLBACK_MEMBERS = (
+    "on_train_start",
+    "on_step_end",
+    "on_eval",
+    "on_checkpoint",
+    "on_train_end",
+    "on_train_abort",
+)
 
 CALLBACKS: vmoe_plugins.Registry[Callback] = vmoe_plugins.Registry(
     "vmoe_train_callbacks", "callback", members=CALLBACK_MEMBERS
@@ -214,6 +226,9 @@ class ProgressBar(Callback):
             self._bar.close()
             self._bar = None
 
+    def on_train_abort(self, error: BaseException) -> None:
+        self.on_train_end({})
+
 
 class JsonlLogger(Callback):
     """Train metrics, evaluation results and a final summary, one JSON object per line.
@@ -252,6 +267,10 @@ class JsonlLogger(Callback):
     def on_train_end(self, summary: dict[str, Any]) -> None:
         if self._writer is not None:
             self._writer.write({"summary": summary, "time": time.time()})
+            self.on_train_abort(None)
+
+    def on_train_abort(self, error: BaseException | None) -> None:
+        if self._writer is not None:
             self._writer.close()
             self._writer = None
 
@@ -297,6 +316,9 @@ class TensorBoardLogger(Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def on_train_abort(self, error: BaseException) -> None:
+        self.on_train_end({})
 
 
 class Profiler(Callback):
@@ -351,24 +373,27 @@ class Profiler(Callback):
         if not run.is_main_process or self.num_steps == 0:
             return
         self.logdir = self.logdir or pathlib.Path(run.workdir) / self.DIRNAME
-        self._pending = True
+        # Resumed past the window: nothing to trace.
+        self._pending = run.start_step < self.start_step + self.num_steps
         if self.start_step <= run.start_step < self.start_step + self.num_steps:
             self._start(run.start_step)
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        # Steps arrive every `log.every_steps`: the window is rounded out to them (a window
+        # shorter than that cadence still gets a trace, of one cadence's steps).
         if self._started_at is not None:
             if step >= self._started_at + self.num_steps:
                 self._stop()
         elif self._pending and step >= self.start_step:
-            if step < self.start_step + self.num_steps:
-                self._start(step)
-            else:  # resumed past the window
-                self._pending = False
+            self._start(step)
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         if self._started_at is not None:
             self._stop()
         self._pending = False
+
+    def on_train_abort(self, error: BaseException) -> None:
+        self.on_train_end({})
 
     def _start(self, step: int) -> None:
         import jax

@@ -58,6 +58,40 @@ def create_train_state(
     return state_from_params(params, optimizer, train_rng)
 
 
+def abstract_train_state(
+    model: vl.VisionTransformer,
+    optimizer: optax.GradientTransformation,
+    sample_images: Array,
+    strategy: Any,
+) -> TrainState:
+    """What `create_train_state(model, optimizer, seed, sample_images, strategy)` returns, as
+    `jax.ShapeDtypeStruct`s with the same shardings, computing nothing: the target a checkpoint
+    is restored into, so that resuming never holds a fresh state beside the restored one."""
+    model = init_model(model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images)["params"])
+    params = _with_shardings(shapes, vl.param_shardings(strategy, shapes))
+    # The optimizer state is laid out as jit lays out `optimizer.init(params)` (compiled, not
+    # run: the shardings XLA chose for its outputs).
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = jax.jit(optimizer.init).lower(params).compile().output_shardings
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # as `state_from_params`
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=here),
+        params=params,
+        opt_state=_with_shardings(opt_shapes, opt_shardings),
+        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=here),
+    )
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
+
+
 def state_from_params(params: Any, optimizer: optax.GradientTransformation, rng: Array):
     """A step-0 state around existing params (e.g. fine-tuning), optimizer state alongside."""
     opt_state = jax.jit(optimizer.init)(params)

@@ -34,9 +34,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import vmoe_data
 import vmoe_layers as vl
-from vmoe_train import checkpoints, finetune, optim, steps
+from vmoe_train import checkpoints, finetune, optim, resume, steps
 from vmoe_train import config as config_lib
 from vmoe_train.callbacks import Callback, RunInfo, make_callbacks
+from vmoe_train.configs.base import base_config
 from vmoe_train.state import TrainState
 
 
@@ -171,26 +172,39 @@ def evaluate(setup: Setup, params: Any, split: str) -> dict[str, float]:
     }
 
 
-def _checkpoint_dir(path: str) -> pathlib.Path:
-    root = pathlib.Path(path)
-    return root / "checkpoints" if (root / "checkpoints").is_dir() else root
-
-
 def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
     """(state, data iterator state or None, step, how) from a checkpoint, a fine-tuning
-    source, or a fresh initialisation, in that order."""
+    source, or a fresh initialisation, in that order.
+
+    A checkpoint is restored into the abstract state (shapes and shardings, nothing allocated;
+    each process reads only its shards) after its config is checked against this run's
+    (`resume.check_resume`: a change of trajectory is refused unless `resume.allow_changes`
+    names it)."""
     config = setup.config
+    if ckpt.steps():
+        abstract = steps.abstract_train_state(
+            setup.model, setup.optimizer, setup.sample_images, setup.strategy
+        )
+        restored = ckpt.restore(abstract)
+        notes = resume.check_resume(
+            restored.config,
+            config_lib.config_to_json(config),
+            allow=tuple(config.resume.allow_changes),
+            defaults=config_lib.config_to_json(base_config()),
+            where=f"checkpoint {restored.path}",
+        )
+        how = f"resumed from {restored.path}"
+        if notes:
+            how += " with changed settings: " + "; ".join(notes)
+        return restored.state, restored.data_state, restored.step, how
     _, train_rng = jax.random.split(jax.random.key(config.seed))
     fresh = steps.create_train_state(
         setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
     )
-    if ckpt.steps():
-        restored = ckpt.restore(checkpoints.abstract_like(fresh))
-        return restored.state, restored.data_state, restored.step, f"resumed from {restored.path}"
     if config.finetune.init_from:
-        source = _checkpoint_dir(config.finetune.init_from)
-        step = None if config.finetune.step < 0 else int(config.finetune.step)
-        loaded = checkpoints.restore_params(source, step=step)
+        source = checkpoints.locate(config.finetune.init_from)
+        step = source.step if config.finetune.step < 0 else int(config.finetune.step)
+        loaded = checkpoints.restore_params(source.directory, step=step)
         params = finetune.finetune_params(
             jax.device_get(fresh.params),
             loaded,
@@ -199,7 +213,7 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
         )
         params = vl.shard_params(setup.strategy, params)
         state = steps.state_from_params(params, setup.optimizer, train_rng)
-        return state, None, 0, f"fine-tuning from {source}"
+        return state, None, 0, f"fine-tuning from {source.directory}"
     return fresh, None, 0, "initialised from scratch"
 
 
@@ -224,8 +238,39 @@ def train(
         every_steps=int(config.checkpoint.every_steps),
         keep=int(config.checkpoint.keep),
         keep_best=config.checkpoint.keep_best,
+        best_mode=config.checkpoint.keep_best_mode,
         async_save=bool(config.checkpoint.async_save),
     )
+    listeners: list[Callback] = []
+    try:
+        summary = _run(setup, ckpt, workdir, listeners, callbacks)
+    except BaseException as error:
+        # A crash (or Ctrl-C) still closes what the callbacks opened (logs flushed, a trace
+        # stopped, the progress bar closed) and lets a pending checkpoint write finish.
+        for listener in listeners:
+            try:
+                listener.on_train_abort(error)
+            except Exception as failure:  # the first error is the one to report
+                error.add_note(f"and closing callback {listener!r} failed: {failure!r}")
+        raise
+    finally:
+        ckpt.close()
+    if main_process:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _run(
+    setup: Setup,
+    ckpt: checkpoints.Checkpointer,
+    workdir: pathlib.Path,
+    listeners: list[Callback],
+    extra_callbacks: Sequence[Callback],
+) -> dict[str, Any]:
+    """`train`'s loop; `listeners` is filled with the callbacks as they are built."""
+    config = setup.config
+    main_process = jax.process_index() == 0
     state, data_state, start, how = initial_state(setup, ckpt)
     train_iter = iter(
         vmoe_data.train_pipeline(
@@ -244,16 +289,18 @@ def train(
     run = RunInfo(workdir, config, start, num_steps, main_process)
     if main_process:
         print(f"vmoe-train: {config.model.name} on {config.dataset.name}, {how}", flush=True)
-    listeners = [*make_callbacks(tuple(config.log.callbacks), run), *callbacks]
+    listeners += [*make_callbacks(tuple(config.log.callbacks), run), *extra_callbacks]
     for listener in listeners:
         listener.on_train_start(run)
 
     config_json = config_lib.config_to_json(config)
     log_every, eval_every = int(config.log.every_steps), int(config.eval.every_steps)
+    # keep_best chooses among checkpoints by their own step's metrics: every checkpoint step
+    # is evaluated then, whatever eval.every_steps is.
+    eval_at_checkpoints = bool(config.checkpoint.keep_best)
     started = time.perf_counter()
     window_start, window_images = started, 0
     images_per_second = 0.0
-    last_eval: dict[str, float] = {}
     for step in range(start + 1, num_steps + 1):
         batch = next(train_iter)
         state, metrics = setup.train_step(state, setup.to_global(batch))
@@ -267,18 +314,17 @@ def train(
             values["train/images_per_second"] = images_per_second
             for listener in listeners:
                 listener.on_step_end(step, values)
-        if eval_every and step % eval_every == 0 and step < num_steps:
-            last_eval = _evaluate_all(setup, state.params, config.dataset.eval_splits)
+        if step == num_steps:
+            break
+        save = ckpt.should_save(step)
+        step_eval = None
+        if (eval_every and step % eval_every == 0) or (save and eval_at_checkpoints):
+            step_eval = _evaluate_all(setup, state.params, config.dataset.eval_splits)
             for listener in listeners:
-                listener.on_eval(step, last_eval)
-        if ckpt.should_save(step) and step < num_steps:
-            path = ckpt.save(
-                step,
-                state,
-                data_state=train_iter.get_state(),
-                config=config_json,
-                metrics=last_eval if eval_every and step % eval_every == 0 else None,
-            )
+                listener.on_eval(step, step_eval)
+        if save:
+            data = train_iter.get_state()
+            path = ckpt.save(step, state, data_state=data, config=config_json, metrics=step_eval)
             if path is not None:
                 for listener in listeners:
                     listener.on_checkpoint(step, path)
@@ -297,7 +343,6 @@ def train(
         force=True,
     )
     ckpt.wait()
-    ckpt.close()
     if path is None and num_steps in ckpt.steps():  # resumed at the end: it is already saved
         path = workdir / "checkpoints" / str(num_steps)
     if path is not None:
@@ -314,9 +359,6 @@ def train(
     }
     for listener in listeners:  # first: the progress bar closes before the summary prints
         listener.on_train_end(summary)
-    if main_process:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(format_summary(summary), flush=True)
     return summary
 
 

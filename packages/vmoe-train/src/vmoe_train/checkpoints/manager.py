@@ -147,6 +147,7 @@ class Checkpointer:
         self.keep_best = keep_best
         self.best_mode = best_mode = best_mode_of(keep_best, best_mode) if keep_best else "max"
         self.collective = jax.process_count() > 1 if collective is None else collective
+        self._closed = False
 
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep or None)]
         best_fn = None
@@ -291,7 +292,10 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for the pending save, then releases orbax's threads."""
+        """Waits for the pending save, then releases orbax's threads (again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         self.wait()
         self._manager.close()
 

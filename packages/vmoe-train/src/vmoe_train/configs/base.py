@@ -84,16 +84,23 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 250  # 0 = only at the end
-    c.checkpoint.keep = 3  # the last n
-    c.checkpoint.keep_best = (
-        ""  # also keep the best by this eval metric, e.g. "validation/accuracy"
-    )
+    c.checkpoint.keep = 3  # the last n; 0 = keep all
+    # Also keep the best checkpoint by this eval metric, e.g. "validation/accuracy" (every
+    # checkpoint step is then evaluated, so that each checkpoint carries its own step's value).
+    c.checkpoint.keep_best = ""
+    c.checkpoint.keep_best_mode = "auto"  # "max", "min"; "auto": loss min, accuracy max
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 25
     c.log.callbacks = ("progress", "jsonl", "tensorboard")  # vmoe_train callbacks, plugins too
     c.log.profile_steps = 0  # n: trace n steps after the first; (start, n); 0 = off
+
+    c.resume = ml_collections.ConfigDict()
+    # Fields that may differ from the checkpoint's config when a run resumes, although they
+    # change its trajectory, e.g. ("num_steps",) to train longer; a group ("optimizer") takes
+    # all its fields. Others that change it are refused; logging, eval, checkpoint cadence pass.
+    c.resume.allow_changes = ()
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.init_from = ""  # a run dir or checkpoint dir to start from ("" = from scratch)
