@@ -430,7 +430,8 @@ def test_a_read_that_keeps_failing_stops_the_run_and_loses_nothing(tmp_path, mon
         (ConnectionResetError(), "unavailable"),
         (ValueError("UNAVAILABLE: try again"), "unavailable"),
         (ValueError("PERMISSION_DENIED: no"), "unavailable"),
-        (RuntimeError("something nobody expected"), "unavailable"),  # loses nothing
+        (ValueError("Requested shape: (16, 32) is not compatible with the stored"), "error"),
+        (RuntimeError("something nobody expected"), "error"),  # raised, nothing skipped
     ],
 )
 def test_classify_tells_corrupt_from_cannot_read_now(error, verdict):
@@ -494,3 +495,17 @@ def test_orbax_still_writes_the_commit_record_we_read(tmp_path):
     )
     assert layout.orbax_commit_recorded(step)
     assert layout.scan(tmp_path).complete == [1]
+
+
+def test_a_target_that_does_not_fit_is_an_error_at_once_not_a_fallback(tmp_path):
+    ckpt = save_steps(tmp_path, (1, 2))
+    state = make_state(0)
+    params = {**state.params, "dense": {**state.params["dense"], "kernel": jnp.zeros((16, 32))}}
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as info:
+        warnings.simplefilter("always")
+        ckpt.restore(abstract_like(state.replace(params=params)))
+    assert str(info.value).startswith(f"cannot restore {tmp_path.absolute() / '2'}: ValueError")
+    assert "is not compatible with the stored shape" in str(info.value)
+    assert not [w for w in caught if issubclass(w.category, CheckpointWarning)]  # no retry
+    assert ckpt.steps() == [1, 2]
+    ckpt.close()

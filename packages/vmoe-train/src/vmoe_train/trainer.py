@@ -182,17 +182,19 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
     names it)."""
     config = setup.config
     if ckpt.steps():
+        # The config first (a small JSON read): a changed model must be refused by name, not
+        # fail as a state that does not fit.
+        notes = resume.check_resume(
+            checkpoints.read_config(ckpt.directory),
+            config_lib.config_to_json(config),
+            allow=tuple(config.resume.allow_changes),
+            defaults=config_lib.config_to_json(base_config()),
+            where=f"the latest checkpoint in {ckpt.directory}",
+        )
         abstract = steps.abstract_train_state(
             setup.model, setup.optimizer, setup.sample_images, setup.strategy
         )
         restored = ckpt.restore(abstract)
-        notes = resume.check_resume(
-            restored.config,
-            config_lib.config_to_json(config),
-            allow=tuple(config.resume.allow_changes),
-            defaults=config_lib.config_to_json(base_config()),
-            where=f"checkpoint {restored.path}",
-        )
         how = f"resumed from {restored.path}"
         if notes:
             how += " with changed settings: " + "; ".join(notes)

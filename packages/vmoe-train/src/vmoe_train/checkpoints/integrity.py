@@ -6,13 +6,14 @@ fingerprint (an integer sum of mixed bits, the same whatever the sharding, compu
 devices holding the arrays), saved beside it and checked after every restore.
 
 Failures. A read can fail because the checkpoint is corrupt (a checksum mismatch, bytes that do
-not decode, a file shorter than its index says, a missing part) or because storage cannot serve
-it now (an I/O error, a timeout, an unavailable or overloaded store, no permission). Only the
-first makes a checkpoint skippable; the second must never make a run fall back to an older
-step (it would then outrun, and lose, the newer one). `classify` tells them apart from the
-exception chain: our own `CorruptCheckpointError`, TensorStore's status codes (the first word of
-its messages) and Python's exception types; anything unrecognised counts as "cannot read now",
-the answer that loses nothing.
+not decode, a file shorter than its index says, a missing part), because storage cannot serve
+it now (an I/O error, a timeout, an unavailable or overloaded store, no permission), or because
+the request does not fit the checkpoint (a target of other shapes or structure: the caller's
+error). Only the first makes a checkpoint skippable; the second must never make a run fall
+back to an older step (it would then outrun, and lose, the newer one): it is retried, then
+raised; the third is raised at once. `classify` tells them apart from the exception chain: our
+own `CorruptCheckpointError`, TensorStore's status codes (the first word of its messages) and
+Python's exception types; anything unrecognised is "error", raised without skipping anything.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 FINGERPRINT_ALGORITHM = "fmix32-sum-v1"
 
-Verdict = Literal["corrupt", "unavailable"]
+Verdict = Literal["corrupt", "unavailable", "error"]
 
 
 class CorruptCheckpointError(ValueError):
@@ -72,7 +73,8 @@ _CORRUPT_TYPES = (
 
 
 def classify(error: BaseException) -> Verdict:
-    """ "corrupt" or "unavailable" (cannot be read now) for the exception a read raised."""
+    """ "corrupt", "unavailable" (cannot be read now) or "error" (anything else: the request
+    does not fit the checkpoint, a bug) for the exception a read raised."""
     for e in _chain(error):
         code = _status_code(e)
         if code in CORRUPT_CODES:
@@ -83,7 +85,7 @@ def classify(error: BaseException) -> Verdict:
             return "corrupt"
         if isinstance(e, OSError):  # EIO, timeouts, connection errors, ...
             return "unavailable"
-    return "unavailable"
+    return "error"
 
 
 def _status_code(e: BaseException) -> str:
@@ -118,8 +120,7 @@ def reason(e: BaseException) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
-    """Why a read failed: `verdict` ("corrupt" or "unavailable", see `classify`), `reason`
-    (one line)."""
+    """Why a read failed: `verdict` (see `classify`), `reason` (one line)."""
 
     verdict: Verdict
     reason: str

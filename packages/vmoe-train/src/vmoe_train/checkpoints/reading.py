@@ -8,7 +8,8 @@ corrupt, and with several processes decide together.
 `RETRY_DELAYS_S`, then raised as `CheckpointUnavailableError` without trying anything older: a
 run that fell back past a newer checkpoint it could not read would overwrite its place in the
 run (and, by `keep`, delete it). "corrupt" (a checksum mismatch, bytes that do not decode, a
-missing part) is reported and the previous checkpoint is tried.
+missing part) is reported and the previous checkpoint is tried. Anything else ("error": a
+target that does not fit the checkpoint) is a `CheckpointError` at once.
 
 With `collective=True` (every process of a multi-process run calls it together) process 0's list
 of checkpoints is the one tried, and each attempt's outcome is agreed on: every process
@@ -100,6 +101,8 @@ def restore_latest(
             return result, s, corrupt
         if result.verdict == "unavailable":
             raise _unavailable(path, result, delays, directory)
+        if result.verdict == "error":
+            raise CheckpointError(f"cannot restore {path}: {result.reason}")
         corrupt[s] = result.reason
         tried.append(f"{path}: {result.reason}")
         warnings.warn(
@@ -122,7 +125,7 @@ def _unavailable(
     )
 
 
-_VERDICTS = ("ok", "corrupt", "unavailable")  # agreed on as the worst over processes
+_VERDICTS = ("ok", "corrupt", "error", "unavailable")  # agreed on: the worst over processes
 
 
 def _read_agreed(
