@@ -90,7 +90,7 @@ def test_expert_strategies_split_experts_and_exchange_by_all_to_all(
 def test_init_sharded_creates_the_single_device_params_in_the_strategys_layout(
     eight_devices, case_id
 ):
-    assert eight_devices["init_sharded"][case_id] == {"values_equal": True, "layout_ok": True}
+    assert eight_devices["init_sharded"][case_id] == {"values_match": True, "layout_ok": True}
 
 
 @pytest.mark.slow
@@ -224,7 +224,10 @@ def test_a_model_with_an_exchange_initialises_from_one_image():
         jax.random.key(0), images[:1]
     )
     without = jax.jit(case.model(None, group_size=None).init)(jax.random.key(0), images[:1])
-    jax.tree.map(np.testing.assert_array_equal, with_exchange, without)
+    # Two programs (with and without the exchange): equal up to float32 rounding.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, **case.PARAMS_TOL), with_exchange, without
+    )
 
 
 def test_all_to_all_exchange_rejects_groups_not_divisible_by_the_batch_devices():
@@ -333,7 +336,10 @@ def test_the_free_functions_work_with_a_plugin_strategy():
     images, labels = vl.shard_batch(strategy, case.batch())
     params = vl.init_sharded(strategy, case.model(), jax.random.key(0), images[:2])
     reference = jax.jit(case.model().init)(jax.random.key(0), images)["params"]
-    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    # init_sharded (2 images) vs model.init (16): two programs, equal up to float32 rounding.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, **case.PARAMS_TOL), params, reference
+    )
     assert vl.shard_params(strategy, params)["head"]["bias"].sharding.spec == PartitionSpec()
     loss = jax.jit(case.loss_fn(case.model()))(params, images, labels)
     assert np.isfinite(float(loss))

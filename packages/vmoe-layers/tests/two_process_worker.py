@@ -42,7 +42,7 @@ def main() -> None:
             f"{name}/loss": run["loss"],
             f"{name}/all_to_all": "all-to-all" in run["hlo"],
             f"{name}/expert_shard_shape": np.asarray(run["expert_shard_shape"]),
-            f"{name}/init_sharded_ok": init["values_equal"] and init["layout_ok"],
+            f"{name}/init_sharded_ok": init["values_match"] and init["layout_ok"],
             **{f"{name}/grad{key}": value for key, value in leaves.items()},
         }
     np.savez(sys.argv[3], **arrays)

@@ -208,6 +208,9 @@ def test_block_routing_to_routing_is_the_same_decision():
     reference = routing.to_routing()
     assert reference.capacity == 3 and reference.token.shape == (2, 3)
     buffers = vr.dispatch(x, reference) * scale[None, :, None, None]
-    np.testing.assert_allclose(vr.combine(blocks, routing), vr.combine(buffers, reference))
+    # Block and capacity-buffer paths are different programs: float32 rounding may differ.
+    np.testing.assert_allclose(
+        vr.combine(blocks, routing), vr.combine(buffers, reference), rtol=1e-6, atol=1e-6
+    )
     with pytest.raises(ValueError, match=r"y must have shape \[B, b, D\]"):
         vr.combine(jnp.ones((3, 2, 2)), routing)

@@ -160,7 +160,8 @@ def test_jit_of_a_router_call():
         params, x, jax.random.key(3)
     )
     eager = router(params, x, rng=jax.random.key(3), deterministic=False)
-    np.testing.assert_allclose(jitted.weight, eager.weight, rtol=1e-6)
+    # jit vs eager compile differently: float32 rounding may differ (1 ulp seen).
+    np.testing.assert_allclose(jitted.weight, eager.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_protocol_requires_replace():
@@ -254,7 +255,8 @@ def test_router_load_loss_equals_the_standalone_load_loss_and_its_gradient():
         noisy = logits + (1.0 / 5) * vr.gate_noise(rng, logits.shape)
         return vr.load_loss(logits, noisy, 1.0 / 5, 2)
 
-    assert float(via_router(params)) == pytest.approx(float(standalone(params)), rel=1e-6)
+    # Two programs; CV² = var / mean² (~0.09 here) amplifies their float32 rounding ~7x.
+    assert float(via_router(params)) == pytest.approx(float(standalone(params)), rel=1e-5)
     np.testing.assert_allclose(
         jax.grad(via_router)(params)["gate"],
         jax.grad(standalone)(params)["gate"],

@@ -28,8 +28,11 @@ def test_routing_a_slice_of_groups_with_its_keys_equals_that_slice_of_the_batch(
     whole = router(params, x, rng=rng, deterministic=False)
     keys = vmoe_routing.group_keys(rng, G)
     part = router(params, x[4:], rng=keys[4:], deterministic=False)
-    for field in ("token", "expert", "slot", "weight", "valid"):
+    for field in ("token", "expert", "slot", "valid"):
         np.testing.assert_array_equal(getattr(part, field), getattr(whole, field)[4:])
+    # Floats from different shapes: XLA does not promise the same rounding (1 ulp apart on
+    # some CPUs); the decisions are compared exactly above.
+    np.testing.assert_allclose(part.weight, whole.weight[4:], rtol=1e-5, atol=1e-6)
 
 
 def test_one_key_and_its_group_split_give_the_same_noise():

@@ -124,7 +124,10 @@ def test_equals_top_k_when_its_capacity_drops_nothing():
         return lambda p, w, x: _run(r(p, x, rng=rng, deterministic=False), w, x)
 
     assert float(top_k(params, x, rng=rng, deterministic=False).metrics["dropped_fraction"]) == 0
-    np.testing.assert_allclose(run(router)(params, w_edd, x), run(top_k)(params, w_edd, x), 1e-6)
+    # Blocks vs capacity buffers sum in another order: values near 0 need an atol (3.7e-8 seen).
+    np.testing.assert_allclose(
+        run(router)(params, w_edd, x), run(top_k)(params, w_edd, x), rtol=1e-6, atol=1e-6
+    )
     a, b = (
         router(params, x, rng=rng, deterministic=False),
         top_k(params, x, rng=rng, deterministic=False),
