@@ -52,35 +52,21 @@ class LoadedRun:
         return self.setup.dataset
 
 
-def checkpoint_dir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
-    """(checkpoints directory, step or None) for a run dir, its checkpoints/ or one step dir."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no run or checkpoint at {str(path)!r}: it does not exist")
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints", None
-    if path.name.isdigit() and (path / "state").is_dir():
-        return path.parent, int(path.name)
-    if any(p.name.isdigit() for p in path.iterdir()):
-        return path, None
-    raise FileNotFoundError(
-        f"{str(path)!r} holds no checkpoint: expected a run directory (with checkpoints/), a "
-        "checkpoints directory (with <step>/ folders) or a <step>/ folder"
-    )
-
-
 def load_run(
     path: str | pathlib.Path, step: int | None = None, *, overrides: Any = ()
 ) -> LoadedRun:
-    """The run at `path` (see `checkpoint_dir`), at `step` (default: the latest readable).
+    """The run at `path` (a run dir, its checkpoints/ or one step dir: `checkpoints.locate`),
+    at `step` (default: the step dir's, else the latest readable; `LoadedRun.step` says which
+    was read, also after falling back past a corrupt one).
 
     `overrides` ("a.b=value" strings) change the saved config before the model is built, e.g.
     `dataset.data_dir=...` on another machine. A checkpoint whose parameters do not fit the
     model its config describes is an error listing every mismatching path.
     """
-    directory, step_in_path = checkpoint_dir(path)
-    step = step_in_path if step is None else step
-    config = config_lib.config_from_json(checkpoints.read_config(directory, step))
+    location = checkpoints.locate(path)
+    step = location.step if step is None else step
+    loaded, step = checkpoints.restore_params(location.directory, step=step, with_step=True)
+    config = config_lib.config_from_json(checkpoints.read_config(location.directory, step))
     config = config_lib.apply_overrides(config, list(overrides)) if overrides else config
     config.distributed.coordinator_address = ""  # evaluation never re-initialises jax
     setup = trainer.build(config)
@@ -88,12 +74,9 @@ def load_run(
     expected = jax.eval_shape(
         lambda: init_model.init(jax.random.key(0), setup.sample_images)["params"]
     )
-    loaded = checkpoints.restore_params(directory, step=step)
     check_fit(_shapes(expected), _shapes(loaded))
     params = vl.shard_params(setup.strategy, loaded)
-    with checkpoints.Checkpointer(directory, every_steps=0, keep=0) as listing:
-        saved_step = step if step is not None else max(listing.steps())
-    return LoadedRun(directory, saved_step, config, setup, params)
+    return LoadedRun(location.directory, step, config, setup, params)
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -367,7 +367,11 @@ def _read_json_item(directory: pathlib.Path, item: str, step: int | None) -> Any
 
 
 def restore_params(
-    directory: str | pathlib.Path, abstract_params: Any = None, step: int | None = None
+    directory: str | pathlib.Path,
+    abstract_params: Any = None,
+    step: int | None = None,
+    *,
+    with_step: bool = False,
 ) -> Any:
     """Only the `params` of checkpoint `step` (default: the latest readable) of `directory`.
 
@@ -375,11 +379,15 @@ def restore_params(
     of the state is read or needs to match.
 
     Args:
-      directory: a `Checkpointer`'s directory.
+      directory: a `Checkpointer`'s directory (`locate` finds it from a run or step dir).
       abstract_params: a tree of `jax.ShapeDtypeStruct`s (with shardings: jax arrays laid out
-        so; without: host numpy arrays), with the saved tree structure and shapes. None: host
-        numpy arrays with the saved shapes and dtypes.
-      step: as `Checkpointer.restore` (None: the latest, falling back to older ones).
+        so, each process reading only its slices; without: host numpy arrays), with the saved
+        tree structure and shapes; or a function from the saved params' tree of
+        `ShapeDtypeStruct`s (shapes and dtypes, read from the checkpoint's metadata) to such a
+        tree, e.g. to lay out the arrays that fit a new model and read the others on the host.
+        None: host numpy arrays with the saved shapes and dtypes.
+      step: as `Checkpointer.restore` (None: the latest, falling back past corrupt ones).
+      with_step: return `(params, step)`: the step actually read.
 
     Returns:
       The params tree; every array is checked against its saved fingerprint.
@@ -388,11 +396,12 @@ def restore_params(
 
     def read(path: pathlib.Path) -> Any:
         item = abstract_params
-        if item is None:
+        if item is None or callable(item):
             saved = ocp.PyTreeCheckpointHandler().metadata(path / "state").tree
             if "params" not in saved:
                 raise ValueError("the saved state has no 'params'")
-            item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])
+            shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])
+            item = shapes if item is None else item(shapes)
         restore_args = jax.tree.map(_restore_arg, item)
         args = {
             "state": ocp.args.PyTreeRestore(
@@ -407,7 +416,8 @@ def restore_params(
             integrity.verify(out.state, out[CHECKSUMS])
         return out.state["params"]
 
-    return restore_latest(directory, step, read, collective=jax.process_count() > 1)[0]
+    params, read_step, _ = restore_latest(directory, step, read, collective=jax.process_count() > 1)
+    return (params, read_step) if with_step else params
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
