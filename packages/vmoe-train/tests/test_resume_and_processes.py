@@ -103,14 +103,36 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
         "--set", "checkpoint.every_steps=0",
     ]  # fmt: skip
     _run(tmp_path / "one", *common)
+    _two_processes(tmp_path / "two", *common)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [2, 4, 6]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+    # Fine-tuning across both processes, experts split over them: each process reads only its
+    # slices of the loaded parameters (was: jax.device_get of parameters no process holds whole).
+    outs = _two_processes(
+        tmp_path / "finetuned",
+        *common,
+        "--set", "sharding.strategy=expert",
+        "--set", f"finetune.init_from={tmp_path / 'one' / 'checkpoints' / '6'}",
+        "--set", "num_steps=2",
+        "--set", "optimizer.warmup_steps=0",
+    )  # fmt: skip
+    assert all("fine-tuning from" in out for out in outs[:1])
+    assert sorted(_losses(tmp_path / "finetuned")) == [2]
+
+
+def _two_processes(workdir, *args) -> list[str]:
+    """train_worker.py in two processes of one jax.distributed run; their stdouts."""
     address = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
             [
                 sys.executable,
                 str(WORKER),
-                str(tmp_path / "two"),
-                *common,
+                str(workdir),
+                *args,
                 "--set",
                 f"distributed.coordinator_address={address}",
                 "--set",
@@ -124,14 +146,12 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
         )
         for i in range(2)
     ]
+    outs = []
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [2, 4, 6]
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+        outs.append(out)
+    return outs
 
 
 def test_expert_strategy_on_8_devices_follows_one_device(tmp_path):

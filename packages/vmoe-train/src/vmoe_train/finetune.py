@@ -1,18 +1,25 @@
 """Fine-tuning: start from a checkpoint's parameters with a new head and/or a new resolution.
 
-    params = finetune_params(fresh_params, loaded_params, new_head=True)
+    loaded = restore_params(directory, restore_target(fresh_params, new_head=True))
+    params = finetune_params(fresh_params, loaded, new_head=True)
 
 `fresh_params` are the new model's initial parameters (its head has the new class count, its
-position embeddings the new token count); `loaded_params` come from a checkpoint. Every
-parameter of the same path and shape is taken from the checkpoint; the position embeddings are
-resized (bilinear over the patch grid, the class token's embedding kept); the head is the fresh
-one when `new_head` is set or its shape changed. Anything else that differs is an error naming
-the paths, so a wrong checkpoint never half-loads.
+position embeddings the new token count), laid out by a sharding strategy or not; `loaded`
+come from a checkpoint. Every parameter of the same path and shape is taken from the checkpoint;
+the position embeddings are resized (bilinear over the patch grid, the class token's embedding
+kept); the head is the fresh one when `new_head` is set or its shape changed. Anything else that
+differs is an error naming the paths, so a wrong checkpoint never half-loads.
+
+Where the parameters live: `restore_target` reads every parameter that is taken as it is
+straight into the fresh parameter's sharding (each process reads only its slices, no copy of the
+model on one device); only what must change on the host (position embeddings to resize, a head
+that is replaced) is read there, and placed as the fresh parameter is.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,6 +51,36 @@ def resize_pos_embedding(loaded_1td: Any, target_shape: tuple[int, ...], has_cla
     return np.concatenate(rows, axis=0)[None].astype(loaded.dtype)
 
 
+def restore_target(fresh: Any, *, new_head: bool = True) -> Callable[[Any], Any]:
+    """For `checkpoints.restore_params`: from the saved params' shapes, the tree to restore
+    into: the fresh parameter's sharding where a saved array is taken as it is, the host
+    elsewhere (see the module doc)."""
+    fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
+
+    def target(saved: Any) -> Any:
+        out = {}
+        for path, leaf in traverse_util.flatten_dict(saved, sep="/").items():
+            like = fresh_flat.get(path)
+            kept = not (new_head and path.startswith(HEAD_PREFIX))
+            sharding = getattr(like, "sharding", None)
+            if kept and like is not None and np.shape(like) == tuple(leaf.shape) and sharding:
+                out[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+            else:
+                out[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        return traverse_util.unflatten_dict(out, sep="/")
+
+    return target
+
+
+def _place(host: Any, like: Any) -> Any:
+    """`host` (numpy) laid out as `like` (a jax.Array: its sharding; each process puts only its
+    own slices), in `like`'s dtype."""
+    host = np.asarray(host, dtype=like.dtype)
+    if isinstance(like, jax.Array):
+        return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
+    return jnp.asarray(host)
+
+
 def finetune_params(
     fresh: Any, loaded: Any, *, new_head: bool = True, has_class_token: bool = True
 ) -> Any:
@@ -62,10 +99,13 @@ def finetune_params(
             continue  # reported in `missing`
         old = loaded_flat[path]
         if np.shape(old) == np.shape(value):
-            out[path] = jnp.asarray(old, dtype=value.dtype)
+            if isinstance(old, jax.Array) and isinstance(value, jax.Array):  # laid out already
+                out[path] = old if old.dtype == value.dtype else old.astype(value.dtype)
+            else:
+                out[path] = _place(old, value)
         elif path.endswith(POS_EMBEDDING):
             resized = resize_pos_embedding(old, np.shape(value), has_class_token)
-            out[path] = jnp.asarray(resized, dtype=value.dtype)
+            out[path] = _place(resized, value)
         elif path.startswith(HEAD_PREFIX):
             out[path] = value  # a new class count: the head starts fresh
         else:

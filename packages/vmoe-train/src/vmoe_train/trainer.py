@@ -199,23 +199,27 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
         if notes:
             how += " with changed settings: " + "; ".join(notes)
         return restored.state, restored.data_state, restored.step, how
-    _, train_rng = jax.random.split(jax.random.key(config.seed))
-    fresh = steps.create_train_state(
-        setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
-    )
     if config.finetune.init_from:
         source = checkpoints.locate(config.finetune.init_from)
         step = source.step if config.finetune.step < 0 else int(config.finetune.step)
-        loaded = checkpoints.restore_params(source.directory, step=step)
+        init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+        model = steps.init_model(setup.model)
+        fresh = vl.init_sharded(setup.strategy, model, init_rng, setup.sample_images)
+        new_head = bool(config.finetune.new_head)
+        loaded = checkpoints.restore_params(
+            source.directory, finetune.restore_target(fresh, new_head=new_head), step=step
+        )
         params = finetune.finetune_params(
-            jax.device_get(fresh.params),
+            fresh,
             loaded,
-            new_head=bool(config.finetune.new_head),
+            new_head=new_head,
             has_class_token=setup.model.classifier == "token",
         )
-        params = vl.shard_params(setup.strategy, params)
         state = steps.state_from_params(params, setup.optimizer, train_rng)
         return state, None, 0, f"fine-tuning from {source.directory}"
+    fresh = steps.create_train_state(
+        setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
+    )
     return fresh, None, 0, "initialised from scratch"
 
 
