@@ -104,3 +104,121 @@ def test_global_norm_clipping():
 
 def test_param_paths():
     assert optim.param_paths(PARAMS)["head"]["bias"] == "head/bias"
+
+
+def _vmoe_param_shapes():
+    """The real parameter tree of a V-MoE (Nano, 4 experts every other block), as shapes."""
+    import vmoe_layers as vl
+
+    model = vl.create_model("V-MoE-Nano/4", num_classes=10, num_experts=4)
+    images = jnp.zeros((1, 8, 8, 1))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), images)["params"])
+
+
+# The default regex before "matrices" (it missed plugins' matrices): on the built-in model, the
+# rule must decay exactly what it did, so that built-in runs keep their results.
+OLD_REGEX = r"(kernel|w_in|w_out|w_gate|w_up|gate)$"
+
+
+def test_matrices_decay_what_the_old_regex_did_on_the_built_in_model():
+    shapes = _vmoe_param_shapes()
+    new = optim.decay_mask("matrices", shapes)
+    old = optim.decay_mask(OLD_REGEX, shapes)
+    assert jax.tree.leaves(new) == jax.tree.leaves(old)
+    names = {
+        p: d for p, d in zip(*map(jax.tree.leaves, (optim.param_paths(shapes), new)), strict=True)
+    }
+    assert names["block_1/moe/experts/w_in"] and not names["block_1/moe/experts/b_in"]
+    assert not names["pos_embedding"] and not names["cls"] and not names["head/bias"]
+
+
+def test_plugin_matrices_decay_too():
+    # Low-rank experts (vmoe-experts-extra) and the soft router's slots (vmoe-router-soft):
+    # names no regex knew; biases and the soft router's scale still do not decay.
+    e, d, r, h = 4, 8, 2, 16
+    params = {
+        "block_1": {
+            "moe": {
+                "experts": {
+                    "u_in": jnp.ones((e, d, r)),
+                    "v_in": jnp.ones((e, r, h)),
+                    "b_in": jnp.ones((e, h)),
+                    "u_out": jnp.ones((e, h, r)),
+                    "v_out": jnp.ones((e, r, d)),
+                    "b_out": jnp.ones((e, d)),
+                },
+                "router": {"slots": jnp.ones((d, e, 2)), "scale": jnp.ones(())},
+            }
+        }
+    }
+    decayed = {
+        p: m
+        for p, m in zip(
+            *map(
+                jax.tree.leaves, (optim.param_paths(params), optim.decay_mask("matrices", params))
+            ),
+            strict=True,
+        )
+    }
+    assert decayed == {
+        "block_1/moe/experts/b_in": False,
+        "block_1/moe/experts/b_out": False,
+        "block_1/moe/experts/u_in": True,
+        "block_1/moe/experts/u_out": True,
+        "block_1/moe/experts/v_in": True,
+        "block_1/moe/experts/v_out": True,
+        "block_1/moe/router/scale": False,
+        "block_1/moe/router/slots": True,
+    }
+    assert optim.decay_mask(OLD_REGEX, params) != optim.decay_mask("matrices", params)
+
+
+def test_adamw_frozen_clipping_and_multipliers_combined_on_real_names():
+    """One update of AdamW with weight decay, global-norm clipping, a frozen block and a lr
+    multiplier on the experts, against the same maths written out by hand."""
+    shapes = _vmoe_param_shapes()
+    keys = iter(jax.random.split(jax.random.key(0), 1000))
+    params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
+    grads = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape), shapes)
+    lr, wd, clip = 0.1, 0.5, 1.0
+    cfg = _cfg(
+        name="adamw",
+        learning_rate=lr,
+        weight_decay=wd,
+        warmup_steps=0,
+        schedule="constant",
+        frozen=r"^block_0/",
+        lr_multipliers=((r"/experts/", 0.25),),
+    )
+    cfg.grad_clip_norm = clip
+    new, _ = _update(cfg, params=params, grads=grads)
+
+    paths = optim.param_paths(params)
+    trainable = optim.trainable_mask(cfg, params)
+    flat = lambda t: jax.tree.leaves(t)  # noqa: E731
+    trained_grads = [g for g, t in zip(flat(grads), flat(trainable), strict=True) if t]
+    norm = float(global_norm(trained_grads))  # frozen grads do not count in the clipping
+    assert norm > clip  # so clipping is exercised
+    scale = clip / norm
+    for path, p, g, q, t in zip(
+        flat(paths), flat(params), flat(grads), flat(new), flat(trainable), strict=True
+    ):
+        p, g, q = np.asarray(p), np.asarray(g), np.asarray(q)
+        if not t:
+            np.testing.assert_array_equal(q, p, err_msg=path)  # frozen: untouched
+            continue
+        g = g * scale
+        adam = g / (np.abs(g) + 1e-8)  # first step: m/sqrt(v) = g/|g| (bias-corrected)
+        decay = wd * p if optim.decays(path, p.shape) else 0.0
+        multiplier = 0.25 if "/experts/" in path else 1.0
+        expected = p - multiplier * lr * (adam + decay)
+        np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_grad_norm_metric_leaves_frozen_params_out():
+    from vmoe_train.steps import _only
+
+    grads = {"a": jnp.full((2,), 3.0), "b": jnp.full((2,), 4.0)}
+    keep = {"a": True, "b": False}
+    assert float(global_norm(_only(grads, keep))) == pytest.approx(np.sqrt(18.0))
+    assert float(global_norm(_only(grads, None))) == pytest.approx(np.sqrt(50.0))

@@ -6,7 +6,9 @@
 Parameters are addressed by their path "block_1/moe/experts/w_in": `frozen` (a regex) marks
 params that never change (no optimizer state either), `lr_multipliers` ((regex, m), ...) scales
 the update of matching params (first match wins; m=0 freezes too), and `weight_decay_on` (a
-regex) says which params decay (matrices, not biases, norms or position embeddings).
+regex, or "matrices", the default) says which params decay: `decays` (weight matrices, whatever
+their name, so that a plugin's experts or router decay too; not biases, norm scales, position
+embeddings or the class token).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+import vmoe_layers as vl
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -47,6 +51,33 @@ def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+MATRICES = "matrices"  # `weight_decay_on`'s default: the rule of `decays`
+NOT_MATRICES = ("bias", "scale", "pos_embedding", "cls")  # names of non-matrix params of rank 2+
+
+
+def decays(path: str, shape: tuple[int, ...]) -> bool:
+    """True for a weight matrix: a parameter of rank 2 or more (per expert: an expert
+    parameter's leading axis stacks the experts) whose name is not one of `NOT_MATRICES`
+    (flax's attention biases are [heads, head_dim]; position embeddings [1, T, D])."""
+    parts = path.split("/")
+    rank = len(shape) - (1 if vl.EXPERTS_KEY in parts[:-1] else 0)
+    return rank >= 2 and parts[-1] not in NOT_MATRICES
+
+
+def decay_mask(weight_decay_on: str, params: Any) -> Any:
+    """The tree of booleans: which params decay (`MATRICES`: `decays`; else a regex on paths)."""
+    if weight_decay_on == MATRICES:
+        return jax.tree.map(
+            lambda p, x: decays(p, tuple(jnp.shape(x))), param_paths(params), params
+        )
+    return jax.tree.map(lambda p: bool(re.search(weight_decay_on, p)), param_paths(params))
+
+
+def trainable_mask(cfg: Any, params: Any) -> Any:
+    """The tree of booleans: which params the optimizer moves (not `frozen`, multiplier > 0)."""
+    return jax.tree.map(lambda m: m != 0.0, multipliers(cfg, params))
 
 
 def _multiplier(path: str, frozen: str, rules: tuple[tuple[str, float], ...]) -> float:
@@ -82,8 +113,7 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
 def make_optimizer(cfg: Any, num_steps: int, params: Any) -> optax.GradientTransformation:
     """The optax transformation for `cfg` (config.optimizer) and the params' tree."""
     schedule = make_schedule(cfg, num_steps)
-    paths = param_paths(params)
-    decay_mask = jax.tree.map(lambda p: bool(re.search(cfg.weight_decay_on, p)), paths)
+    decay = decay_mask(cfg.weight_decay_on, params)
     if cfg.name == "adam":
         base = optax.adam(schedule, b1=float(cfg.b1), b2=float(cfg.b2))
     elif cfg.name == "adamw":
@@ -92,11 +122,11 @@ def make_optimizer(cfg: Any, num_steps: int, params: Any) -> optax.GradientTrans
             b1=float(cfg.b1),
             b2=float(cfg.b2),
             weight_decay=float(cfg.weight_decay),
-            mask=decay_mask,
+            mask=decay,
         )
     elif cfg.name == "sgd":
         base = optax.chain(
-            optax.add_decayed_weights(float(cfg.weight_decay), mask=decay_mask),
+            optax.add_decayed_weights(float(cfg.weight_decay), mask=decay),
             optax.sgd(schedule, momentum=float(cfg.momentum)),
         )
     else:

@@ -108,6 +108,14 @@ def global_norm(tree: Any) -> Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def _only(tree: Any, keep: Any) -> list[Array]:
+    """The leaves of `tree` where the boolean tree `keep` is True (all if `keep` is None)."""
+    leaves = jax.tree.leaves(tree)
+    if keep is None:
+        return leaves
+    return [x for x, k in zip(leaves, jax.tree.leaves(keep), strict=True) if k]
+
+
 def routing_metrics(output: vl.ModelOutput) -> dict[str, Array]:
     """Per-MoE-block scalars: dropped choices, tokens with no expert, load balance (CV of the
     expert load: 0 is perfectly balanced), and each unweighted aux loss."""
@@ -131,11 +139,14 @@ def make_train_step(
     *,
     loss_kind: str = "softmax",
     label_smoothing: float = 0.0,
+    trainable: Any = None,
 ) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
     """`step(state, batch) -> (state, metrics)`: one optimizer update on batch["image"] and the
     one-hot batch["labels"] (loss = mean task loss + the routers' weighted aux losses).
 
-    metrics: loss (task), aux_loss, total_loss, accuracy, grad_norm and `routing_metrics`.
+    metrics: loss (task), aux_loss, total_loss, accuracy, grad_norm (of the `trainable` params:
+    a tree of booleans like the params, e.g. `optim.trainable_mask`; None: all) and
+    `routing_metrics`.
     """
 
     def step(state: TrainState, batch: dict[str, Array]):
@@ -161,7 +172,7 @@ def make_train_step(
             "aux_loss": out.aux_loss,
             "total_loss": total,
             "accuracy": jnp.mean(correct.astype(jnp.float32)),
-            "grad_norm": global_norm(grads),
+            "grad_norm": global_norm(_only(grads, trainable)),
             **routing_metrics(out),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

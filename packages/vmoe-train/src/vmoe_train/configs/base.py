@@ -65,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.weight_decay = 1e-4  # decoupled; applied to params matching weight_decay_on
-    c.optimizer.weight_decay_on = r"(kernel|w_in|w_out|w_gate|w_up|gate)$"  # matrices, not biases
+    # Which params decay: "matrices" (every weight matrix, plugins' too: vmoe_train.optim.decays;
+    # not biases, norms, position embeddings) or a regex on "block_0/attention/..." paths.
+    c.optimizer.weight_decay_on = "matrices"
     c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
     c.optimizer.schedule = "cosine"  # after warmup: "cosine", "linear" (to 0) or "constant"
     c.optimizer.warmup_steps = 100
