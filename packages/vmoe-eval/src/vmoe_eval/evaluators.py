@@ -43,7 +43,8 @@ import vmoe_data
 import vmoe_plugins
 from vmoe_eval import fewshot, loading
 from vmoe_eval.loading import LoadedRun
-from vmoe_train import checkpoints, trainer
+from vmoe_train import checkpoints
+from vmoe_train import setup as setup_lib
 from vmoe_train.callbacks import Callback, RunInfo
 from vmoe_train.config import config_get
 
@@ -179,7 +180,7 @@ def _batch_size(run: LoadedRun, batch_size: int | None, model: Any) -> int:
     moe = getattr(model, "moe", None)
     group = getattr(moe, "group_size", None)
     if group:
-        tokens = trainer.tokens_per_image(model, tuple(run.setup.sample_images.shape[1:]))
+        tokens = setup_lib.tokens_per_image(model, tuple(run.setup.sample_images.shape[1:]))
         if (size * tokens) % group:
             images = group / tokens
             raise ValueError(

@@ -64,14 +64,12 @@ __all__ = [
     "DEFAULT_CONFIG",
     "ConfigError",
     "apply_overrides",
-    "build_model",
     "check_config",
     "checkpoint_steps",
     "config_from_json",
     "config_name",
     "config_to_json",
     "load_config",
-    "routing_group_size",
     "shipped_configs",
     "validate_config",
 ]
@@ -828,6 +826,8 @@ def _check_model(checker: _Checker, dataset: Any, images: _Images, devices: int 
     _check_router(checker, num_experts)
     _check_groups(checker, tokens, devices)
     if model is not None and not any(path.startswith("model.") for path in checker.bad):
+        from vmoe_train.setup import build_model
+
         try:
             build_model(checker.config, num_classes=getattr(dataset, "num_classes", None))
         except (ValueError, TypeError) as error:
@@ -1043,88 +1043,7 @@ def _check_finetune(checker: _Checker) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model and its routing groups
-
-
-def build_model(
-    config: ConfigDict,
-    *,
-    num_classes: int | None,
-    group_size: int | None = None,
-    exchange: Any = None,
-) -> Any:
-    """The (uninitialised) `vmoe_layers.VisionTransformer` that `config.model` describes.
-
-    `model.name` is the preset; `model.mlp_dim` (if > 0), `model.dropout_rate`, `model.dtype`,
-    `model.classifier` and `model.representation_size` (if > 0) replace its values; a V-MoE
-    takes `model.moe` (experts, layers, router and its options, expert type, dispatch dtype).
-    `group_size` is the tokens per routing group (see `routing_group_size`; None: one image),
-    `exchange` the sharding strategy's.
-    """
-    import jax.numpy as jnp
-
-    import vmoe_layers
-
-    model_config = config.model
-    moe_options = {}
-    if str(model_config.name).startswith("V-MoE-"):
-        moe = model_config.moe
-        moe_options = {
-            "num_experts": moe.num_experts,
-            "moe_layers": _deep_tuple(moe.layers),
-            "router": moe.router,
-            "router_options": moe.router_options.to_dict(),
-            "group_size": group_size,
-        }
-    # Fields newer than some saved configs: read with their defaults.
-    representation_size = int(config_get(model_config, "representation_size", 0))
-    model = vmoe_layers.create_model(
-        model_config.name,
-        num_classes=num_classes,
-        dropout_rate=float(model_config.dropout_rate),
-        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
-        classifier=config_get(model_config, "classifier", "token"),
-        representation_size=representation_size or None,
-        exchange=exchange,
-        **moe_options,
-    )
-    updates: dict[str, Any] = {}
-    if model_config.mlp_dim:
-        updates["mlp_dim"] = int(model_config.mlp_dim)
-    if model.moe is not None:
-        updates["moe"] = dataclasses.replace(
-            model.moe,
-            expert_type=model_config.moe.expert_type,
-            dispatch_dtype=config_get(model_config, "moe.dispatch_dtype", "") or None,
-        )
-    return model.clone(**updates) if updates else model
-
-
-def routing_group_size(config: ConfigDict, *, per_device_batch: int, tokens_per_image: int) -> int:
-    """Tokens per routing group: `model.moe.group_images` images (0: the per-device batch)."""
-    images = config.model.moe.group_images or per_device_batch
-    return images * tokens_per_image
-
-
-# ---------------------------------------------------------------------------------------------
 # JSON
-
-
-def open_dataset(config: Any) -> Any:
-    """The config's `vmoe_data.Dataset`: `dataset.name` (with `dataset.data_dir`), restricted to
-    `dataset.classes` (relabelled 0..n-1) where that is set."""
-    import vmoe_data
-
-    data_dir = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
-    dataset = vmoe_data.get_dataset(config.dataset.name, **data_dir)
-    classes = tuple(config_get(config, "dataset.classes", ()) or ())
-    return vmoe_data.select_classes(dataset, classes) if classes else dataset
-
-
-def data_cache(config: Any) -> bool | None:
-    """The vmoe_data pipelines' `cache` argument for `config.dataset.cache` ("auto" where a
-    config saved before the field existed has none)."""
-    return DATA_CACHE[config_get(config, "dataset.cache", "auto")]
 
 
 def config_get(config: Any, dotted: str, default: Any = None) -> Any:
