@@ -25,7 +25,7 @@ import vmoe_data
 import vmoe_layers as vl
 from vmoe_train import optim, steps
 from vmoe_train.config import DATA_CACHE, config_get
-from vmoe_train.config.validation import _deep_tuple
+from vmoe_train.config.overrides import deep_tuple
 from vmoe_train.state import TrainState
 
 __all__ = [
@@ -178,7 +178,7 @@ def build_model(
         moe = model_config.moe
         moe_options = {
             "num_experts": moe.num_experts,
-            "moe_layers": _deep_tuple(moe.layers),
+            "moe_layers": deep_tuple(moe.layers),
             "router": moe.router,
             "router_options": moe.router_options.to_dict(),
             "group_size": group_size,
