@@ -321,6 +321,9 @@ def test_group_images_message_counts_the_tokens():
     )
     # 8x8 digits in 2x2 patches: 16 tokens + the class token.
     assert "5 x 17 = 85 tokens" in problem and "64 x 17 = 1088 tokens" in problem
+    gap = vmoe("model.moe.group_images=5", "model.classifier=gap")  # no class token
+    problem = only_problem(cfg.validate_config(gap, num_devices=1), "model.moe.group_images")
+    assert "5 x 16 = 80 tokens" in problem and "64 x 16 = 1024 tokens" in problem
 
 
 def test_tfds_not_prepared_is_the_dataset_problem(tmp_path):

@@ -22,6 +22,7 @@ def _is_moe(checker: Checker) -> bool:
 
 def check_model(checker: Checker, dataset: Any, images: Images, devices: int | None) -> None:
     import vmoe_layers
+    from vmoe_train.setup import build_model, tokens_per_image
 
     name = checker.get("model.name")
     model = None
@@ -41,9 +42,9 @@ def check_model(checker: Checker, dataset: Any, images: Images, devices: int | N
                     f"patch size {p} does not divide the {hw_text(hw)} images of the pp specs",
                     name,
                 )
-            else:
-                class_token = checker.get("model.classifier") != "gap"
-                tokens = (hw[0] // p) * (hw[1] // p) + class_token
+            else:  # the config's classifier (not the preset's) says if there is a class token
+                gap = checker.get("model.classifier") == "gap"
+                tokens = tokens_per_image(model.clone(classifier="gap" if gap else "token"), hw)
     if not _is_moe(checker):
         return  # model.moe is ignored for a dense ViT
     num_experts = checker.int_("model.moe.num_experts", 1)
@@ -67,8 +68,6 @@ def check_model(checker: Checker, dataset: Any, images: Images, devices: int | N
     _check_router(checker, num_experts)
     _check_groups(checker, tokens, devices)
     if model is not None and not any(path.startswith("model.") for path in checker.bad):
-        from vmoe_train.setup import build_model
-
         try:
             build_model(checker.config, num_classes=getattr(dataset, "num_classes", None))
         except (ValueError, TypeError) as error:
