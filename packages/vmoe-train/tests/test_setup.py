@@ -55,3 +55,11 @@ def test_dataset_classes_restrict_and_relabel_the_dataset():
     digits = setup_lib.open_dataset(cfg.load_config("digits_vmoe"))
     expected = [{7: 0, 3: 1}[c] for c in digits.labels("test").tolist() if c in (7, 3)]
     assert dataset.labels("test").tolist() == expected
+
+
+def test_eval_capacity_factor_is_the_configs_or_the_routers_own():
+    assert setup_lib.eval_capacity_factor(vmoe()) is None  # 0: the routers' own
+    assert setup_lib.eval_capacity_factor(vmoe("eval.capacity_factor=2")) == 2.0
+    older = cfg.config_to_json(vmoe())  # a config saved before the field existed
+    del older["eval"]["capacity_factor"]
+    assert setup_lib.eval_capacity_factor(cfg.config_from_json(older)) is None

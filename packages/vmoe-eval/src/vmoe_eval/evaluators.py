@@ -168,10 +168,10 @@ def _split_names(where: str, name: str, value: Any) -> tuple[str, ...] | None:
 
 def _eval_capacity(run: LoadedRun, capacity_factor: float | None) -> float | None:
     """The evaluation capacity factor: the given one, else the config's `eval.capacity_factor`
-    (0 = the routers' own), as the trainer's `evaluate` uses."""
+    (0 = the routers' own), as the trainer's `evaluate` uses (`setup.eval_capacity_factor`)."""
     if capacity_factor is not None:
         return capacity_factor
-    return float(config_get(run.config, "eval.capacity_factor", 0.0) or 0.0) or None
+    return setup_lib.eval_capacity_factor(run.config)
 
 
 def _batch_size(run: LoadedRun, batch_size: int | None, model: Any) -> int:

@@ -6,8 +6,9 @@
 The builders stand alone too: `open_dataset(config)` (the dataset, restricted to
 `dataset.classes`), `data_cache(config)` (the pipelines' `cache`), `build_model(config, ...)`
 (the uninitialised model), `tokens_per_image(model, image_hwc)` and `routing_group_size(config,
-...)` (the tokens of a routing group). The trainer (`trainer.train`), the evaluators
-(vmoe-eval) and the benchmarks build their runs with these, so they all see the same model.
+...)` (the tokens of a routing group), `eval_capacity_factor(config)` (the routers' capacity
+at evaluation). The trainer (`trainer.train`), the evaluators (vmoe-eval) and the benchmarks
+build their runs with these, so they all see the same model.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "build",
     "build_model",
     "data_cache",
+    "eval_capacity_factor",
     "open_dataset",
     "routing_group_size",
     "tokens_per_image",
@@ -123,7 +125,7 @@ def build(config: Any) -> Setup:
         ),
         donate_argnums=0,
     )
-    capacity = float(config.eval.capacity_factor) or None
+    capacity = eval_capacity_factor(config)
     eval_step = jax.jit(
         steps.make_eval_step(model, loss_kind=config.loss.kind, capacity_factor=capacity)
     )
@@ -217,3 +219,9 @@ def routing_group_size(config: Any, *, per_device_batch: int, tokens_per_image: 
     """Tokens per routing group: `model.moe.group_images` images (0: the per-device batch)."""
     images = config.model.moe.group_images or per_device_batch
     return images * tokens_per_image
+
+
+def eval_capacity_factor(config: Any) -> float | None:
+    """The routers' capacity factor at evaluation: `eval.capacity_factor`, or None (the routers'
+    own) where it is 0 or a config saved before the field existed has none."""
+    return float(config_get(config, "eval.capacity_factor", 0.0) or 0.0) or None
