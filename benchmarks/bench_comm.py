@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 import vmoe_layers as vl
+from vmoe_train.setup import tokens_per_image
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import harness
@@ -63,7 +64,7 @@ def compile_step(model_name: str, strategy_name: str, n: int, images_per_device:
         strategy_name, mesh_shape=mesh_shape(strategy_name, n), devices=jax.devices()[:n]
     )
     probe = vl.create_model(model_name, num_classes=CLASSES, num_experts=NUM_EXPERTS)
-    tokens = (IMAGE // probe.patch_size) ** 2 + 1
+    tokens = tokens_per_image(probe, (IMAGE, IMAGE))
     group_size = images_per_device * tokens
     model = vl.create_model(
         model_name,

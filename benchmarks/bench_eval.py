@@ -32,7 +32,7 @@ import vmoe_data
 import vmoe_eval
 import vmoe_layers as vl
 import vmoe_train
-from vmoe_train import trainer
+from vmoe_train import setup as setup_lib
 
 
 def main(argv=None) -> int:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     config = vmoe_train.load_config("digits_vmoe")
-    setup = trainer.build(config)
+    setup = setup_lib.build(config)
     state = vmoe_train.create_train_state(
         setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
     )

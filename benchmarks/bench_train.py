@@ -5,7 +5,7 @@
                                      [--json bench-results/train.json]
 
 Every loop trains the shipped `digits_vmoe` config (V-MoE-Mu/2 on the embedded digits, batch
-64) for `--steps` steps with the same model, optimizer, jitted train step (`trainer.build`),
+64) for `--steps` steps with the same model, optimizer, jitted train step (`setup.build`),
 initial state and batches (the train pipeline with the config's seed and pp):
 
 - trainer: `vmoe_train.train(config, workdir)` in a fresh workdir, with its normal callbacks
@@ -59,8 +59,8 @@ import jax  # noqa: E402
 from harness import print_table, write_json  # noqa: E402
 
 import vmoe_data  # noqa: E402
+from vmoe_train import setup as setup_lib  # noqa: E402
 from vmoe_train import steps as steps_lib  # noqa: E402
-from vmoe_train import trainer as trainer_lib  # noqa: E402
 
 LOOPS = ("trainer", "trainer-mem", "bare")
 
@@ -201,7 +201,7 @@ class BareLoop:
 
     def __init__(self, config) -> None:
         self.config = config
-        self.setup = trainer_lib.build(config)
+        self.setup = setup_lib.build(config)
         pipeline = vmoe_data.train_pipeline(
             self.setup.dataset,
             split=config.dataset.train_split,
@@ -233,7 +233,7 @@ class BareLoop:
             vt.Checkpointer(directory, every_steps=0, keep=1) as checkpointer,
         ):
             checkpointer.save(1, state, data_state={}, config={}, force=True)
-        self.setup = trainer_lib.build(self.config)
+        self.setup = setup_lib.build(self.config)
         jax.block_until_ready(self.setup.train_step(self.fresh_state(), self.batches[0]))
         return time.perf_counter() - start
 

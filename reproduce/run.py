@@ -45,7 +45,7 @@ def run_settings(
 ) -> list[str]:
     """The overrides one run of `training` is trained with (what `reproduce.json` records)."""
     import vmoe_train as vt
-    from vmoe_train.config import open_dataset
+    from vmoe_train.setup import open_dataset
 
     scale = training.steps_scale
     if training.equal_time:
@@ -161,7 +161,7 @@ def evaluate_run(
     `figures`: where to write its routing heatmaps, if wanted."""
     import vmoe_data
     import vmoe_eval
-    from vmoe_train.config import open_dataset
+    from vmoe_train.setup import open_dataset
 
     run = vmoe_eval.load_run(workdir)
     start = time.perf_counter()

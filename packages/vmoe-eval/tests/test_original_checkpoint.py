@@ -8,8 +8,9 @@ import numpy as np
 
 import vmoe_layers as vl
 from vmoe_eval import load_run
-from vmoe_train.config import build_model, load_config
+from vmoe_train.config import load_config
 from vmoe_train.original import convert, export_params, infer_architecture, read_checkpoint
+from vmoe_train.setup import build_model
 
 
 def test_load_run_reads_a_converted_run_and_computes_what_its_parameters_compute(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 import vmoe_layers as vl
 from vmoe_eval import loading
 from vmoe_eval import routing_stats as routing_analysis
-from vmoe_train import trainer
+from vmoe_train import setup as setup_lib
+from vmoe_train import steps
 
 TEST_EXAMPLES = 364  # the embedded digits' test split
 TOKENS = 5  # 2 x 2 patches of 4 x 4 pixels + the class token
@@ -76,8 +77,8 @@ def test_counts_per_layer_of_a_two_layer_moe(tmp_path):
     from eval_worker import tiny_config
 
     config = tiny_config(["model.moe.layers=every-1"])
-    setup = trainer.build(config)
-    init = trainer.steps.init_model(setup.model)
+    setup = setup_lib.build(config)
+    init = steps.init_model(setup.model)
     params = jax.jit(init.init)(jax.random.key(0), setup.sample_images)["params"]
     run = loading.LoadedRun(tmp_path, 0, config, setup, vl.shard_params(setup.strategy, params))
     result = routing_analysis.routing_analysis(run, "test", batch_size=52, capacity_factor=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 
@@ -240,3 +241,23 @@ def test_builtins_close_on_abort(tmp_path):
     assert jsonl._writer is None and board._writer is None
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["train/loss"] == 1.0
+
+
+def _module_level_imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:  # top-level statements only
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_callbacks_and_config_do_not_import_each_other_at_import_time():
+    # Config validation reads the installed callback names (log.callbacks) when it runs; the
+    # callbacks read config fields with config_get when a run builds them. Neither at import.
+    source = pathlib.Path(cb.__file__)
+    assert not {n for n in _module_level_imports(source) if n.startswith("vmoe_train.config")}
+    for path in (source.parent / "config").glob("*.py"):
+        imported = _module_level_imports(path)
+        assert not {n for n in imported if n.startswith("vmoe_train.callbacks")}, path.name

@@ -229,7 +229,7 @@ RULES = [
     (["eval.capacity_factor=-1"], {}, "eval.capacity_factor"),
     (["checkpoint.every_steps=-1"], {}, "checkpoint.every_steps"),
     (["log.every_steps=-1"], {}, "log.every_steps"),
-    (["checkpoint.keep=0"], {}, "checkpoint.keep"),
+    (["checkpoint.keep=-1"], {}, "checkpoint.keep"),
     (["dataset.num_workers=-1"], {}, "dataset.num_workers"),
     (["dataset.cache=sometimes"], {}, "dataset.cache"),
     (["dataset.classes=(0, 12)"], {}, "dataset.classes"),
@@ -321,6 +321,9 @@ def test_group_images_message_counts_the_tokens():
     )
     # 8x8 digits in 2x2 patches: 16 tokens + the class token.
     assert "5 x 17 = 85 tokens" in problem and "64 x 17 = 1088 tokens" in problem
+    gap = vmoe("model.moe.group_images=5", "model.classifier=gap")  # no class token
+    problem = only_problem(cfg.validate_config(gap, num_devices=1), "model.moe.group_images")
+    assert "5 x 16 = 80 tokens" in problem and "64 x 16 = 1024 tokens" in problem
 
 
 def test_tfds_not_prepared_is_the_dataset_problem(tmp_path):
@@ -329,26 +332,59 @@ def test_tfds_not_prepared_is_the_dataset_problem(tmp_path):
     assert "surely_not_a_dataset_here" in problem
 
 
+def _save_steps(directory, steps):
+    """Real (tiny) checkpoints at `steps` under `directory`."""
+    import jax.numpy as jnp
+
+    from vmoe_train import Checkpointer
+    from vmoe_train.state import TrainState
+
+    state = TrainState(jnp.int32(0), {"w": jnp.ones((2,))}, (), jnp.zeros((2,), jnp.uint32))
+    with Checkpointer(directory, every_steps=1, keep=0, async_save=False) as ckpt:
+        for step in steps:
+            ckpt.save(step, state, data_state={}, config={})
+
+
 def test_finetune_needs_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     problem = only_problem(
         cfg.validate_config(vmoe(f"finetune.init_from={run}")), "finetune.init_from"
     )
-    assert "has no checkpoint" in problem
-    (run / "checkpoints" / "100").mkdir(parents=True)
-    (run / "checkpoints" / "200").mkdir()
-    (run / "checkpoints" / "200.orbax-checkpoint-tmp-1").mkdir()
-    assert cfg.checkpoint_steps(run) == [100, 200]
-    assert cfg.checkpoint_steps(run / "checkpoints") == [100, 200]
-    assert cfg.checkpoint_steps(run / "checkpoints" / "100") == [100]
-    assert cfg.validate_config(vmoe(f"finetune.init_from={run}")) == []
+    assert "holds no checkpoint" in problem
+    _save_steps(run / "checkpoints", (100, 200))
+    (run / "checkpoints" / "300.orbax-checkpoint-tmp-1").mkdir()  # never committed
+    (run / "checkpoints" / "300").mkdir()  # no items: not a checkpoint
+    # The trainer's own discovery: a run, its checkpoints/ or one step directory.
+    for path in (run, run / "checkpoints", run / "checkpoints" / "100"):
+        assert cfg.validate_config(vmoe(f"finetune.init_from={path}")) == [], path
     assert cfg.validate_config(vmoe(f"finetune.init_from={run}", "finetune.step=200")) == []
     problem = only_problem(
         cfg.validate_config(vmoe(f"finetune.init_from={run}", "finetune.step=150")),
         "finetune.step",
     )
     assert "[100, 200]" in problem
+    step_dir = run / "checkpoints" / "100"
+    problem = only_problem(
+        cfg.validate_config(vmoe(f"finetune.init_from={step_dir}", "finetune.step=200")),
+        "finetune.step",
+    )
+    assert "differs from the step finetune.init_from names" in problem
+
+
+def test_checkpoint_keep_zero_keeps_all_and_modes_and_allowed_changes_are_checked():
+    assert cfg.validate_config(vmoe("checkpoint.keep=0")) == []  # the Checkpointer's "all"
+    only_problem(cfg.validate_config(vmoe("checkpoint.keep=-1")), "checkpoint.keep")
+    assert cfg.validate_config(vmoe("checkpoint.keep_best_mode=min")) == []
+    only_problem(
+        cfg.validate_config(vmoe("checkpoint.keep_best_mode=up")), "checkpoint.keep_best_mode"
+    )
+    ok = vmoe("resume.allow_changes=num_steps,optimizer,model.moe.num_experts")
+    assert cfg.validate_config(ok) == []
+    problem = only_problem(
+        cfg.validate_config(vmoe("resume.allow_changes=num_step")), "resume.allow_changes"
+    )
+    assert "'num_step' is not a config field or group" in problem
 
 
 def test_keep_best_accepts_an_eval_split_metric():
@@ -427,37 +463,7 @@ def test_num_processes_defaults_to_the_configs():
     assert cfg.validate_config(config, num_processes=1) == []
 
 
-# The model and JSON ---------------------------------------------------------------------------
-
-
-def test_build_model_follows_the_config():
-    dense = cfg.build_model(cfg.load_config("digits_vit"), num_classes=10)
-    assert dense.moe is None and dense.mlp_dim == 192
-    config = vmoe("model.moe.expert_type=glu", "model.moe.router=bpr", "model.dtype=bfloat16")
-    model = cfg.build_model(config, num_classes=10, group_size=136)
-    assert model.mlp_dim == 128 and model.dropout_rate == 0.1
-    assert model.moe.expert_type == "glu" and model.moe.router == "bpr"
-    assert model.moe.group_size == 136 and model.moe.num_experts == 4
-    assert model.dtype.__name__ == "bfloat16"
-    assert cfg.routing_group_size(config, per_device_batch=64, tokens_per_image=17) == 8 * 17
-    config = vmoe("model.moe.group_images=0")
-    assert cfg.routing_group_size(config, per_device_batch=64, tokens_per_image=17) == 64 * 17
-
-
-def test_build_model_takes_the_original_release_options():
-    config = vmoe(
-        "model.classifier=gap", "model.representation_size=32", "model.moe.dispatch_dtype=bfloat16"
-    )
-    assert cfg.validate_config(config) == []
-    model = cfg.build_model(config, num_classes=10, group_size=128)  # 16 tokens: no class token
-    assert model.classifier == "gap" and model.representation_size == 32
-    assert model.moe.dispatch_dtype == "bfloat16"
-    plain = cfg.build_model(vmoe(), num_classes=10)
-    assert plain.representation_size is None and plain.moe.dispatch_dtype is None
-    older = cfg.config_from_json(cfg.config_to_json(vmoe()))  # a config saved before them
-    del older.model["classifier"], older.model["representation_size"]
-    del older.model.moe["dispatch_dtype"]
-    assert cfg.build_model(older, num_classes=10).classifier == "token"
+# JSON -----------------------------------------------------------------------------------------
 
 
 def test_json_round_trip():
@@ -499,16 +505,3 @@ def test_a_plugin_name_not_installed_names_the_package_to_install(monkeypatch, f
         in (problems[0])
     )
     assert "pip install vmoe-plugin-not-here; installed: [" in problems[0]
-
-
-def test_dataset_classes_restrict_and_relabel_the_dataset():
-    config = cfg.apply_overrides(
-        cfg.load_config("digits_vmoe"),
-        ["dataset.classes=(7, 3)", "pp.train=decode|value_range(-1, 1)|onehot(2)"],
-    )
-    cfg.validate_config(config)
-    dataset = cfg.open_dataset(config)
-    assert (dataset.num_classes, dataset.class_names) == (2, ("7", "3"))
-    digits = cfg.open_dataset(cfg.load_config("digits_vmoe"))
-    expected = [{7: 0, 3: 1}[c] for c in digits.labels("test").tolist() if c in (7, 3)]
-    assert dataset.labels("test").tolist() == expected

@@ -11,6 +11,7 @@ import original_reference as reference
 import pytest
 
 from vmoe_train import checkpoints, cli, trainer
+from vmoe_train import setup as setup_lib
 from vmoe_train.config import apply_overrides, config_from_json
 from vmoe_train.original import export_run, params_from_original, read_checkpoint, write_checkpoint
 
@@ -54,7 +55,7 @@ def test_fine_tuning_starts_from_the_converted_run(converted, tree, tmp_path):
     workdir, _ = converted
     config = config_from_json(checkpoints.read_config(workdir / "checkpoints"))
     config = apply_overrides(config, [f"finetune.init_from={workdir}", "finetune.new_head=False"])
-    setup = trainer.build(config)
+    setup = setup_lib.build(config)
     with checkpoints.Checkpointer(tmp_path / "ft", every_steps=0, keep=0) as empty:
         state, _, step, how = trainer.initial_state(setup, empty)
     assert step == 0 and how == f"fine-tuning from {workdir / 'checkpoints'}"

@@ -21,8 +21,9 @@ import numpy as np
 import original_reference as reference
 import pytest
 
-from vmoe_train.config import build_model, load_config
+from vmoe_train.config import load_config
 from vmoe_train.original import converted_config, infer_architecture, params_from_original
+from vmoe_train.setup import build_model
 
 IMAGES, GROUP_IMAGES, TOKENS = 4, 2, 17  # 8x8 digits in 2x2 patches, plus the class token
 GROUP = GROUP_IMAGES * TOKENS

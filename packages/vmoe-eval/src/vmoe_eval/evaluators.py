@@ -43,7 +43,8 @@ import vmoe_data
 import vmoe_plugins
 from vmoe_eval import fewshot, loading
 from vmoe_eval.loading import LoadedRun
-from vmoe_train import checkpoints, trainer
+from vmoe_train import checkpoints
+from vmoe_train import setup as setup_lib
 from vmoe_train.callbacks import Callback, RunInfo
 from vmoe_train.config import config_get
 
@@ -167,10 +168,10 @@ def _split_names(where: str, name: str, value: Any) -> tuple[str, ...] | None:
 
 def _eval_capacity(run: LoadedRun, capacity_factor: float | None) -> float | None:
     """The evaluation capacity factor: the given one, else the config's `eval.capacity_factor`
-    (0 = the routers' own), as the trainer's `evaluate` uses."""
+    (0 = the routers' own), as the trainer's `evaluate` uses (`setup.eval_capacity_factor`)."""
     if capacity_factor is not None:
         return capacity_factor
-    return float(config_get(run.config, "eval.capacity_factor", 0.0) or 0.0) or None
+    return setup_lib.eval_capacity_factor(run.config)
 
 
 def _batch_size(run: LoadedRun, batch_size: int | None, model: Any) -> int:
@@ -179,7 +180,7 @@ def _batch_size(run: LoadedRun, batch_size: int | None, model: Any) -> int:
     moe = getattr(model, "moe", None)
     group = getattr(moe, "group_size", None)
     if group:
-        tokens = trainer.tokens_per_image(model, tuple(run.setup.sample_images.shape[1:]))
+        tokens = setup_lib.tokens_per_image(model, tuple(run.setup.sample_images.shape[1:]))
         if (size * tokens) % group:
             images = group / tokens
             raise ValueError(

@@ -5,8 +5,8 @@
         ...                                          # ModelOutput of each padded batch, its mask
 
 Everything is rebuilt from the config saved in the checkpoint, with the same builders the trainer
-uses (vmoe_train), so evaluation sees exactly the trained model. Inference-time changes (K, the
-capacity factor, vanilla vs BPR filling) swap the routers' settings; parameters never change.
+uses (vmoe_train.setup), so evaluation sees exactly the trained model. Inference-time changes (K,
+the capacity factor, vanilla vs BPR filling) swap the routers' settings; parameters never change.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from flax import traverse_util
 
 import vmoe_data
 import vmoe_layers as vl
-from vmoe_train import checkpoints, trainer
+from vmoe_train import checkpoints, steps
 from vmoe_train import config as config_lib
+from vmoe_train import setup as setup_lib
 from vmoe_train.mismatch import check_fit
 
 
@@ -40,7 +41,7 @@ class LoadedRun:
     path: pathlib.Path
     step: int
     config: Any
-    setup: trainer.Setup
+    setup: setup_lib.Setup
     params: Any
 
     @property
@@ -69,8 +70,8 @@ def load_run(
     config = config_lib.config_from_json(checkpoints.read_config(location.directory, step))
     config = config_lib.apply_overrides(config, list(overrides)) if overrides else config
     config.distributed.coordinator_address = ""  # evaluation never re-initialises jax
-    setup = trainer.build(config)
-    init_model = trainer.steps.init_model(setup.model)
+    setup = setup_lib.build(config)
+    init_model = steps.init_model(setup.model)
     expected = jax.eval_shape(
         lambda: init_model.init(jax.random.key(0), setup.sample_images)["params"]
     )
@@ -127,7 +128,7 @@ def forward(
         split=split,
         batch_size=batch_size or run.config.eval_batch_size,
         pp=run.config.pp.eval,
-        cache=config_lib.data_cache(run.config),
+        cache=setup_lib.data_cache(run.config),
     )
     for batch in batches:
         global_batch = run.setup.to_global(batch)

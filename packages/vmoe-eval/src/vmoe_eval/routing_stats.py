@@ -51,7 +51,7 @@ import numpy as np
 import vmoe_layers as vl
 from vmoe_eval import loading, plots
 from vmoe_layers.moe import group_tokens, override_router, router_name
-from vmoe_train import trainer
+from vmoe_train import setup as setup_lib
 
 _BLOCK = re.compile(r"block_\d+")
 
@@ -295,7 +295,7 @@ class RoutingAnalysis:
 
 
 def tokens_per_image(run: loading.LoadedRun) -> int:
-    return trainer.tokens_per_image(run.model, run.setup.sample_images.shape[1:])
+    return setup_lib.tokens_per_image(run.model, run.setup.sample_images.shape[1:])
 
 
 def group_size(run: loading.LoadedRun) -> int:

@@ -36,7 +36,6 @@ from typing import Any, TextIO
 import tqdm
 
 import vmoe_plugins
-from vmoe_train.config import config_get
 from vmoe_train.metric_writers import JsonlWriter, TensorBoardWriter
 
 
@@ -178,6 +177,8 @@ class ProgressBar(Callback):
 
     @classmethod
     def from_run(cls, run: RunInfo) -> ProgressBar:
+        from vmoe_train.config import config_get  # not at import: config imports callbacks
+
         batch_size = config_get(run.config, "batch_size")
         return cls(batch_size=batch_size if vmoe_plugins.is_int(batch_size) else None)
 
@@ -353,6 +354,8 @@ class Profiler(Callback):
     def from_run(cls, run: RunInfo) -> Profiler:
         """From `config.log.profile_steps`: `(start_step, num_steps)`, or `n` for n steps from
         the first logged step (after the first step, which compiles); absent, 0 or () = off."""
+        from vmoe_train.config import config_get  # not at import: config imports callbacks
+
         steps = config_get(run.config, "log.profile_steps")
         if steps is None or steps == 0 or (isinstance(steps, (tuple, list)) and not steps):
             return cls(0, 0)

@@ -3,9 +3,10 @@
     summary = train(config, workdir)
 
 1. Validate the config against this machine (every problem at once, before compiling).
-2. Build the parts from their packages: dataset and pipelines (vmoe-data), model and sharding
-   strategy (vmoe-layers, routers from vmoe-routing), optimizer (optax), steps (`steps.py`),
-   checkpointer (orbax, `checkpoints.py`), callbacks (plugins, `callbacks.py`).
+2. Build the parts from their packages (`setup.build`): dataset and pipelines (vmoe-data), model
+   and sharding strategy (vmoe-layers, routers from vmoe-routing), optimizer (optax), steps
+   (`steps.py`); then the checkpointer (orbax, `checkpoints.py`) and callbacks (plugins,
+   `callbacks.py`).
 3. Start: resume from the latest complete checkpoint in `workdir` if there is one (state and the
    data iterator's position), else fine-tune from `finetune.init_from`, else initialise.
 4. Loop to `num_steps`: train step; log every `log.every_steps`; evaluate every
@@ -20,63 +21,22 @@ devices and many processes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 import vmoe_data
 import vmoe_layers as vl
-from vmoe_train import checkpoints, finetune, optim, resume, steps
+from vmoe_train import checkpoints, finetune, resume, steps
 from vmoe_train import config as config_lib
 from vmoe_train.callbacks import Callback, RunInfo, make_callbacks
 from vmoe_train.configs.base import base_config
-from vmoe_train.state import TrainState
-
-
-@dataclasses.dataclass
-class Setup:
-    """The parts of a run, built from its config (see `build`)."""
-
-    config: Any
-    dataset: vmoe_data.Dataset
-    strategy: Any
-    model: vl.VisionTransformer
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
-    eval_step: Callable[[Any, dict], dict]
-    sample_images: np.ndarray
-
-    def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's batch [L, ...] -> global arrays [B, ...] split by the strategy.
-
-        Only numeric features travel (file names and other strings stay on the host)."""
-        spec = self.strategy.batch_spec()
-        sharding = NamedSharding(self.strategy.mesh, PartitionSpec(*spec))
-        arrays = {key: np.asarray(value) for key, value in local_batch.items()}
-        return {
-            key: jax.make_array_from_process_local_data(sharding, value)
-            for key, value in arrays.items()
-            if value.dtype.kind in "biuf"
-        }
-
-    def eval_batches(self, split: str):
-        cfg = self.config
-        return vmoe_data.eval_pipeline(
-            self.dataset,
-            split=split,
-            batch_size=cfg.eval_batch_size,
-            pp=cfg.pp.eval,
-            cache=config_lib.data_cache(cfg),
-        )
+from vmoe_train.setup import Setup, build, data_cache
+from vmoe_train.setup import tokens_per_image as tokens_per_image
 
 
 def initialize_distributed(cfg: Any) -> None:
@@ -94,67 +54,6 @@ def initialize_distributed(cfg: Any) -> None:
         jax.distributed.initialize(
             cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
         )
-
-
-def tokens_per_image(model: vl.VisionTransformer, image_hwc: tuple[int, ...]) -> int:
-    """Patches of one image, plus the class token if the model has one."""
-    h, w = image_hwc[0] // model.patch_size, image_hwc[1] // model.patch_size
-    return h * w + (1 if model.classifier == "token" else 0)
-
-
-def build(config: Any) -> Setup:
-    """Every part of the run from the config (nothing is computed on devices yet)."""
-    dataset = config_lib.open_dataset(config)
-    strategy_options = {}
-    if config.sharding.mesh_shape:
-        strategy_options["mesh_shape"] = tuple(config.sharding.mesh_shape)
-    strategy = vl.get_strategy(config.sharding.strategy, **strategy_options)
-    # One preprocessed example gives the image shape the model sees.
-    first = next(
-        iter(
-            vmoe_data.eval_pipeline(
-                dataset,
-                split=config.dataset.train_split,
-                batch_size=1,
-                pp=config.pp.eval,
-                process_index=0,
-                process_count=1,
-            )
-        )
-    )
-    sample = np.asarray(first["image"])
-    plain = config_lib.build_model(config, num_classes=dataset.num_classes)  # to count tokens
-    group_size = config_lib.routing_group_size(
-        config,
-        per_device_batch=config.batch_size // jax.device_count(),
-        tokens_per_image=tokens_per_image(plain, sample.shape[1:]),
-    )
-    model = config_lib.build_model(
-        config,
-        num_classes=dataset.num_classes,
-        group_size=group_size if plain.moe is not None else None,
-        exchange=strategy.exchange,
-    )
-    schedule = optim.make_schedule(config.optimizer, config.num_steps)
-    init_model = steps.init_model(model)
-    abstract_params = jax.eval_shape(lambda: init_model.init(jax.random.key(0), sample)["params"])
-    optimizer = optim.make_optimizer(config.optimizer, config.num_steps, abstract_params)
-    train_step = jax.jit(
-        steps.make_train_step(
-            model,
-            optimizer,
-            loss_kind=config.loss.kind,
-            label_smoothing=float(config.loss.label_smoothing),
-        ),
-        donate_argnums=0,
-    )
-    capacity = float(config.eval.capacity_factor) or None
-    eval_step = jax.jit(
-        steps.make_eval_step(model, loss_kind=config.loss.kind, capacity_factor=capacity)
-    )
-    return Setup(
-        config, dataset, strategy, model, optimizer, schedule, train_step, eval_step, sample
-    )
 
 
 def evaluate(setup: Setup, params: Any, split: str) -> dict[str, float]:
@@ -286,7 +185,7 @@ def _run(
             pp=config.pp.train,
             seed=config.seed,
             num_workers=config.dataset.num_workers,
-            cache=config_lib.data_cache(config),
+            cache=data_cache(config),
         )
     )
     if data_state:

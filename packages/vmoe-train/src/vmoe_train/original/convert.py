@@ -29,8 +29,9 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from vmoe_train import checkpoints, steps, trainer
+from vmoe_train import checkpoints, steps
 from vmoe_train import config as config_lib
+from vmoe_train import setup as setup_lib
 from vmoe_train.original.architecture import Architecture, infer_architecture, model_fields
 from vmoe_train.original.files import read_checkpoint, write_checkpoint
 from vmoe_train.original.mapping import (
@@ -89,12 +90,12 @@ def converted_config(
     return config_lib.apply_overrides(config, list(overrides)) if overrides else config
 
 
-def _abstract_params(setup: trainer.Setup) -> Any:
+def _abstract_params(setup: setup_lib.Setup) -> Any:
     model = steps.init_model(setup.model)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), setup.sample_images))[PARAMS]
 
 
-def _hints(arch: Architecture, setup: trainer.Setup) -> list[str]:
+def _hints(arch: Architecture, setup: setup_lib.Setup) -> list[str]:
     """Why the usual mismatches happen: the dataset's classes, the images' size."""
     hints = []
     classes = setup.dataset.num_classes
@@ -134,7 +135,8 @@ def convert(
       FileExistsError: `workdir` already holds checkpoints.
     """
     directory = pathlib.Path(workdir) / "checkpoints"
-    if config_lib.checkpoint_steps(directory):
+    found = checkpoints.scan(directory)
+    if found.complete or found.incomplete:
         raise FileExistsError(
             f"{str(directory)!r} already holds checkpoints; convert into a new workdir"
         )
@@ -144,7 +146,7 @@ def convert(
     base = config if config is not None else config_lib.load_config(config_lib.DEFAULT_CONFIG)
     config = converted_config(arch, base, overrides)
     config_lib.check_config(config, num_devices=jax.device_count())
-    setup = trainer.build(config)
+    setup = setup_lib.build(config)
     abstract = flatten(_abstract_params(setup))
     expected = original_names({path: leaf.shape for path, leaf in abstract.items()})
     check_fit(expected, shapes, hints=_hints(arch, setup))

@@ -1,0 +1,64 @@
+"""What every config shares: the allowed values of the closed fields, the open and union fields,
+and `ConfigError`, the error that lists a config's problems, each naming its field."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+
+from ml_collections import ConfigDict
+
+SHIPPED_PACKAGE = "vmoe_train.configs"
+DEFAULT_CONFIG = "digits_vmoe"
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+LOSSES = ("softmax", "sigmoid")
+DTYPES = ("float32", "bfloat16")
+DATA_CACHE = {"auto": None, "always": True, "never": False}  # -> vmoe_data pipelines' `cache`
+DISPATCH_DTYPES = ("", *DTYPES)  # "" = the compute dtype
+CLASSIFIERS = ("token", "gap")
+KEEP_BEST_METRICS = ("accuracy", "loss")
+# Dicts of free-form options: any key may be added (by an override or a config file).
+OPEN_FIELDS = ("model.moe.router_options",)
+# Fields that take more than one type (the base config's value fixes the type of the others).
+UNION_FIELDS: Mapping[str, tuple[type, ...]] = {
+    "model.moe.layers": (str, tuple),
+    "log.profile_steps": (int, tuple),
+}
+# Mesh axes of the built-in sharding strategies (plugins: not checked).
+STRATEGY_AXES: Mapping[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "expert": ("data", "expert"),
+    "fsdp": ("data", "fsdp"),
+    "expert_fsdp": ("data", "expert"),
+}
+
+
+class ConfigError(ValueError):
+    """A config with problems; `problems` lists them all, each naming its field."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = "".join(f"\n  - {p}" for p in self.problems)
+        super().__init__(f"{n} problem{'' if n == 1 else 's'} in the config:{lines}")
+
+
+TYPE_NAMES = {
+    bool: "True or False",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    tuple: "a tuple",
+}
+
+
+def join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def unknown_field(name: str, node: ConfigDict, prefix: str) -> str:
+    keys = sorted(node.keys())
+    hint = difflib.get_close_matches(name, keys, n=1)
+    maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"unknown field{maybe}; the fields of {prefix or 'the config'} are {keys}"

@@ -1,0 +1,193 @@
+"""Validation of the model: its name against the images, the MoE fields, the router and its
+options (the router is built), the routing groups against the batches, and the sharding."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from vmoe_train.config.checker import MISSING, Checker, error_message
+from vmoe_train.config.data_checks import Images, hw_text
+from vmoe_train.config.fields import DISPATCH_DTYPES, STRATEGY_AXES
+
+
+def _is_moe(checker: Checker) -> bool:
+    model = checker.config.get("model")  # even a bad name says the family
+    name = model.get("name") if isinstance(model, ConfigDict) else None
+    return isinstance(name, str) and name.startswith("V-MoE-")
+
+
+def check_model(checker: Checker, dataset: Any, images: Images, devices: int | None) -> None:
+    import vmoe_layers
+    from vmoe_train.setup import build_model, tokens_per_image
+
+    name = checker.get("model.name")
+    model = None
+    if name is not MISSING:
+        try:
+            model = vmoe_layers.create_model(name, num_classes=None)
+        except ValueError as error:
+            checker.add("model.name", error_message(error), name)
+    tokens = None
+    if model is not None:
+        hw = images.eval or images.train
+        if hw is not None:
+            p = model.patch_size
+            if hw[0] % p or hw[1] % p:
+                checker.add(
+                    "model.name",
+                    f"patch size {p} does not divide the {hw_text(hw)} images of the pp specs",
+                    name,
+                )
+            else:  # the config's classifier (not the preset's) says if there is a class token
+                gap = checker.get("model.classifier") == "gap"
+                tokens = tokens_per_image(model.clone(classifier="gap" if gap else "token"), hw)
+    if not _is_moe(checker):
+        return  # model.moe is ignored for a dense ViT
+    num_experts = checker.int_("model.moe.num_experts", 1)
+    layers = checker.get("model.moe.layers")
+    if model is not None and layers is not MISSING:
+        try:
+            vmoe_layers.moe_block_indices(layers, model.num_layers)
+        except ValueError as error:
+            checker.add(
+                "model.moe.layers",
+                f"{error_message(error)} ({name} has {model.num_layers} blocks)",
+                layers,
+            )
+    checker.choice(
+        "model.moe.expert_type",
+        vmoe_layers.available_expert_types(),
+        "expert type",
+        vmoe_layers.EXPERT_TYPES,
+    )
+    checker.choice("model.moe.dispatch_dtype", DISPATCH_DTYPES, "dispatch dtype")
+    _check_router(checker, num_experts)
+    _check_groups(checker, tokens, devices)
+    if model is not None and not any(path.startswith("model.") for path in checker.bad):
+        try:
+            build_model(checker.config, num_classes=getattr(dataset, "num_classes", None))
+        except (ValueError, TypeError) as error:
+            checker.add("model", error_message(error))
+
+
+def _check_router(checker: Checker, num_experts: Any) -> None:
+    import vmoe_layers
+    import vmoe_routing
+
+    router = checker.choice(
+        "model.moe.router", vmoe_routing.available_routers(), "router", vmoe_routing.ROUTERS
+    )
+    options = checker.get("model.moe.router_options")
+    if router is MISSING or options is MISSING or num_experts is MISSING:
+        return
+    options = options.to_dict()
+    if "num_experts" in options:
+        checker.add(
+            "model.moe.router_options.num_experts",
+            "set model.moe.num_experts instead",
+            options["num_experts"],
+        )
+        return
+    defaults = {
+        key: value
+        for key, value in vmoe_layers.DEFAULT_ROUTER_OPTIONS.items()
+        if vmoe_routing.ROUTERS.accepts(router, key)
+    }
+    merged = {**defaults, **options}
+    try:
+        vmoe_routing.get_router(router, num_experts=num_experts, **merged)
+    except (ValueError, TypeError) as error:
+        text = re.sub(r"\bnum_experts=", "model.moe.num_experts=", error_message(error))
+        match = re.match(r"^(\w+)=(\S+?):? (.*)$", text)
+        if match and match.group(1) in merged:
+            option = match.group(1)
+            default = "" if option in options else " (the default; set it in router_options)"
+            checker.problems.append(
+                f"model.moe.router_options.{option}={match.group(2)}: {match.group(3)}{default}"
+            )
+        else:
+            checker.problems.append(f"model.moe.router_options: {text}")
+        checker.bad.add("model.moe.router_options")
+
+
+def _check_groups(checker: Checker, tokens: int | None, devices: int | None) -> None:
+    group = checker.int_("model.moe.group_images", 0)
+    if group is MISSING:
+        return
+    if group == 0:  # a group is the per-device train batch, at evaluation too (one model)
+        train, evaluation = checker.get("batch_size"), checker.get("eval_batch_size")
+        if train is not MISSING and evaluation is not MISSING and evaluation % train:
+            checker.add(
+                "eval_batch_size",
+                f"must be a multiple of batch_size={train} with model.moe.group_images=0 "
+                "(a routing group is then the per-device train batch); or set group_images",
+                evaluation,
+            )
+        return
+    for path in ("batch_size", "eval_batch_size"):
+        size = checker.get(path)
+        if size is MISSING:
+            continue
+        if devices:
+            if size % devices:
+                continue  # reported with the batch size
+            per_device = size // devices
+            where = f"the per-device batch ({path}={size} / {devices} devices = {per_device})"
+        else:
+            per_device, where = size, f"{path}={size}"
+        if per_device % group:
+            detail = ""
+            if tokens:
+                detail = (
+                    f": a routing group of {group} x {tokens} = {group * tokens} tokens does not "
+                    f"divide the {per_device} x {tokens} = {per_device * tokens} tokens"
+                )
+            checker.add("model.moe.group_images", f"must be 0 or divide {where}{detail}", group)
+            return
+
+
+def check_sharding(checker: Checker, devices: int | None) -> None:
+    import vmoe_layers
+
+    strategy = checker.choice(
+        "sharding.strategy", vmoe_layers.available_strategies(), "sharding strategy"
+    )
+    shape = checker.get("sharding.mesh_shape")
+    if shape is MISSING:
+        return
+    from vmoe_plugins import is_int
+
+    if not all(is_int(n) and n >= 1 for n in shape):
+        checker.add("sharding.mesh_shape", "must be () or a tuple of integers >= 1", shape)
+        return
+    axes = STRATEGY_AXES.get(strategy) if strategy is not MISSING else None
+    if shape and axes is not None and len(shape) != len(axes):
+        checker.add(
+            "sharding.mesh_shape",
+            f"must have {len(axes)} ax{'i' if len(axes) == 1 else 'e'}s {axes} for "
+            f"sharding.strategy={strategy!r}",
+            shape,
+        )
+        return
+    if shape and devices and math.prod(shape) != devices:
+        checker.add(
+            "sharding.mesh_shape",
+            f"needs {math.prod(shape)} devices; there are {devices}: its product must be "
+            f"{devices} (or () for the strategy's default)",
+            shape,
+        )
+        return
+    if strategy in ("expert", "expert_fsdp") and _is_moe(checker):
+        experts = checker.get("model.moe.num_experts")
+        size = shape[1] if shape else devices
+        if experts is not MISSING and size and experts % size:
+            checker.add(
+                "model.moe.num_experts",
+                f"must be a multiple of the 'expert' mesh axis ({size}) for "
+                f"sharding.strategy={strategy!r}",
+                experts,
+            )
