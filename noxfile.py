@@ -141,6 +141,24 @@ def sharding_matrix(session: nox.Session) -> None:
     )
 
 
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The trainer under faults: kill -9 at random moments (one mid-step, one while an async
+    checkpoint is written, six from outside at random times) with storage that fails the first
+    read of every checkpoint; the final params must be bit-identical to an uninterrupted run's,
+    and no complete checkpoint may be deleted (packages/vmoe-train/tests/test_faults.py; a few
+    minutes; `VMOE_FAULTS_SEED=<n>` for other kill times). Also the multi-process and 8-device
+    trainer cases left out of the default run (VMOE_TRAIN_EXTRA=1)."""
+    _install(session, PROJECTS["train"])
+    session.run(
+        "pytest",
+        "packages/vmoe-train/tests/test_faults.py",
+        "packages/vmoe-train/tests/test_resume_and_processes.py",
+        *session.posargs,
+        env={"VMOE_FAULTS": "1", "VMOE_TRAIN_EXTRA": "1"},
+    )
+
+
 @nox.session(name="bench-comm")
 def bench_comm(session: nox.Session) -> None:
     """Bytes each device sends per collective kind, and planned memory, of one V-MoE-S/32 and
@@ -151,6 +169,14 @@ def bench_comm(session: nox.Session) -> None:
     _install(session, PROJECTS["layers"], extras="")
     session.install("matplotlib")
     session.run("python", "benchmarks/bench_comm.py", *session.posargs)
+
+
+@nox.session(name="bench-resume-memory")
+def bench_resume_memory(session: nox.Session) -> None:
+    """Peak memory of resuming vs training (benchmarks/bench_resume_memory.py: V-MoE-S/32, each
+    phase its own process); exits 1 if resuming peaks above training."""
+    _install(session, PROJECTS["train"], extras="")
+    session.run("python", "benchmarks/bench_resume_memory.py", *session.posargs)
 
 
 @nox.session(name="bench-data")

@@ -47,21 +47,19 @@ def _leaves(tree):
     }
 
 
-def test_kill_9_at_random_steps_then_resume_is_bit_identical(tmp_path):
+def test_kill_9_while_a_checkpoint_is_written_then_resume_is_bit_identical(tmp_path):
+    # One kill, right after an async checkpoint write began (the worker logs, and can die, at
+    # even steps; checkpoints every 4 steps of 24). Repeated kills at random moments, with
+    # flaky storage: `nox -s faults` (test_faults.py).
     straight = tmp_path / "straight"
     _run(straight)
-
-    # Random (seeded, so a failure reproduces) kill points: two mid-step, one while the async
-    # write of a checkpoint is in progress. The worker logs (and can die) at even steps;
-    # checkpoints are every 4 steps of 24.
-    rng = random.Random(20261129)
-    first, last = sorted(rng.sample([2, 6, 10, 14, 18, 22], 2))
-    at_checkpoint = rng.choice([c for c in (8, 12, 16, 20) if first < c])
     killed = tmp_path / "killed"
-    _run(killed, "--kill-at-step", str(first), killed=True)
-    _run(killed, "--kill-at-checkpoint", str(at_checkpoint), killed=True)
-    if last > at_checkpoint:
-        _run(killed, "--kill-at-step", str(last), killed=True)
+    _run(
+        killed,
+        "--kill-at-checkpoint",
+        str(random.Random(20261129).choice([8, 12, 16])),
+        killed=True,
+    )
     resumed = _run(killed)
     assert "resumed from" in resumed.stdout
 
@@ -109,8 +107,19 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
 
-    # Fine-tuning across both processes, experts split over them: each process reads only its
-    # slices of the loaded parameters (was: jax.device_get of parameters no process holds whole).
+
+EXTRA = pytest.mark.skipif(
+    os.environ.get("VMOE_TRAIN_EXTRA") != "1",
+    reason="an extra multi-process/multi-device case: `nox -s faults` (VMOE_TRAIN_EXTRA=1)",
+)
+
+
+@EXTRA
+def test_fine_tuning_across_two_processes_reads_each_processs_slices(tmp_path):
+    # Experts split over both processes: each process reads only its slices of the loaded
+    # parameters (was: jax.device_get of parameters no process holds whole: an error).
+    common = ["--set", "num_steps=6", "--set", "checkpoint.every_steps=0"]
+    _run(tmp_path / "one", *common)
     outs = _two_processes(
         tmp_path / "finetuned",
         *common,
@@ -154,6 +163,7 @@ def _two_processes(workdir, *args) -> list[str]:
     return outs
 
 
+@EXTRA
 def test_expert_strategy_on_8_devices_follows_one_device(tmp_path):
     # Experts split over 8 host devices (all-to-all inside shard_map) against all experts on one
     # device: the same model, batches and routing groups, so the same loss curve.

@@ -12,7 +12,7 @@ import pytest
 from train_worker import tiny_config
 
 import vmoe_train
-from vmoe_train import steps
+from vmoe_train import checkpoints, steps
 from vmoe_train.callbacks import Callback
 from vmoe_train.resume import ResumeConfigError
 
@@ -25,41 +25,35 @@ def _jsonl(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+KEEP_WORST = (
+    "checkpoint.keep=1",
+    "checkpoint.keep_best=validation/loss",
+    "checkpoint.keep_best_mode=max",  # stated: the *largest* loss is "best" here
+)
+
+
 @pytest.fixture(scope="module")
 def run_12(tmp_path_factory):
-    """12 steps, checkpoints at 4, 8, 12 (all kept), evaluations at 6 and 12, keep_best set:
-    every checkpoint step is evaluated too."""
+    """12 steps, checkpoints at 4, 8, 12, evaluations every 6 steps; keep=1 and keep_best by
+    the largest validation loss: every checkpoint step is evaluated too, and the newest and
+    the worst checkpoints survive."""
     workdir = tmp_path_factory.mktemp("run12")
-    vmoe_train.train(_config("checkpoint.keep_best=validation/loss"), workdir)
+    vmoe_train.train(_config(*KEEP_WORST), workdir)
     return workdir
 
 
-def test_each_checkpoint_carries_its_own_steps_metrics(run_12):
+def test_keep_best_uses_each_checkpoints_own_metrics_and_the_stated_mode(run_12):
     evaluated = {r["step"]: r["validation/loss"] for r in _jsonl(run_12) if "validation/loss" in r}
     assert sorted(evaluated) == [4, 6, 8, 12]  # the eval cadence (6) and every checkpoint
+    worst = max((4, 8, 12), key=evaluated.get)
+    assert worst != 12  # the loss went down: the test sees the mode
+    kept = vmoe_train.Checkpointer(run_12 / "checkpoints", every_steps=0, keep=0)
+    assert kept.steps() == [worst, 12]
+    kept.close()
     manager = ocp.CheckpointManager(run_12 / "checkpoints")
-    for step in (4, 8, 12):
+    for step in (worst, 12):
         assert manager.metrics(step)["validation/loss"] == pytest.approx(evaluated[step])
     manager.close()
-
-
-def test_keep_best_follows_the_stated_mode_through_train(tmp_path):
-    # keep=1 and the best by the *largest* loss (stated): the newest and the worst survive.
-    workdir = tmp_path / "run"
-    vmoe_train.train(
-        _config(
-            "checkpoint.keep=1",
-            "checkpoint.keep_best=validation/loss",
-            "checkpoint.keep_best_mode=max",
-        ),
-        workdir,
-    )
-    losses = {r["step"]: r["validation/loss"] for r in _jsonl(workdir) if "validation/loss" in r}
-    worst = max((4, 8, 12), key=losses.get)
-    kept = vmoe_train.Checkpointer(workdir / "checkpoints", every_steps=0, keep=0)
-    assert kept.steps() == sorted({worst, 12})
-    assert worst != 12  # the loss went down: the test sees the mode
-    kept.close()
 
 
 @pytest.mark.parametrize(
@@ -91,7 +85,7 @@ def test_resume_accepts_a_change_on_purpose_and_notes_harmless_ones(run_12, tmp_
             "num_steps=16",
             "resume.allow_changes=num_steps",
             "log.every_steps=4",
-            "checkpoint.keep_best=validation/loss",
+            *KEEP_WORST,
         ),
         workdir,
     )
@@ -112,12 +106,13 @@ def test_resume_restores_into_abstract_shapes_without_a_fresh_state(run_12, tmp_
         raise AssertionError("resume built a fresh train state")
 
     monkeypatch.setattr(steps, "create_train_state", no_fresh_state)
-    summary = vmoe_train.train(_config("checkpoint.keep_best=validation/loss"), workdir)
+    summary = vmoe_train.train(_config(*KEEP_WORST), workdir)
     assert summary["start_step"] == 12
 
 
 def test_finetune_from_a_step_directory(run_12, tmp_path):
-    config = _config("num_steps=4", f"finetune.init_from={run_12 / 'checkpoints' / '8'}")
+    oldest = min(checkpoints.scan(run_12 / "checkpoints").complete)
+    config = _config("num_steps=4", f"finetune.init_from={run_12 / 'checkpoints' / str(oldest)}")
     summary = vmoe_train.train(config, tmp_path / "ft")
     assert summary["steps"] == 4 and summary["start_step"] == 0
 

@@ -49,13 +49,54 @@ class Kill(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def flaky_reads() -> None:
+    """A storage layer that fails the first read of each checkpoint step (an I/O error, as a
+    network file system's hiccup), in this process: orbax's readers raise OSError(EIO) once per
+    step directory, then read normally. The trainer must retry, not skip or delete."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from vmoe_train.checkpoints import reading
+
+    reading.RETRY_DELAYS_S = (0.05, 0.1)
+    failed: set[str] = set()
+
+    def once(key: str) -> None:
+        if key not in failed:
+            failed.add(key)
+            print(f"flaky storage: EIO reading {key}", file=sys.stderr, flush=True)
+            raise OSError(errno.EIO, "Input/output error (injected)", key)
+
+    manager_restore = ocp.CheckpointManager.restore
+    checkpointer_restore = ocp.Checkpointer.restore
+
+    def restore_step(self, step, *args, **kwargs):
+        once(f"{self.directory}/{step}")
+        return manager_restore(self, step, *args, **kwargs)
+
+    def restore_path(self, directory, *args, **kwargs):
+        once(str(directory))
+        return checkpointer_restore(self, directory, *args, **kwargs)
+
+    ocp.CheckpointManager.restore = restore_step
+    ocp.Checkpointer.restore = restore_path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
     parser.add_argument("--kill-at-step", type=int)
     parser.add_argument("--kill-at-checkpoint", type=int)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument(
+        "--flaky-reads",
+        action="store_true",
+        help="the first read of every checkpoint (state or JSON item) fails with EIO",
+    )
     args = parser.parse_args(argv)
+    if args.flaky_reads:
+        flaky_reads()
     config = tiny_config(args.set)
     vmoe_train.train(
         config, args.workdir, callbacks=[Kill(args.kill_at_step, args.kill_at_checkpoint)]

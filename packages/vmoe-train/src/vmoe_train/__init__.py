@@ -25,7 +25,15 @@ from vmoe_train.callbacks import (
     available_callbacks,
     make_callbacks,
 )
-from vmoe_train.checkpoints import Checkpointer, Restored, read_config, restore_params
+from vmoe_train.checkpoints import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointUnavailableError,
+    CheckpointWarning,
+    Restored,
+    read_config,
+    restore_params,
+)
 from vmoe_train.config import (
     ConfigError,
     apply_overrides,
@@ -50,6 +58,9 @@ _callbacks.register()
 __all__ = [
     "CALLBACKS",
     "Callback",
+    "CheckpointError",
+    "CheckpointUnavailableError",
+    "CheckpointWarning",
     "Checkpointer",
     "ConfigError",
     "JsonlLogger",
