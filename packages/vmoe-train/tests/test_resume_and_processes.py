@@ -132,6 +132,24 @@ def test_fine_tuning_across_two_processes_reads_each_processs_slices(tmp_path):
     assert sorted(_losses(tmp_path / "finetuned")) == [2]
 
 
+@EXTRA
+def test_two_processes_resume_as_one_decision_past_a_corrupt_checkpoint(tmp_path):
+    # Checkpoints at 2 and 4; step 4's array data truncated (corrupt for both processes): both
+    # restore step 2 together, process 0 moves step 4 aside, and the run ends at 6 in both.
+    common = ["--set", "num_steps=4", "--set", "checkpoint.every_steps=2"]
+    _two_processes(tmp_path / "run", *common)
+    for data in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*"):
+        if data.is_file() and data.parent.name == "d":
+            data.write_bytes(b"")
+    allow = ["--set", "resume.allow_changes=num_steps"]
+    outs = _two_processes(tmp_path / "run", *common, "--set", "num_steps=6", *allow)
+    assert "resumed from" in outs[0] and f"{tmp_path / 'run' / 'checkpoints' / '2'}" in outs[0]
+    assert (tmp_path / "run" / "checkpoints.corrupt" / "4" / "state").is_dir()
+    assert sorted(
+        vmoe_train.Checkpointer(tmp_path / "run" / "checkpoints", every_steps=0, keep=0).steps()
+    ) == [2, 4, 6]
+
+
 def _two_processes(workdir, *args) -> list[str]:
     """train_worker.py in two processes of one jax.distributed run; their stdouts."""
     address = f"127.0.0.1:{_free_port()}"

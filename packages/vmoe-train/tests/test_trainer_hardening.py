@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import orbax.checkpoint as ocp
 import pytest
 from train_worker import tiny_config
@@ -138,3 +139,19 @@ def test_a_crash_closes_callbacks_and_finishes_the_pending_checkpoint(tmp_path):
     assert ckpt.steps() == [4]  # the async write of step 4 was waited for
     ckpt.close()
     assert [r["step"] for r in _jsonl(tmp_path)] == [2, 4, 6][: len(_jsonl(tmp_path))]
+
+
+def test_the_abstract_state_a_resume_restores_into_is_the_fresh_states_layout():
+    from vmoe_train import setup
+
+    for frozen in ("", "head"):  # frozen params: a masked optimizer state
+        built = setup.build(_config(f"optimizer.frozen={frozen}"))
+        args = (built.model, built.optimizer)
+        abstract = steps.abstract_train_state(*args, built.sample_images, built.strategy)
+        fresh = steps.create_train_state(*args, 0, built.sample_images, built.strategy)
+        a, f = jax.tree_util.tree_flatten(abstract), jax.tree_util.tree_flatten(fresh)
+        assert a[1] == f[1]
+        for x, y in zip(a[0], f[0], strict=True):
+            assert (x.shape, x.dtype) == (y.shape, y.dtype)
+            assert x.sharding.is_equivalent_to(y.sharding, y.ndim), (x.sharding, y.sharding)
+            assert isinstance(x.sharding, jax.sharding.NamedSharding)  # on the mesh, not a device

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import vmoe_layers as vl
@@ -70,18 +71,51 @@ def abstract_train_state(
     model = init_model(model)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images)["params"])
     params = _with_shardings(shapes, vl.param_shardings(strategy, shapes))
-    # The optimizer state is laid out as jit lays out `optimizer.init(params)` (compiled, not
-    # run: the shardings XLA chose for its outputs).
     opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = jax.jit(optimizer.init).lower(params).compile().output_shardings
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # as `state_from_params`
+    opt_state = _with_shardings(opt_shapes, opt_state_shardings(optimizer, params, strategy.mesh))
+    # The step and the key, replicated over the mesh: on the devices of every other array (one
+    # device of one process would not be, with several processes).
+    replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=here),
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         params=params,
-        opt_state=_with_shardings(opt_shapes, opt_shardings),
-        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=here),
+        opt_state=opt_state,
+        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any, mesh: Any) -> Any:
+    """Where the optimizer state of `params` (arrays or ShapeDtypeStructs with shardings) lives:
+    each parameter-shaped part (Adam's moments, momentum) like its parameter, the rest (step
+    counts) replicated over `mesh`. Stated, not left to XLA: an output that does not depend on
+    its input's values (`zeros_like`) may be placed on one local device, which a restore into
+    that layout cannot share with global arrays across processes.
+
+    A state leaf is a parameter's part when its key path ends with that parameter's path (optax
+    keeps the params' dict keys in its states, e.g. `...mu['block_1']['moe']['experts']['w_in']`)
+    and has its shape."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {_dict_tail(path): p for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def sharding(path: Any, leaf: Any) -> Any:
+        param = by_path.get(_dict_tail(path))
+        if param is not None and tuple(param.shape) == tuple(leaf.shape):
+            return param.sharding
+        return replicated
+
+    state = jax.eval_shape(optimizer.init, params)
+    return jax.tree_util.tree_map_with_path(sharding, state)
+
+
+def _dict_tail(path: Any) -> tuple[str, ...]:
+    """The trailing dict keys of a key path (a parameter's path inside an optimizer state)."""
+    tail: list[str] = []
+    for key in reversed(path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        tail.append(str(key.key))
+    return tuple(reversed(tail))
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -93,14 +127,34 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
 
 
 def state_from_params(params: Any, optimizer: optax.GradientTransformation, rng: Array):
-    """A step-0 state around existing params (e.g. fine-tuning), optimizer state alongside."""
-    opt_state = jax.jit(optimizer.init)(params)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=opt_state,
-        rng=jax.random.key_data(rng),
-    )
+    """A step-0 state around existing params (e.g. fine-tuning), optimizer state alongside.
+
+    Params laid out on a mesh (NamedSharding) get the layout `abstract_train_state` describes
+    (the optimizer state by `opt_state_shardings`, step and key replicated), so a fresh state and
+    a restored one are laid out alike."""
+    key_data = jax.random.key_data(rng)
+    mesh = _mesh_of(params)
+    if mesh is None:
+        opt_state = jax.jit(optimizer.init)(params)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, key_data)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = opt_state_shardings(optimizer, params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    key_host = np.asarray(key_data)  # a constant of the jit below, the same in every process
+    step, key = jax.jit(
+        lambda: (jnp.zeros((), jnp.int32), jnp.asarray(key_host)),
+        out_shardings=(replicated, replicated),
+    )()
+    return TrainState(step, params, opt_state, key)
+
+
+def _mesh_of(params: Any) -> Any:
+    """The mesh of the first parameter's NamedSharding (None: not laid out on a mesh)."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    return None
 
 
 def global_norm(tree: Any) -> Array:
