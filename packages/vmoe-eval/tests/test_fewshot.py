@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+import vmoe_data
 import vmoe_train
 from vmoe_eval import evaluators, fewshot
 
@@ -60,12 +61,14 @@ def test_separates_gaussian_classes_from_few_shots():
 
 
 def _reference(x, y, num_classes, l2):
-    """The obvious way: standardise, add the bias feature, solve the normal equations."""
-    mean, std = x.mean(0), x.std(0) + fewshot.STD_EPSILON
-    xs = np.concatenate([(x - mean) / std, np.full((len(x), 1), fewshot.BIAS_FEATURE)], 1)
+    """The obvious way: standardise (std + 1e-5), add the bias feature (100), targets in
+    {-1, +1}, solve the normal equations; (W, b) acting on the raw features."""
+    bias_feature, epsilon = 100.0, 1e-5  # the recipe's constants, written out
+    mean, std = x.mean(0), x.std(0) + epsilon
+    xs = np.concatenate([(x - mean) / std, np.full((len(x), 1), bias_feature)], 1)
     targets = 2.0 * np.eye(num_classes)[y] - 1.0
     w = np.linalg.solve(xs.T @ xs + l2 * np.eye(xs.shape[1]), xs.T @ targets)
-    return w[:-1] / std[:, None], fewshot.BIAS_FEATURE * w[-1] - (mean / std) @ w[:-1]
+    return w[:-1] / std[:, None], bias_feature * w[-1] - (mean / std) @ w[:-1]
 
 
 @pytest.mark.parametrize("n, dim", [(60, 12), (9, 30)])  # more examples than features, fewer
@@ -141,13 +144,50 @@ def test_trained_features_beat_random_initialisation_at_5_shots(trained_run):
     assert margin > 0.07, (trained, initial)
 
 
+def _accuracy_by_hand(x, y, x_test, y_test, num_classes, l2):
+    """Test accuracy of `_reference`'s classifier (the normal equations, solved directly)."""
+    w, b = _reference(x, y, num_classes, l2)
+    return float(np.mean(np.argmax(x_test @ w + b, -1) == y_test))
+
+
 def test_fewshot_evaluator_reports_every_shot_count(trained_run):
-    results = evaluators.get_evaluator("fewshot", shots=(1, 2), seeds=(0, 1)).evaluate(trained_run)
+    """The evaluator's numbers against the normal equations solved here, on the model's
+    features: with capacity factor 4.0 nothing is dropped, so an example's pre-logits do not
+    depend on the other images of its batch, and every split's features are extracted once.
+    The shots are the documented draw, `vmoe_data.few_shot_indices`."""
+    run, shots, seeds, fixed = trained_run, (1, 2), (0, 1), 2.0**6
+    options = {"capacity_factor": 4.0}
+    results = evaluators.get_evaluator(
+        "fewshot", shots=shots, seeds=seeds, l2=fixed, **options
+    ).evaluate(run)
     assert sorted(results) == sorted(
-        f"fewshot/{n}shot/{k}" for n in (1, 2) for k in ("mean", "std", "l2")
+        f"fewshot/{n}shot/{k}" for n in shots for k in ("mean", "std", "l2")
     )
-    assert all(0.1 < results[f"fewshot/{n}shot/mean"] <= 1.0 for n in (1, 2))
-    assert results["fewshot/2shot/std"] >= 0.0
+    x_all, y_all = evaluators.extract_features(run, "train", **options)
+    x_test, y_test = evaluators.extract_features(run, "test", **options)
+    assert len(y_test) == 364
+    np.testing.assert_array_equal(y_all, run.dataset.labels("train"))
+    for n in shots:
+        accuracies = []
+        for seed in seeds:
+            chosen = vmoe_data.few_shot_indices(y_all, n, seed, num_classes=10)
+            assert np.array_equal(np.bincount(y_all[chosen], minlength=10), np.full(10, n))
+            accuracies.append(
+                _accuracy_by_hand(x_all[chosen], y_all[chosen], x_test, y_test, 10, fixed)
+            )
+        assert results[f"fewshot/{n}shot/mean"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+        assert results[f"fewshot/{n}shot/std"] == pytest.approx(np.std(accuracies), abs=1e-12)
+        assert results[f"fewshot/{n}shot/l2"] == fixed
+
+    # L2 chosen on the 2 shots (one seed: the reported L2 is that seed's): the accuracy is the
+    # one of that L2, and the grid's.
+    chosen_l2 = evaluators.get_evaluator("fewshot", shots=2, seeds=0, **options).evaluate(run)
+    l2 = chosen_l2["fewshot/2shot/l2"]
+    assert l2 in fewshot.DEFAULT_L2_GRID
+    chosen = vmoe_data.few_shot_indices(y_all, 2, 0, num_classes=10)
+    by_hand = _accuracy_by_hand(x_all[chosen], y_all[chosen], x_test, y_test, 10, l2)
+    assert chosen_l2["fewshot/2shot/mean"] == pytest.approx(by_hand, abs=1e-12)
+    assert chosen_l2["fewshot/2shot/std"] == 0.0
 
 
 def test_more_shots_than_the_smallest_class_is_one_clear_error(trained_run):

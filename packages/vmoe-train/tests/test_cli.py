@@ -5,7 +5,6 @@ No training here: `vmoe_train.trainer` is replaced by a fake that records its ca
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import types
 import pytest
 
 from vmoe_train import cli
-from vmoe_train.config import shipped_configs
+from vmoe_train.config import DEFAULT_CONFIG, config_to_json, load_config, shipped_configs
 
 
 @pytest.fixture
@@ -46,11 +45,21 @@ def test_help(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: vmoe-train") and "--config.FIELD=VALUE" in out
+    # Every flag the parser takes has its own line under "options:", and the default named
+    # there is the one a run without --config loads.
+    options = out.split("\noptions:\n", 1)[1]
+    for flag in cli.FLAGS:
+        assert re.search(rf"^  (-h, )?{re.escape(flag)}\b", options, re.MULTILINE), flag
+    assert f"(default: {DEFAULT_CONFIG})" in options
 
 
 def test_check_ok(capsys):
+    import jax
+
     assert cli.main(["--check", "--config=digits_vit"]) == 0
-    assert capsys.readouterr().out.startswith("OK")
+    captured = capsys.readouterr()
+    assert captured.out == f"OK ({jax.device_count()} device(s), 1 process(es))\n"
+    assert captured.err == ""
 
 
 def test_check_reports_a_bad_override_with_status_2(capsys):
@@ -116,6 +125,13 @@ def test_a_run_calls_the_trainer_with_the_overridden_config(capsys, tmp_path, tr
         "k": 1,
         "priority_score": "sum",
     }
+    # Nothing else changed: the shipped config with those four fields set by hand.
+    expected = load_config("digits_vmoe")
+    expected.model.moe.router = "bpr"
+    expected.model.moe.router_options.k = 1
+    expected.model.moe.router_options.priority_score = "sum"
+    expected.num_steps = 500
+    assert config_to_json(config) == config_to_json(expected)
     assert capsys.readouterr().out == ""  # the trainer prints the summary
 
 
@@ -139,8 +155,10 @@ def test_a_config_file_by_path(tmp_path, trainer):
     path.write_text("\n".join(lines) + "\n")
     assert cli.main([f"--config={path}"]) == 0
     ((config, workdir),) = trainer.calls
-    assert config.num_steps == 10
-    assert os.path.basename(workdir).startswith("my_run-")
+    expected = load_config("digits_vmoe")
+    expected.num_steps, expected.optimizer.warmup_steps = 10, 2
+    assert config_to_json(config) == config_to_json(expected)
+    assert re.fullmatch(r"runs[/\\]my_run-\d{8}-\d{6}", workdir), workdir
 
 
 def test_a_bad_config_never_reaches_the_trainer(capsys, trainer):
@@ -166,10 +184,16 @@ def test_a_distributed_run_leaves_the_devices_to_the_trainer(monkeypatch, tmp_pa
     ]
     assert cli.main(argv) == 0
     assert seen == [{"num_processes": 2}]  # devices: after jax.distributed.initialize
-    assert len(trainer.calls) == 1
+    ((config, workdir),) = trainer.calls
+    assert workdir == str(tmp_path)
+    assert config.distributed.to_dict() == {
+        "coordinator_address": "localhost:1234",
+        "num_processes": 2,
+        "process_id": 0,
+    }
 
 
-def test_python_dash_m(data_dir):
+def test_python_dash_m(data_dir, capsys):
     result = subprocess.run(
         [sys.executable, "-m", "vmoe_train", "--list-configs"],
         capture_output=True,
@@ -178,4 +202,7 @@ def test_python_dash_m(data_dir):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "digits_vmoe" in result.stdout
+    # The same listing as the command in this process.
+    assert cli.main(["--list-configs"]) == 0
+    assert result.stdout == capsys.readouterr().out
+    assert re.search(r"^digits_vmoe\s", result.stdout, re.MULTILINE)

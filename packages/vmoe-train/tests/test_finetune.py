@@ -14,6 +14,32 @@ def _params(model, size):
     return jax.device_get(model.init(jax.random.key(0), images)["params"])
 
 
+def _sample_positions(old_side, new_side):
+    """Where output cell i samples the old grid, in old cell units: half-pixel centres
+    ((i + 0.5) * old / new - 0.5), clamped to the grid (upsampling only needs the clamp)."""
+    return np.clip((np.arange(new_side) + 0.5) * old_side / new_side - 0.5, 0, old_side - 1)
+
+
+def _bilinear_by_hand(grid, new_side):
+    """[n, n, D] -> [m, m, D], m >= n: each output cell the weighted mean of the 4 old cells
+    around its sample position, one loop per cell."""
+    n = grid.shape[0]
+    pos = _sample_positions(n, new_side)
+    out = np.zeros((new_side, new_side, grid.shape[-1]))
+    for i, y in enumerate(pos):
+        for j, x in enumerate(pos):
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            y1, x1 = min(y0 + 1, n - 1), min(x0 + 1, n - 1)
+            dy, dx = y - y0, x - x0
+            out[i, j] = (
+                (1 - dy) * (1 - dx) * grid[y0, x0]
+                + (1 - dy) * dx * grid[y0, x1]
+                + dy * (1 - dx) * grid[y1, x0]
+                + dy * dx * grid[y1, x1]
+            )
+    return out
+
+
 def test_new_class_count_and_resolution():
     old = vl.create_model("V-MoE-Nano/2", num_classes=10)
     new = vl.create_model("V-MoE-Nano/2", num_classes=3)
@@ -26,6 +52,14 @@ def test_new_class_count_and_resolution():
     )
     assert params["pos_embedding"].shape == (1, 37, 32)
     np.testing.assert_array_equal(params["pos_embedding"][0, 0], loaded["pos_embedding"][0, 0])
+    # The 4x4 patch grid of the checkpoint's (random) embeddings, resized to 6x6 by hand.
+    old_grid = np.asarray(loaded["pos_embedding"][0, 1:], np.float64).reshape(4, 4, 32)
+    np.testing.assert_allclose(
+        np.asarray(params["pos_embedding"][0, 1:]).reshape(6, 6, 32),
+        _bilinear_by_hand(old_grid, 6),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # The new model runs on the new resolution with these params.
     out = new.apply({"params": params}, jnp.zeros((2, 12, 12, 1)))
     assert out.logits.shape == (2, 3)
@@ -39,11 +73,38 @@ def test_keeping_the_head_when_classes_match():
 
 
 def test_resize_pos_embedding_by_hand():
-    # A constant grid stays constant; a 2x2 grid resized to 2x2 is unchanged; class row kept.
-    grid = np.arange(4.0).reshape(1, 4, 1)
+    # 2x2 -> 4x4, written out: a row of the new grid samples the old rows at -0.25, 0.25, 0.75,
+    # 1.25 (clamped to 0 and 1), i.e. weights (1, 0), (3/4, 1/4), (1/4, 3/4), (0, 1).
+    # Old grid [[0, 4], [8, 12]] (8 per row, 4 per column); the class token's row is 9.
+    grid = np.array([0.0, 4.0, 8.0, 12.0]).reshape(1, 4, 1)
     with_cls = np.concatenate([np.full((1, 1, 1), 9.0), grid], axis=1)
-    same = resize_pos_embedding(with_cls, (1, 5, 1), has_class_token=True)
-    np.testing.assert_allclose(same, with_cls)
+    resized = resize_pos_embedding(with_cls, (1, 1 + 16, 1), has_class_token=True)
+    expected = [
+        [0.0, 1.0, 3.0, 4.0],
+        [2.0, 3.0, 5.0, 6.0],
+        [6.0, 7.0, 9.0, 10.0],
+        [8.0, 9.0, 11.0, 12.0],
+    ]
+    assert resized.shape == (1, 17, 1) and resized[0, 0, 0] == 9.0
+    np.testing.assert_allclose(resized[0, 1:, 0].reshape(4, 4), expected, rtol=0, atol=1e-6)
+
+    # A grid linear in (row, col), a different slope per channel, 4x4 -> 7x7: the new grid is
+    # the same linear function at the sample positions (clamped at the border); the class
+    # token's row (not on the grid) is kept bit for bit.
+    rows, cols = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+    ramp = np.stack([3 * rows + 0.5 * cols + 1, -2 * cols + rows - 7], -1).reshape(1, 16, 2)
+    cls = np.array([[[0.123456789, -98.7654321]]], np.float32)
+    embedding = np.concatenate([cls, ramp], axis=1).astype(np.float32)
+    resized = resize_pos_embedding(embedding, (1, 1 + 49, 2), has_class_token=True)
+    assert resized.dtype == np.float32 and resized.shape == (1, 50, 2)
+    np.testing.assert_array_equal(resized[0, 0], cls[0, 0])
+    y, x = np.meshgrid(_sample_positions(4, 7), _sample_positions(4, 7), indexing="ij")
+    expected = np.stack([3 * y + 0.5 * x + 1, -2 * x + y - 7], -1)
+    np.testing.assert_allclose(resized[0, 1:].reshape(7, 7, 2), expected, rtol=0, atol=1e-5)
+    # Without a class token every row is the grid.
+    plain = resize_pos_embedding(embedding[:, 1:], (1, 49, 2), has_class_token=False)
+    np.testing.assert_array_equal(plain, resized[:, 1:])
+
     constant = np.ones((1, 1 + 4, 2))
     np.testing.assert_allclose(resize_pos_embedding(constant, (1, 1 + 16, 2), True), 1.0)
     with pytest.raises(ValueError, match="only square patch grids"):

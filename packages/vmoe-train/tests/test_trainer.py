@@ -4,6 +4,8 @@ onto another class count and resolution from its checkpoint."""
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ from train_worker import tiny_config
 
 import vmoe_data
 import vmoe_train
+from vmoe_train.setup import build, build_model
 
 
 @pytest.fixture(scope="module")
@@ -23,30 +26,103 @@ def pretrained(tmp_path_factory):
     return workdir, summary
 
 
-def test_summary_checkpoint_and_logs(pretrained):
+@pytest.fixture(scope="module")
+def by_hand(pretrained):
+    """{split: (predicted, labels, per-example losses)} of the step-24 checkpoint, computed
+    here: the params read back from disk, the examples read one by one from the dataset's
+    source and scaled to [-1, 1] here, the model applied in eval batches (the last one padded
+    with copies of the last example: as every split has an even count, the routing groups of 2
+    images never mix padding into a real image's group), the softmax cross-entropy in float64."""
+    workdir, _ = pretrained
+    params = vmoe_train.restore_params(workdir / "checkpoints", step=24)
+    tokens = (8 // 4) ** 2 + 1  # 2x2 patches of 4x4 pixels and the class token
+    model = build_model(tiny_config(), num_classes=10, group_size=2 * tokens)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
+    size = tiny_config().eval_batch_size
+    results = {}
+    for split in ("validation", "test"):
+        source = vmoe_data.get_dataset("digits").source(split)
+        images = np.stack([np.asarray(source[i]["image"]) for i in range(len(source))])
+        labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+        images = images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+        logits = []
+        for start in range(0, len(images), size):
+            batch = images[start : start + size]
+            padded = np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+            logits.append(np.asarray(apply(params, padded), np.float64)[: len(batch)])
+        logits = np.concatenate(logits)
+        top = logits.max(-1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+        losses = log_z - logits[np.arange(len(labels)), labels]
+        results[split] = (logits.argmax(-1), labels, losses)
+    return results
+
+
+def _lr_by_hand(step):
+    """tiny_config's schedule at optimizer update `step` (0-based): 4 warmup steps from 0 to
+    5e-3, then cosine over the 20 others down to 1% of it."""
+    peak, warmup, decay = 5e-3, 4, 20
+    if step < warmup:
+        return peak * step / warmup
+    cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / decay))
+    return peak * (0.99 * cosine + 0.01)
+
+
+def test_summary_checkpoint_and_logs(pretrained, by_hand):
     workdir, summary = pretrained
     assert summary["steps"] == 24 and summary["start_step"] == 0
     assert summary["checkpoint"] == str(workdir / "checkpoints" / "24")
-    assert summary["validation/examples"] == 180 and summary["test/examples"] == 364
-    assert 0.0 <= summary["test/accuracy"] <= 1.0
-    assert json.loads((workdir / "summary.json").read_text())["steps"] == 24
+    digits = vmoe_data.get_dataset("digits")
+    assert summary["validation/examples"] == len(digits.source("validation")) == 180
+    assert summary["test/examples"] == len(digits.source("test")) == 364
+    # The final numbers are those of the checkpoint's params, recomputed here by hand.
+    for split, count in (("validation", 180), ("test", 364)):
+        predicted, labels, losses = by_hand[split]
+        assert len(labels) == count
+        correct = int(np.sum(predicted == labels))
+        assert summary[f"{split}/accuracy"] == correct / count, (split, correct)
+        assert summary[f"{split}/loss"] == pytest.approx(np.mean(losses), rel=1e-5), split
+    assert json.loads((workdir / "summary.json").read_text()) == summary
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(2, 25, 2))
+    for r in train:  # the rate of the update that step made (update step - 1)
+        assert r["train/learning_rate"] == pytest.approx(_lr_by_hand(r["step"] - 1), rel=1e-6)
     for key in (
         "train/aux_loss",
         "train/accuracy",
-        "train/learning_rate",
         "train/moe_block_1/dropped_fraction",
         "train/moe_block_1/no_expert_fraction",
         "train/moe_block_1/load_cv",
         "train/moe_block_1/aux_importance",
     ):
         assert key in train[-1], key
+    # A training batch of 16 images: its accuracy is a count of 16ths.
+    for r in train:
+        assert r["train/accuracy"] * 16 == round(r["train/accuracy"] * 16), r
     assert any("validation/accuracy" in r and r["step"] == 12 for r in records)
+    final = [r for r in records if r.get("step") == 24 and "test/accuracy" in r]
+    assert len(final) == 1
+    for key in ("validation/accuracy", "validation/loss", "test/accuracy", "test/loss"):
+        assert final[0][key] == pytest.approx(summary[key], rel=1e-6), key
     assert (workdir / "tensorboard").is_dir()
     # The checkpoint holds the config it was trained with.
     assert vmoe_train.read_config(workdir / "checkpoints")["model"]["name"] == "V-MoE-Nano/4"
+
+
+def test_evaluate_counts_each_real_example_once(pretrained, by_hand):
+    """`evaluate` on the first n test examples, n chosen so that the last batch is padded with
+    copies of an example the model gets right: counting the padding would add hits."""
+    workdir, _ = pretrained
+    predicted, labels, losses = by_hand["test"]
+    hits = predicted == labels
+    n = max(i + 1 for i in range(len(labels)) if hits[i] and (i + 1) % 2 == 0 and (i + 1) % 64)
+    setup = build(tiny_config())
+    params = vmoe_train.restore_params(workdir / "checkpoints", step=24)
+    result = vmoe_train.evaluate(setup, params, f"test[:{n}]")
+    assert result[f"test[:{n}]/examples"] == n
+    assert result[f"test[:{n}]/accuracy"] == int(np.sum(hits[:n])) / n
+    assert result[f"test[:{n}]/loss"] == pytest.approx(np.mean(losses[:n]), rel=1e-5)
 
 
 def test_loss_goes_down(pretrained):
@@ -111,5 +187,11 @@ def test_closing_summary_names_accuracies_paths_and_the_eval_report(pretrained):
     workdir, summary = pretrained
     text = vmoe_train.trainer.format_summary(summary)
     assert f"run: {workdir}" in text and f"checkpoint: {workdir}/checkpoints/24" in text
-    assert "test/accuracy: " in text and "validation/accuracy: " in text
+    assert text.startswith("vmoe-train: done, 24 steps in ")
+    # The printed accuracies are the summary file's, as percentages to 2 decimals.
+    saved = json.loads((workdir / "summary.json").read_text())
+    printed = dict(re.findall(r"^  (\S+/accuracy): (\d+\.\d\d)%$", text, flags=re.MULTILINE))
+    assert set(printed) == {"validation/accuracy", "test/accuracy"}
+    for key, value in printed.items():
+        assert value == f"{100 * saved[key]:.2f}", (key, value, saved[key])
     assert f"vmoe-eval all {workdir}" in text and f"{workdir}/eval/report.md" in text
