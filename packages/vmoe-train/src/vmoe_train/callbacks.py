@@ -14,7 +14,10 @@ The loop calls, in order:
 implements any subset (the others are no-ops through `Callback`'s defaults).
 
 Callbacks are plugins: the hook `vmoe_train_callbacks()` (vmoe_train.hookspecs) maps names to
-factories `factory(run) -> Callback`; `config.log.callbacks` names the ones a run uses.
+factories `factory(run) -> Callback`; `config.log.callbacks` names the ones a run uses, and a
+non-empty `config.eval.evaluators` adds "evaluators" (vmoe-eval's `EvalCallback`, which runs
+them) where `log.callbacks` does not name it: `callback_names(config)`. Without vmoe-eval
+installed, config validation reports `eval.evaluators` with the package to install.
 
 Built-ins: "progress" (`ProgressBar`), "jsonl" (`JsonlLogger`, workdir/metrics.jsonl),
 "tensorboard" (`TensorBoardLogger`, workdir/tensorboard/) and "profile" (`Profiler`,
@@ -90,8 +93,15 @@ CALLBACK_MEMBERS = (
     "on_train_abort",
 )
 
+# Callbacks of separately installed packages of this repository: naming one that is not
+# installed says what to pip install.
+PLUGIN_CALLBACKS = {"evaluators": "vmoe-eval"}
+
+# The callback that runs `config.eval.evaluators` (vmoe-eval's `EvalCallback`).
+EVALUATORS_CALLBACK = "evaluators"
+
 CALLBACKS: vmoe_plugins.Registry[Callback] = vmoe_plugins.Registry(
-    "vmoe_train_callbacks", "callback", members=CALLBACK_MEMBERS
+    "vmoe_train_callbacks", "callback", members=CALLBACK_MEMBERS, known=PLUGIN_CALLBACKS
 )
 
 
@@ -109,6 +119,21 @@ def register() -> None:
 def available_callbacks() -> list[str]:
     """Names of every installed callback (built-ins and plugins), sorted."""
     return CALLBACKS.names()
+
+
+def callback_names(config: Any) -> tuple[str, ...]:
+    """The callbacks a run of `config` uses: `log.callbacks`, then "evaluators" where
+    `eval.evaluators` names any evaluator and `log.callbacks` does not name it already (the
+    evaluators run only through that callback)."""
+    from vmoe_train.config import config_get  # not at import: config imports callbacks
+
+    names = config_get(config, "log.callbacks", ())
+    if isinstance(names, str):  # refused, with its message, by `make_callbacks`
+        return names
+    names = tuple(names or ())
+    if config_get(config, "eval.evaluators", ()) and EVALUATORS_CALLBACK not in names:
+        names += (EVALUATORS_CALLBACK,)
+    return names
 
 
 def make_callbacks(names: Iterable[str], run: RunInfo) -> list[Callback]:

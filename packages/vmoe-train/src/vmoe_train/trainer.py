@@ -33,7 +33,7 @@ import vmoe_data
 import vmoe_layers as vl
 from vmoe_train import checkpoints, finetune, resume, steps
 from vmoe_train import config as config_lib
-from vmoe_train.callbacks import Callback, RunInfo, make_callbacks
+from vmoe_train.callbacks import Callback, RunInfo, callback_names, make_callbacks
 from vmoe_train.configs.base import base_config
 from vmoe_train.setup import Setup, build, data_cache
 from vmoe_train.setup import tokens_per_image as tokens_per_image
@@ -194,7 +194,7 @@ def _run(
     run = RunInfo(workdir, config, start, num_steps, main_process)
     if main_process:
         print(f"vmoe-train: {config.model.name} on {config.dataset.name}, {how}", flush=True)
-    listeners += [*make_callbacks(tuple(config.log.callbacks), run), *extra_callbacks]
+    listeners += [*make_callbacks(callback_names(config), run), *extra_callbacks]
     for listener in listeners:
         listener.on_train_start(run)
 
