@@ -226,6 +226,8 @@ def _run(
         if (eval_every and step % eval_every == 0) or (save and eval_at_checkpoints):
             step_eval = _evaluate_all(setup, state.params, config.dataset.eval_splits)
             for listener in listeners:
+                listener.on_evaluate(step, state.params, setup)
+            for listener in listeners:
                 listener.on_eval(step, step_eval)
         if save:
             data = train_iter.get_state()
@@ -237,6 +239,8 @@ def _run(
     final = _evaluate_all(setup, state.params, config.dataset.eval_splits)
     if config.dataset.test_split:
         final.update(evaluate(setup, state.params, config.dataset.test_split))
+    for listener in listeners:
+        listener.on_evaluate(num_steps, state.params, setup)
     for listener in listeners:
         listener.on_eval(num_steps, final)
     path = ckpt.save(
