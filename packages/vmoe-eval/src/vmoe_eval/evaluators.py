@@ -46,6 +46,7 @@ from vmoe_eval.loading import LoadedRun
 from vmoe_train import setup as setup_lib
 from vmoe_train.callbacks import Callback, RunInfo
 from vmoe_train.config import config_get
+from vmoe_train.losses import top1_correct
 
 __all__ = [
     "EVALUATORS",
@@ -256,10 +257,10 @@ def _jitted_output(model: Any, k: int | None, capacity: float | None, output: st
 class Accuracy:
     """Precision@1: the fraction of examples whose top-1 class is a true label.
 
-    For softmax models that is top-1 accuracy (the argmax is the label). For sigmoid-trained
-    models the argmax of the logits (sigmoid is monotonic) is checked against the multi-hot
-    `batch["labels"]` when the eval preprocessing makes one ([B, C], e.g. `onehot(C)` or a
-    multi-label op), else against `batch["label"]`. Padded examples (mask False) are never
+    Counted by `vmoe_train.losses.top1_correct`, the trainer's own definition: the argmax of the
+    logits (also of sigmoid models: sigmoid is monotonic) is the label (`batch["label"]`), or
+    among the labels of the multi-hot `batch["labels"]` when the eval preprocessing makes one
+    ([B, C], e.g. `onehot(C)` or a multi-label op). Padded examples (mask False) are never
     counted; with the config's defaults the number is exactly the trainer's `evaluate`.
 
     Options:
@@ -311,12 +312,7 @@ class Accuracy:
             for predicted, batch in loading.forward(run, split, batch_size=size, apply_fn=top1):
                 predicted = np.asarray(loading.to_host(predicted))
                 mask = np.asarray(batch["mask"], bool)
-                multi_hot = batch.get("labels")
-                if multi_hot is not None and np.ndim(multi_hot) == 2:
-                    hit = np.take_along_axis(multi_hot, predicted[:, None], axis=1)[:, 0] > 0
-                else:
-                    hit = predicted == np.asarray(batch["label"])
-                correct += int(np.sum(hit & mask))
+                correct += int(np.sum(top1_correct(predicted, batch) & mask))
                 count += int(np.sum(mask))
             results[f"{split}/accuracy"] = correct / max(count, 1)
             results[f"{split}/examples"] = float(count)
