@@ -76,28 +76,6 @@ def test_summary_checkpoint_and_logs(pretrained):
     assert vmoe_train.read_config(workdir / "checkpoints")["model"]["name"] == "V-MoE-Nano/4"
 
 
-def test_callbacks_get_the_live_params_at_each_evaluation(pretrained, recorder):
-    workdir, summary = pretrained
-    assert "on_evaluate" in vmoe_train.callbacks.CALLBACK_MEMBERS
-    at = [c for c in recorder.calls if c[1] in (12, 24)]
-    assert at == [
-        ("on_step_end", 12),
-        ("on_evaluate", 12),
-        ("on_eval", 12),
-        ("on_checkpoint", 12),  # checkpoints every 4 steps
-        ("on_step_end", 24),
-        ("on_evaluate", 24),
-        ("on_eval", 24),
-        ("on_checkpoint", 24),
-    ]
-    assert [c[1] for c in recorder.calls if c[0] == "on_evaluate"] == [12, 24]
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    [periodic] = [r for r in records if r.get("step") == 12 and "validation/accuracy" in r]
-    for key in ("validation/accuracy", "validation/loss", "validation/examples"):
-        assert recorder.evaluated[12][key] == periodic[key], key
-        assert recorder.evaluated[24][key] == summary[key], key
-
-
 def test_loss_goes_down(pretrained):
     workdir, _ = pretrained
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -162,3 +140,25 @@ def test_closing_summary_names_accuracies_paths_and_the_eval_report(pretrained):
     assert f"run: {workdir}" in text and f"checkpoint: {workdir}/checkpoints/24" in text
     assert "test/accuracy: " in text and "validation/accuracy: " in text
     assert f"vmoe-eval all {workdir}" in text and f"{workdir}/eval/report.md" in text
+
+
+def test_callbacks_get_the_live_params_at_each_evaluation(pretrained, recorder):
+    workdir, summary = pretrained
+    assert "on_evaluate" in vmoe_train.callbacks.CALLBACK_MEMBERS
+    at = [c for c in recorder.calls if c[1] in (12, 24)]
+    assert at == [
+        ("on_step_end", 12),
+        ("on_evaluate", 12),
+        ("on_eval", 12),
+        ("on_checkpoint", 12),  # checkpoints every 4 steps
+        ("on_step_end", 24),
+        ("on_evaluate", 24),
+        ("on_eval", 24),
+        ("on_checkpoint", 24),
+    ]
+    assert [c[1] for c in recorder.calls if c[0] == "on_evaluate"] == [12, 24]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    [periodic] = [r for r in records if r.get("step") == 12 and "validation/accuracy" in r]
+    for key in ("validation/accuracy", "validation/loss", "validation/examples"):
+        assert recorder.evaluated[12][key] == periodic[key], key
+        assert recorder.evaluated[24][key] == summary[key], key
