@@ -128,7 +128,7 @@ def test_batch_size_that_splits_a_routing_group_is_a_clear_error(trained_run):
         evaluators.get_evaluator("accuracy", batch_size=51).evaluate(trained_run)
 
 
-def test_callback_evaluates_the_trainers_checkpoints(trained):
+def test_callback_evaluates_the_trainers_params_as_their_checkpoints(trained):
     workdir, summary, callback = trained
     assert sorted(callback.results) == [100, 200]
     written = {int(p.stem): json.loads(p.read_text()) for p in (workdir / "eval").glob("*.json")}
@@ -141,6 +141,46 @@ def test_callback_evaluates_the_trainers_checkpoints(trained):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     periodic = [r for r in records if r.get("step") == 100 and "validation/accuracy" in r]
     assert written[100]["validation/accuracy"] == periodic[0]["validation/accuracy"]
+    # The live params give what the step's checkpoint, loaded from disk, gives: exactly.
+    accuracy = evaluators.get_evaluator("accuracy")
+    for step in (100, 200):
+        saved = accuracy.evaluate(loading.load_run(workdir, step=step))
+        assert callback.results[step] == saved, step
+        assert written[step] == {"step": step, **saved}
+
+
+def test_eval_evaluators_run_on_live_params_without_reading_a_checkpoint(tmp_path, monkeypatch):
+    """`eval.evaluators` set, `log.callbacks` without "evaluators": the trainer uses the
+    callback anyway, which evaluates the params in memory at every evaluation step, also one
+    without a checkpoint (step 12), never loading one; the final step's results are exactly
+    those of its checkpoint loaded from disk, step 12's accuracy the trainer's own."""
+    from eval_worker import tiny_config
+
+    config = tiny_config(
+        [
+            "eval.every_steps=12",
+            "checkpoint.every_steps=0",  # only the final step is saved
+            "checkpoint.async_save=True",
+            "eval.evaluators=('accuracy',)",
+            "log.callbacks=('jsonl',)",
+        ]
+    )
+    loads = []
+    load_run = loading.load_run
+    monkeypatch.setattr(loading, "load_run", lambda *a, **k: loads.append(a) or load_run(*a, **k))
+    summary = vmoe_train.train(config, tmp_path)
+    monkeypatch.undo()
+    assert loads == []
+    assert not (tmp_path / "checkpoints" / "12").exists()
+    assert (tmp_path / "checkpoints" / "24").is_dir()
+    written = {int(p.stem): json.loads(p.read_text()) for p in (tmp_path / "eval").glob("*.json")}
+    assert sorted(written) == [12, 24]
+    saved = evaluators.get_evaluator("accuracy").evaluate(loading.load_run(tmp_path, step=24))
+    assert written[24] == {"step": 24, **saved}
+    assert written[24]["test/accuracy"] == summary["test/accuracy"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    [periodic] = [r for r in records if r.get("step") == 12 and "validation/accuracy" in r]
+    assert written[12]["validation/accuracy"] == periodic["validation/accuracy"]
 
 
 def _free_port() -> int:

@@ -261,3 +261,20 @@ def test_callbacks_and_config_do_not_import_each_other_at_import_time():
     for path in (source.parent / "config").glob("*.py"):
         imported = _module_level_imports(path)
         assert not {n for n in imported if n.startswith("vmoe_train.callbacks")}, path.name
+
+
+def test_eval_evaluators_add_the_evaluators_callback_once():
+    def config(callbacks, evaluators):
+        return ml_collections.ConfigDict(
+            {"log": {"callbacks": callbacks}, "eval": {"evaluators": evaluators}}
+        )
+
+    assert cb.callback_names(config(("jsonl",), ())) == ("jsonl",)
+    assert cb.callback_names(config(("jsonl",), ("accuracy",))) == ("jsonl", "evaluators")
+    assert cb.callback_names(config((), ("accuracy",))) == ("evaluators",)
+    named = config(("evaluators", "jsonl"), ("accuracy",))
+    assert cb.callback_names(named) == ("evaluators", "jsonl")  # not twice
+    # A config saved before eval.evaluators existed.
+    assert cb.callback_names(ml_collections.ConfigDict({"log": {"callbacks": ("jsonl",)}})) == (
+        "jsonl",
+    )

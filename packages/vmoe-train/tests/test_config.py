@@ -505,3 +505,34 @@ def test_a_plugin_name_not_installed_names_the_package_to_install(monkeypatch, f
         in (problems[0])
     )
     assert "pip install vmoe-plugin-not-here; installed: [" in problems[0]
+
+
+def _callbacks_installed(monkeypatch, evaluators: bool) -> None:
+    """The callback registry as if vmoe-eval (its "evaluators" callback) were installed or not,
+    whatever this environment has."""
+    from vmoe_plugins.registry import _Entry
+    from vmoe_train import callbacks
+
+    entries = {k: v for k, v in callbacks.CALLBACKS._entries().items() if k != "evaluators"}
+    if evaluators:
+        entries["evaluators"] = _Entry(object, "vmoe-eval (test)")
+    monkeypatch.setattr(callbacks.CALLBACKS, "_entries", lambda: entries)
+
+
+def test_eval_evaluators_without_vmoe_eval_names_the_package_to_install(monkeypatch):
+    _callbacks_installed(monkeypatch, evaluators=False)
+    problem = only_problem(
+        cfg.validate_config(vmoe("eval.evaluators=('accuracy',)")), "eval.evaluators"
+    )
+    assert "through the callback 'evaluators'" in problem
+    assert "pip install vmoe-eval" in problem
+    assert cfg.validate_config(vmoe("eval.evaluators=()")) == []
+    problem = only_problem(
+        cfg.validate_config(vmoe("log.callbacks=('jsonl', 'evaluators')")), "log.callbacks[1]"
+    )
+    assert "pip install vmoe-eval" in problem
+
+
+def test_eval_evaluators_with_vmoe_eval_installed_is_valid(monkeypatch):
+    _callbacks_installed(monkeypatch, evaluators=True)
+    assert cfg.validate_config(vmoe("eval.evaluators=('accuracy',)", "log.callbacks=()")) == []

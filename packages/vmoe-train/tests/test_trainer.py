@@ -18,11 +18,38 @@ import vmoe_train
 from vmoe_train.setup import build, build_model
 
 
+class Recorder(vmoe_train.Callback):
+    """The order of the hooks at evaluation steps, and what `on_evaluate`'s params give."""
+
+    def __init__(self):
+        self.calls = []
+        self.evaluated = {}
+
+    def on_step_end(self, step, metrics):
+        self.calls.append(("on_step_end", step))
+
+    def on_evaluate(self, step, params, setup):
+        self.calls.append(("on_evaluate", step))
+        # The live params: the trainer's own evaluation of them, again.
+        self.evaluated[step] = vmoe_train.trainer.evaluate(setup, params, "validation")
+
+    def on_eval(self, step, results):
+        self.calls.append(("on_eval", step))
+
+    def on_checkpoint(self, step, path):
+        self.calls.append(("on_checkpoint", step))
+
+
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, recorder):
     workdir = tmp_path_factory.mktemp("pretrain")
     config = tiny_config(["log.callbacks=('jsonl', 'tensorboard')", "eval.every_steps=12"])
-    summary = vmoe_train.train(config, workdir)
+    summary = vmoe_train.train(config, workdir, callbacks=[recorder])
     return workdir, summary
 
 
@@ -195,3 +222,25 @@ def test_closing_summary_names_accuracies_paths_and_the_eval_report(pretrained):
     for key, value in printed.items():
         assert value == f"{100 * saved[key]:.2f}", (key, value, saved[key])
     assert f"vmoe-eval all {workdir}" in text and f"{workdir}/eval/report.md" in text
+
+
+def test_callbacks_get_the_live_params_at_each_evaluation(pretrained, recorder):
+    workdir, summary = pretrained
+    assert "on_evaluate" in vmoe_train.callbacks.CALLBACK_MEMBERS
+    at = [c for c in recorder.calls if c[1] in (12, 24)]
+    assert at == [
+        ("on_step_end", 12),
+        ("on_evaluate", 12),
+        ("on_eval", 12),
+        ("on_checkpoint", 12),  # checkpoints every 4 steps
+        ("on_step_end", 24),
+        ("on_evaluate", 24),
+        ("on_eval", 24),
+        ("on_checkpoint", 24),
+    ]
+    assert [c[1] for c in recorder.calls if c[0] == "on_evaluate"] == [12, 24]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    [periodic] = [r for r in records if r.get("step") == 12 and "validation/accuracy" in r]
+    for key in ("validation/accuracy", "validation/loss", "validation/examples"):
+        assert recorder.evaluated[12][key] == periodic[key], key
+        assert recorder.evaluated[24][key] == summary[key], key

@@ -7,8 +7,9 @@ The same parameters are evaluated at every point (router filling, K, capacity fa
 routers are swapped (`loading.with_routing`: "top_k" fills buffers in token order, "bpr" by
 priority) and K / C are per-call overrides; nothing is retrained. Per point:
 
-- `accuracy`: precision@1 over the real examples (padding masked), counted as the accuracy
-  evaluator does (`hits`): top-1 accuracy for single-label data.
+- `accuracy`: precision@1 over the real examples (padding masked), counted as the trainer and
+  the accuracy evaluator do (`vmoe_train.losses.top1_correct`): top-1 accuracy for single-label
+  data.
 - `capacity`: C_e, slots per expert per routing group, `ceil(K * C * S / E)` capped at S (the
   router's `compute_capacity`; S tokens per group, E experts).
 - per MoE layer (`layers["moe_block_<i>"]`), over the real examples:
@@ -56,6 +57,7 @@ import vmoe_routing
 from vmoe_eval import loading, plots
 from vmoe_eval import routing_stats as ra
 from vmoe_layers.moe import override_router
+from vmoe_train.losses import top1_correct
 
 DEFAULT_CAPACITY_FACTORS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5)
 DEFAULT_KS = (1, 2)
@@ -126,16 +128,6 @@ def _point_fn(model: vl.VisionTransformer, key: tuple, k: int, capacity_factor: 
     return jax.jit(sweep_point)
 
 
-def hits(predicted: np.ndarray, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """[B] bool: the top-1 class is a true label (precision@1), as the accuracy evaluator
-    counts: against the multi-hot `batch["labels"]` [B, C] where the eval preprocessing makes
-    one (sigmoid models), else against `batch["label"]`. Padding is not masked here."""
-    multi_hot = batch.get("labels")
-    if multi_hot is not None and np.ndim(multi_hot) == 2:
-        return np.take_along_axis(np.asarray(multi_hot), predicted[:, None], axis=1)[:, 0] > 0
-    return predicted == np.asarray(batch["label"])
-
-
 def sweep(
     run: loading.LoadedRun,
     capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
@@ -180,7 +172,7 @@ def sweep(
         for key, out in outputs.items():
             acc = totals[key]
             predicted = np.asarray(loading.to_host(out["predicted"]))
-            acc["correct"] += int(np.sum(hits(predicted, batch) & mask))
+            acc["correct"] += int(np.sum(top1_correct(predicted, batch) & mask))
             for name, stats in out["layers"].items():
                 layer = acc["layers"].setdefault(name, collections.Counter())
                 layer.update({s_: int(loading.to_host(v)) for s_, v in stats.items()})

@@ -18,9 +18,11 @@ on every process) and weighs by the batch's mask. With several processes every p
 computes the same results.
 
 The trainer's periodic evaluation runs them too: the callback "evaluators" (`EvalCallback`,
-registered through vmoe-train's hook `vmoe_train_callbacks`) evaluates the checkpoints the
-trainer writes at its evaluation steps (and the final one) with the evaluators named in
-`config.eval.evaluators`, writes `workdir/eval/<step>.json` and prints one line.
+registered through vmoe-train's hook `vmoe_train_callbacks`; the trainer uses it whenever
+`config.eval.evaluators` names evaluators) evaluates the parameters the trainer holds at its
+evaluation steps (and the final one, through the hook `on_evaluate`: no checkpoint is read) with
+the evaluators named in `config.eval.evaluators`, writes `workdir/eval/<step>.json` and prints
+one line.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,10 +43,10 @@ import vmoe_data
 import vmoe_plugins
 from vmoe_eval import fewshot, loading
 from vmoe_eval.loading import LoadedRun
-from vmoe_train import checkpoints
 from vmoe_train import setup as setup_lib
 from vmoe_train.callbacks import Callback, RunInfo
 from vmoe_train.config import config_get
+from vmoe_train.losses import top1_correct
 
 __all__ = [
     "EVALUATORS",
@@ -257,10 +257,10 @@ def _jitted_output(model: Any, k: int | None, capacity: float | None, output: st
 class Accuracy:
     """Precision@1: the fraction of examples whose top-1 class is a true label.
 
-    For softmax models that is top-1 accuracy (the argmax is the label). For sigmoid-trained
-    models the argmax of the logits (sigmoid is monotonic) is checked against the multi-hot
-    `batch["labels"]` when the eval preprocessing makes one ([B, C], e.g. `onehot(C)` or a
-    multi-label op), else against `batch["label"]`. Padded examples (mask False) are never
+    Counted by `vmoe_train.losses.top1_correct`, the trainer's own definition: the argmax of the
+    logits (also of sigmoid models: sigmoid is monotonic) is the label (`batch["label"]`), or
+    among the labels of the multi-hot `batch["labels"]` when the eval preprocessing makes one
+    ([B, C], e.g. `onehot(C)` or a multi-label op). Padded examples (mask False) are never
     counted; with the config's defaults the number is exactly the trainer's `evaluate`.
 
     Options:
@@ -312,12 +312,7 @@ class Accuracy:
             for predicted, batch in loading.forward(run, split, batch_size=size, apply_fn=top1):
                 predicted = np.asarray(loading.to_host(predicted))
                 mask = np.asarray(batch["mask"], bool)
-                multi_hot = batch.get("labels")
-                if multi_hot is not None and np.ndim(multi_hot) == 2:
-                    hit = np.take_along_axis(multi_hot, predicted[:, None], axis=1)[:, 0] > 0
-                else:
-                    hit = predicted == np.asarray(batch["label"])
-                correct += int(np.sum(hit & mask))
+                correct += int(np.sum(top1_correct(predicted, batch) & mask))
                 count += int(np.sum(mask))
             results[f"{split}/accuracy"] = correct / max(count, 1)
             results[f"{split}/examples"] = float(count)
@@ -517,35 +512,32 @@ def holdout_indices(
 
 
 class EvalCallback(Callback):
-    """Runs evaluators on the checkpoints the trainer writes at its evaluation steps.
+    """Runs evaluators on the trainer's parameters at its evaluation steps.
 
-    The trainer's callbacks get metrics, not parameters, so this one evaluates the checkpoint
-    of each step that is a multiple of `every_steps` (default: the config's `eval.every_steps`;
-    0: only the final one) and of the final step, once it is on disk (an asynchronous write is
-    waited for, up to `timeout_s`), loaded with `loading.load_run`. An evaluation step without
-    a checkpoint is skipped: make `eval.every_steps` a multiple of `checkpoint.every_steps`
-    (e.g. equal). Results go to `workdir/eval/<step>.json` and one printed
-    line (main process); `results` keeps them by step. Every process runs the evaluators
-    (they are collective with several processes).
+    The trainer hands its live parameters and `Setup` to callbacks at each evaluation
+    (`on_evaluate`, right after its own evaluation, before `on_eval`); at the final step and at
+    each step that is a multiple of `every_steps` (default: the config's `eval.every_steps`; 0:
+    only the final one), this callback wraps them in a `loading.LoadedRun` and runs its
+    evaluators then: nothing is read from disk and no checkpoint is waited for, and the results
+    are those `loading.load_run` of the step's checkpoint would give. The trainer evaluates at
+    multiples of `eval.every_steps` (and at checkpoint steps with `checkpoint.keep_best`), so a
+    smaller `every_steps` than that adds no evaluation. Results go to `workdir/eval/<step>.json`
+    and one printed line (main process); `results` keeps them by step. Every process runs the
+    evaluators (they are collective with several processes).
 
     Args:
       evaluators: specs (see `make_evaluators`): names, (name, options) pairs or evaluators.
-      every_steps: evaluate checkpoints at multiples of this (None: `eval.every_steps`).
-      timeout_s: how long to wait for a checkpoint's asynchronous write.
+      every_steps: evaluate at the trainer's evaluation steps that are multiples of this
+        (None: `eval.every_steps`; 0: only the final step).
     """
 
     def __init__(
-        self,
-        evaluators: Iterable[EvaluatorSpec] = (),
-        *,
-        every_steps: int | None = None,
-        timeout_s: float = 600.0,
+        self, evaluators: Iterable[EvaluatorSpec] = (), *, every_steps: int | None = None
     ) -> None:
         self.evaluators = make_evaluators(evaluators)
         if every_steps is not None:
             every_steps = vmoe_plugins.check_int("every_steps", every_steps, 0)
         self.every_steps = every_steps
-        self.timeout_s = timeout_s
         self.results: dict[int, dict[str, float]] = {}
         self._run: RunInfo | None = None
 
@@ -559,18 +551,17 @@ class EvalCallback(Callback):
         if self.every_steps is None:
             self.every_steps = int(config_get(run.config, "eval.every_steps", 0) or 0)
 
-    def on_checkpoint(self, step: int, path: pathlib.Path) -> None:
+    def on_evaluate(self, step: int, params: Any, setup: setup_lib.Setup) -> None:
         run = self._run
         if not self.evaluators or run is None or step in self.results:
             return
         if step != run.num_steps and not (self.every_steps and step % self.every_steps == 0):
             return
-        path = pathlib.Path(path)
-        _wait_for_checkpoint(path, self.timeout_s)
-        loaded = loading.load_run(path)
+        # The params are live (the next train step donates them): used here, never kept.
+        live = LoadedRun(run.workdir / "checkpoints", step, setup.config, setup, params)
         results: dict[str, float] = {}
         for evaluator in self.evaluators:
-            results.update(evaluator.evaluate(loaded))
+            results.update(evaluator.evaluate(live))
         self.results[step] = results
         if run.is_main_process:
             out = run.workdir / "eval" / f"{step}.json"
@@ -582,16 +573,6 @@ class EvalCallback(Callback):
 
 def _format(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
-
-
-def _wait_for_checkpoint(path: pathlib.Path, timeout_s: float) -> None:
-    """Until `path` has its final name and every item (orbax renames a finished save into
-    place), or a TimeoutError."""
-    deadline = time.monotonic() + timeout_s
-    while not (path.is_dir() and all((path / item).is_dir() for item in checkpoints.ITEMS)):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"checkpoint {path} was not complete after {timeout_s:g}s")
-        time.sleep(0.05)
 
 
 register()

@@ -31,9 +31,11 @@ from vmoe_train.mismatch import check_fit
 @dataclasses.dataclass
 class LoadedRun:
     """Attributes:
-    path: the checkpoint directory the parameters came from (`.../checkpoints`).
+    path: the checkpoint directory the parameters came from (`.../checkpoints`); for a run
+      built around the trainer's live parameters (`evaluators.EvalCallback`), the run's
+      checkpoint directory, which need not hold this step.
     step: the step of those parameters.
-    config: the run's config (as saved with the checkpoint).
+    config: the run's config (as saved with the checkpoint, or the trainer's).
     setup: the trainer's parts for that config (model, dataset, strategy, `to_global`).
     params: the parameters, laid out by the strategy.
     """

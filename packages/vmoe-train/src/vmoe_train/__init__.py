@@ -44,7 +44,7 @@ from vmoe_train.config import (
 )
 from vmoe_train.finetune import finetune_params, resize_pos_embedding
 from vmoe_train.host import tune_cpu_malloc
-from vmoe_train.losses import classification_loss
+from vmoe_train.losses import classification_loss, top1_correct
 from vmoe_train.metric_writers import JsonlWriter, TensorBoardWriter
 from vmoe_train.optim import make_optimizer, make_schedule
 from vmoe_train.state import TrainState
@@ -90,6 +90,7 @@ __all__ = [
     "resize_pos_embedding",
     "restore_params",
     "shipped_configs",
+    "top1_correct",
     "train",
     "tune_cpu_malloc",
     "validate_config",

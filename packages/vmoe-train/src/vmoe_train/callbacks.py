@@ -4,17 +4,36 @@ The loop calls, in order:
 
     on_train_start(run)                 once, after the state is built or restored
     on_step_end(step, metrics)          every `log.every_steps` steps (and at the last step)
-    on_eval(step, results)              after each periodic and the final evaluation
+    on_evaluate(step, params, setup)    at each periodic and the final evaluation, right after
+                                        the trainer's own evaluation of `params`
+    on_eval(step, results)              then, with the trainer's evaluation results
     on_checkpoint(step, path)           after a checkpoint is written (or its async write begun)
     on_train_end(summary)               once, with the final results
     on_train_abort(error)               instead, if training raised (close what you opened)
+
+At an evaluation step the order is on_step_end (when the step is logged), on_evaluate, on_eval,
+on_checkpoint (when it is a checkpoint step); the final step's come after the loop, in the same
+order. Periodic evaluations are at multiples of `eval.every_steps` (and, with
+`checkpoint.keep_best`, at every checkpoint step); the final one is at `num_steps`.
 
 `metrics` and `results` are flat dicts of Python floats keyed by "/"-separated names
 ("train/loss", "train/moe_block_1/no_expert_fraction", "validation/accuracy"). A callback
 implements any subset (the others are no-ops through `Callback`'s defaults).
 
+`on_evaluate` gives the model's parameters to callbacks that evaluate more than the trainer
+does (vmoe-eval's "evaluators" callback): `params` are the trainer's live parameters at `step`
+(global arrays laid out by `setup.strategy`, the tree `setup.model.apply` takes), `setup` the
+run's `vmoe_train.setup.Setup` (config, model, dataset, strategy, `to_global`, `eval_batches`).
+`params` are valid only during the call: the next train step donates their buffers, so use them
+there and keep nothing of them (copy to the host what must outlive the call). Every process
+calls it with its part of the same global arrays: collective work (a jitted forward, an
+all-gather) is fine, as long as every process does the same.
+
 Callbacks are plugins: the hook `vmoe_train_callbacks()` (vmoe_train.hookspecs) maps names to
-factories `factory(run) -> Callback`; `config.log.callbacks` names the ones a run uses.
+factories `factory(run) -> Callback`; `config.log.callbacks` names the ones a run uses, and a
+non-empty `config.eval.evaluators` adds "evaluators" (vmoe-eval's `EvalCallback`, which runs
+them) where `log.callbacks` does not name it: `callback_names(config)`. Without vmoe-eval
+installed, config validation reports `eval.evaluators` with the package to install.
 
 Built-ins: "progress" (`ProgressBar`), "jsonl" (`JsonlLogger`, workdir/metrics.jsonl),
 "tensorboard" (`TensorBoardLogger`, workdir/tensorboard/) and "profile" (`Profiler`,
@@ -31,12 +50,15 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import tqdm
 
 import vmoe_plugins
 from vmoe_train.metric_writers import JsonlWriter, TensorBoardWriter
+
+if TYPE_CHECKING:  # not at run time: setup imports config, which imports this module
+    from vmoe_train.setup import Setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +89,10 @@ class Callback:
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
+    def on_evaluate(self, step: int, params: Any, setup: Setup) -> None:
+        """The trainer evaluated `params` at `step` (`on_eval` follows with its results).
+        `params` are live: valid only during this call (see the module docstring)."""
+
     def on_eval(self, step: int, results: dict[str, float]) -> None:
         pass
 
@@ -84,14 +110,22 @@ class Callback:
 CALLBACK_MEMBERS = (
     "on_train_start",
     "on_step_end",
+    "on_evaluate",
     "on_eval",
     "on_checkpoint",
     "on_train_end",
     "on_train_abort",
 )
 
+# Callbacks of separately installed packages of this repository: naming one that is not
+# installed says what to pip install.
+PLUGIN_CALLBACKS = {"evaluators": "vmoe-eval"}
+
+# The callback that runs `config.eval.evaluators` (vmoe-eval's `EvalCallback`).
+EVALUATORS_CALLBACK = "evaluators"
+
 CALLBACKS: vmoe_plugins.Registry[Callback] = vmoe_plugins.Registry(
-    "vmoe_train_callbacks", "callback", members=CALLBACK_MEMBERS
+    "vmoe_train_callbacks", "callback", members=CALLBACK_MEMBERS, known=PLUGIN_CALLBACKS
 )
 
 
@@ -109,6 +143,21 @@ def register() -> None:
 def available_callbacks() -> list[str]:
     """Names of every installed callback (built-ins and plugins), sorted."""
     return CALLBACKS.names()
+
+
+def callback_names(config: Any) -> tuple[str, ...]:
+    """The callbacks a run of `config` uses: `log.callbacks`, then "evaluators" where
+    `eval.evaluators` names any evaluator and `log.callbacks` does not name it already (the
+    evaluators run only through that callback)."""
+    from vmoe_train.config import config_get  # not at import: config imports callbacks
+
+    names = config_get(config, "log.callbacks", ())
+    if isinstance(names, str):  # refused, with its message, by `make_callbacks`
+        return names
+    names = tuple(names or ())
+    if config_get(config, "eval.evaluators", ()) and EVALUATORS_CALLBACK not in names:
+        names += (EVALUATORS_CALLBACK,)
+    return names
 
 
 def make_callbacks(names: Iterable[str], run: RunInfo) -> list[Callback]:

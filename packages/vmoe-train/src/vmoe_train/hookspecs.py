@@ -24,11 +24,13 @@ def vmoe_train_callbacks() -> Mapping[str, Callable[[RunInfo], Callback]]:
       name -> factory. `factory(run)` gets the run's `vmoe_train.callbacks.RunInfo` (workdir,
       config, start_step, num_steps, is_main_process) and returns a callback: an object with
       every hook of `vmoe_train.callbacks.Callback` (`on_train_start`, `on_step_end`,
-      `on_eval`, `on_checkpoint`, `on_train_end`; subclass `Callback` and override the ones you
-      need, the others are no-ops). One that lacks a hook is refused with an error naming this
-      plugin. The loop then calls `on_train_start(run)`, so a callback may open its files there.
-      Metrics arrive as flat dicts of Python floats with "/"-separated names; only the main
-      process (`run.is_main_process`) should write anything.
+      `on_evaluate`, `on_eval`, `on_checkpoint`, `on_train_end`, `on_train_abort`; subclass
+      `Callback` and override the ones you need, the others are no-ops). One that lacks a hook
+      is refused with an error naming this plugin. The loop then calls `on_train_start(run)`, so
+      a callback may open its files there. Metrics arrive as flat dicts of Python floats with
+      "/"-separated names; only the main process (`run.is_main_process`) should write anything.
+      `on_evaluate(step, params, setup)` hands over the live parameters at each evaluation
+      (valid only during the call; see `vmoe_train.callbacks` for the order of calls).
 
     Example::
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import vmoe_layers as vl
-from vmoe_train.losses import classification_loss
+from vmoe_train.losses import classification_loss, top1_correct
 from vmoe_train.state import TrainState
 
 Array = jax.Array
@@ -198,7 +198,8 @@ def make_train_step(
     """`step(state, batch) -> (state, metrics)`: one optimizer update on batch["image"] and the
     one-hot batch["labels"] (loss = mean task loss + the routers' weighted aux losses).
 
-    metrics: loss (task), aux_loss, total_loss, accuracy, grad_norm (of the `trainable` params:
+    metrics: loss (task), aux_loss, total_loss, accuracy (`losses.top1_correct` against the
+    targets), grad_norm (of the `trainable` params:
     a tree of booleans like the params, e.g. `optim.trainable_mask`; None: all) and
     `routing_metrics`.
     """
@@ -220,7 +221,7 @@ def make_train_step(
         (total, (task, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        correct = jnp.argmax(out.logits, -1) == jnp.argmax(batch["labels"], -1)
+        correct = top1_correct(jnp.argmax(out.logits, -1), {"labels": batch["labels"]})
         metrics = {
             "loss": task,
             "aux_loss": out.aux_loss,
@@ -243,8 +244,10 @@ def make_eval_step(
     capacity_factor: float | None = None,
 ) -> Callable[[Any, dict[str, Array]], dict[str, Array]]:
     """`eval_step(params, batch) -> sums` over the real (mask=True) examples of a padded batch:
-    count, correct (top-1) and loss_sum. `k` / `capacity_factor` override the routers' for
-    evaluation (static: they set shapes)."""
+    count, correct (`losses.top1_correct`: against batch["labels"] where the eval
+    preprocessing makes [B, C] targets, else batch["label"]) and loss_sum (against
+    batch["label"]). `k` / `capacity_factor` override the routers' for evaluation (static: they
+    set shapes)."""
 
     def eval_step(params, batch: dict[str, Array]) -> dict[str, Array]:
         out = model.apply({"params": params}, batch["image"], k=k, capacity_factor=capacity_factor)
@@ -252,7 +255,7 @@ def make_eval_step(
         labels = batch["label"]
         onehot = jax.nn.one_hot(labels, out.logits.shape[-1])
         loss = classification_loss(out.logits, onehot, loss_kind)
-        correct = (jnp.argmax(out.logits, -1) == labels).astype(jnp.float32)
+        correct = top1_correct(jnp.argmax(out.logits, -1), batch).astype(jnp.float32)
         sums = {
             "count": jnp.sum(mask),
             "correct": jnp.sum(correct * mask),

@@ -33,7 +33,7 @@ import vmoe_data
 import vmoe_layers as vl
 from vmoe_train import checkpoints, finetune, resume, steps
 from vmoe_train import config as config_lib
-from vmoe_train.callbacks import Callback, RunInfo, make_callbacks
+from vmoe_train.callbacks import Callback, RunInfo, callback_names, make_callbacks
 from vmoe_train.configs.base import base_config
 from vmoe_train.setup import Setup, build, data_cache
 from vmoe_train.setup import tokens_per_image as tokens_per_image
@@ -194,7 +194,7 @@ def _run(
     run = RunInfo(workdir, config, start, num_steps, main_process)
     if main_process:
         print(f"vmoe-train: {config.model.name} on {config.dataset.name}, {how}", flush=True)
-    listeners += [*make_callbacks(tuple(config.log.callbacks), run), *extra_callbacks]
+    listeners += [*make_callbacks(callback_names(config), run), *extra_callbacks]
     for listener in listeners:
         listener.on_train_start(run)
 
@@ -226,6 +226,8 @@ def _run(
         if (eval_every and step % eval_every == 0) or (save and eval_at_checkpoints):
             step_eval = _evaluate_all(setup, state.params, config.dataset.eval_splits)
             for listener in listeners:
+                listener.on_evaluate(step, state.params, setup)
+            for listener in listeners:
                 listener.on_eval(step, step_eval)
         if save:
             data = train_iter.get_state()
@@ -237,6 +239,8 @@ def _run(
     final = _evaluate_all(setup, state.params, config.dataset.eval_splits)
     if config.dataset.test_split:
         final.update(evaluate(setup, state.params, config.dataset.test_split))
+    for listener in listeners:
+        listener.on_evaluate(num_steps, state.params, setup)
     for listener in listeners:
         listener.on_eval(num_steps, final)
     path = ckpt.save(

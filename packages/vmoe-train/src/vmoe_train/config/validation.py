@@ -146,20 +146,27 @@ def _check_numbers(checker: Checker) -> None:
 
 def _check_log(checker: Checker) -> None:
     from vmoe_plugins import is_int
+    from vmoe_train.callbacks import CALLBACKS, EVALUATORS_CALLBACK
 
+    available = CALLBACKS.names()
     names = checker.get("log.callbacks")
     if names is not MISSING:
-        try:
-            from vmoe_train.callbacks import available_callbacks
-
-            available = available_callbacks()
-        except ImportError:  # pragma: no cover - callbacks are part of this package
-            available = None
         for i, name in enumerate(names):
-            if not isinstance(name, str) or (available is not None and name not in available):
-                checker.add(
-                    f"log.callbacks[{i}]", unknown_name("callback", name, available or []), name
-                )
+            if not isinstance(name, str) or name not in available:
+                missing = CALLBACKS.missing_hint(name) if isinstance(name, str) else ""
+                message = f"{missing}; installed: {available}" if missing else ""
+                message = message or unknown_name("callback", name, available)
+                checker.add(f"log.callbacks[{i}]", message, name)
+    # The evaluators run only through the callback "evaluators" (vmoe-eval's), which the trainer
+    # adds for them (`callbacks.callback_names`): without it they would silently not run.
+    evaluators = checker.get("eval.evaluators")
+    if evaluators is not MISSING and evaluators and EVALUATORS_CALLBACK not in available:
+        checker.add(
+            "eval.evaluators",
+            f"the evaluators run through the callback {EVALUATORS_CALLBACK!r}, and "
+            f"{CALLBACKS.missing_hint(EVALUATORS_CALLBACK)}",
+            evaluators,
+        )
     steps = checker.get("log.profile_steps")
     if steps is MISSING:
         return

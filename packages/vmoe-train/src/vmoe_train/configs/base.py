@@ -82,7 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 250  # 0 = only at the end
     c.eval.capacity_factor = 0.0  # routers' capacity factor at evaluation; 0 = the router's own
-    c.eval.evaluators = ()  # vmoe-eval evaluators run on each evaluation's checkpoint, if installed
+    # vmoe-eval evaluators (e.g. ("accuracy", "fewshot")) run at the trainer's evaluations through
+    # the callback "evaluators", used whether or not log.callbacks names it (needs vmoe-eval).
+    c.eval.evaluators = ()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 250  # 0 = only at the end
