@@ -171,6 +171,25 @@ def bench_comm(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_comm.py", *session.posargs)
 
 
+@nox.session(name="bench-smoke")
+def bench_smoke(session: nox.Session) -> None:
+    """Short runs of the benchmark scripts (moe layer, trainer, evaluation, communication, GPU
+    script on the CPU) checking that they run and report what their labels say
+    (integration/tests/test_benchmarks.py and test_bench_eval.py with VMOE_BENCH_SMOKE=1;
+    about 2.5 minutes; not in the default run)."""
+    folders: list[str] = []
+    for folder in PROJECTS.values():
+        folders += [f for f in _local_closure(folder) if f not in folders]
+    session.install(*(f"./{f}" for f in folders), "pytest", "hypothesis")
+    session.run(
+        "pytest",
+        "integration/tests/test_benchmarks.py",
+        "integration/tests/test_bench_eval.py",
+        *session.posargs,
+        env={"VMOE_BENCH_SMOKE": "1"},
+    )
+
+
 @nox.session(name="bench-resume-memory")
 def bench_resume_memory(session: nox.Session) -> None:
     """Peak memory of resuming vs training (benchmarks/bench_resume_memory.py: V-MoE-S/32, each

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -14,6 +15,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+# Smoke runs of the benchmark scripts (10-60 s each): in `nox -s bench-smoke`, to run where
+# benchmarks change; not in the default test run.
+BENCH_SMOKE = pytest.mark.skipif(
+    os.environ.get("VMOE_BENCH_SMOKE") != "1",
+    reason="a benchmark smoke run: `nox -s bench-smoke` (VMOE_BENCH_SMOKE=1)",
+)
+
+
+@BENCH_SMOKE
 def test_gpu_benchmark_smoke_run(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run(
@@ -52,6 +62,7 @@ LABELS = ("shape", "tokens", "group", "D", "H", "E", "K", "C", "mode", "capacity
 
 
 @pytest.mark.slow
+@BENCH_SMOKE
 def test_moe_layer_benchmark_rows_run_in_training_mode_at_the_capacity_they_report(tmp_path):
     """The layer, router-share and memory rows measure the MoE layer the way training runs it
     (deterministic=False, gating noise, the training capacity factor), the router-share row's
@@ -91,6 +102,7 @@ def test_moe_layer_benchmark_rows_run_in_training_mode_at_the_capacity_they_repo
     assert all(step["mode"] == "train" for step in report["train"])
 
 
+@BENCH_SMOKE
 def test_train_benchmark_smoke_run_times_the_trainer_against_the_bare_loop(tmp_path):
     """bench_train.py on a few steps: the trainer, the trainer on batches in memory and the bare
     loop timed over the same steps, on the same batches (the same final loss), the trainers'
@@ -152,6 +164,7 @@ def test_a_package_benchmark_imports_only_vmoe_packages_its_package_declares(pat
     assert ours <= allowed, f"{path.relative_to(ROOT)} imports {sorted(ours - allowed)}"
 
 
+@BENCH_SMOKE
 def test_bench_comm_measures_the_expert_strategy_at_8_devices(tmp_path):
     """bench_comm.py on one case: the expert strategy's step sends by all-to-all, gathers no
     gates, and its weak-scaling check passes (one device count: trivially)."""
