@@ -131,11 +131,14 @@ def build(session: nox.Session) -> None:
 def sharding_matrix(session: nox.Session) -> None:
     """Every sharding strategy on every 8-device mesh (1x8, 2x4, 4x2) vs one device, for the
     top_k, bpr and hash (plugin) routers: loss, gradients, aux losses and metrics (30 compiled
-    train steps; the default tests-layers run covers BPR on every case)."""
+    train steps; the default tests-layers run covers BPR on every case), and the expert
+    strategies across two processes vs one."""
     _install(session, PROJECTS["layers"])
     session.run(
         "pytest",
         "packages/vmoe-layers/tests/test_sharding_matrix.py",
+        "packages/vmoe-layers/tests/test_sharding.py::"
+        "test_two_processes_with_the_expert_strategies_equal_one_process",
         *session.posargs,
         env={"VMOE_SHARDING_MATRIX": "1"},
     )
