@@ -15,8 +15,8 @@ import numpy as np
 
 import vmoe_layers as vl
 
+# The built-in routers under every strategy and mesh: vmoe-layers' `nox -s sharding-matrix`.
 ROUTERS = {
-    "top_k": {"k": 2, "capacity_factor": 1.05},
     "expert_choice": {"k": 2, "capacity_factor": 1.05},
     "dropless": {"k": 2, "block_size": 8},
     "soft": {"slots_per_expert": 2},

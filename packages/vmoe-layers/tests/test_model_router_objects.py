@@ -16,7 +16,7 @@ def test_create_model_takes_num_experts_from_a_router_object():
     model = vl.create_model("V-MoE-Nano/4", num_classes=3, router=router)
     assert model.moe.num_experts == 8
     images = jnp.zeros((2, 8, 8, 1))
-    params = model.init(jax.random.key(0), images)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), images)["params"]
     assert params["block_1"]["moe"]["experts"]["w_in"].shape[0] == 8
 
 
@@ -37,7 +37,7 @@ def test_a_bfloat16_model_gates_in_float32():
         router_options={"gate_dtype": jnp.float32},
     )
     images = jnp.zeros((2, 8, 8, 1))
-    params = model.init(jax.random.key(0), images)["params"]
+    params = jax.jit(model.init)(jax.random.key(0), images)["params"]
     jaxpr = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))(params, images).jaxpr
     gates = _gate_dot_inputs(jaxpr, 32, 4)
     assert len(gates) == 1  # one MoE block

@@ -56,9 +56,10 @@ def test_a_router_object_in_moe_config_and_create_model():
     )
     assert model.moe.router is router
     images = _x(shape=(2, 8, 8, 1))
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     np.testing.assert_array_equal(
-        model.apply(variables, images).logits, named.apply(variables, images).logits
+        jax.jit(model.apply)(variables, images).logits,
+        jax.jit(named.apply)(variables, images).logits,
     )
     hash(model.moe)  # still hashable (flax modules holding it are static jit arguments)
 
@@ -95,13 +96,13 @@ def test_user_router_options_are_merged_over_the_model_defaults():
     explicit = {"k": 2, "capacity_factor": 1.05, "noise_std": 0.5}
     router_defaults = {"k": 1, "capacity_factor": 1.0, "noise_std": 0.5}
     images = _x(shape=(4, 8, 8, 1))
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     variables = jax.tree.map(lambda p: p * 3.0, variables)  # decisive gates, non-zero head
     variables["params"]["head"]["kernel"] = _x(5, (32, 3))
 
     def logits(options):
         m = vl.create_model("V-MoE-Nano/4", num_classes=3, router_options=options)
-        return np.asarray(m.apply(variables, images).logits)
+        return np.asarray(jax.jit(m.apply)(variables, images).logits)
 
     np.testing.assert_array_equal(logits({"noise_std": 0.5}), logits(explicit))
     assert not np.allclose(logits({"noise_std": 0.5}), logits(router_defaults))
@@ -199,7 +200,7 @@ def test_no_expert_fraction_of_layer_and_model_equals_a_loop(router, capacity_fa
 def test_the_model_metrics_have_no_expert_fraction_per_moe_block():
     model = vl.create_model("V-MoE-Nano/4", num_classes=3, router_options={"capacity_factor": 0.3})
     images = _x(shape=(2, 8, 8, 1))
-    out = model.apply(model.init(jax.random.key(0), images), images)
+    out = jax.jit(model.apply)(jax.jit(model.init)(jax.random.key(0), images), images)
     assert set(out.metrics) == {"moe_block_1"}
     assert 0.0 < float(out.metrics["moe_block_1"]["no_expert_fraction"]) < 1.0
 

@@ -27,8 +27,17 @@ def _init(model):
     return jax.jit(model.init)(jax.random.key(0), _images())
 
 
-def _apply(model, variables, images, **kwargs):
-    return jax.jit(functools.partial(model.apply, **kwargs))(variables, images)
+@functools.cache
+def _jitted_apply(model, **static):
+    """One compiled apply per (model, static options): calls with other params, images or rngs
+    reuse it (a new functools.partial per call would trace and compile again)."""
+    return jax.jit(
+        lambda variables, images, rngs: model.apply(variables, images, rngs=rngs, **static)
+    )
+
+
+def _apply(model, variables, images, rngs=None, **static):
+    return _jitted_apply(model, **static)(variables, images, rngs)
 
 
 VMOE = vl.create_model("V-MoE-Nano/2", num_classes=CLASSES, moe_layers=[0, 1])

@@ -75,7 +75,7 @@ cases = st.tuples(
 ).filter(lambda c: c[5] <= c[4])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(cases)
 def test_index_path_equals_einsum_reference_and_slow_loop(case):
     router, params, x, rng = make_case(*case)
@@ -86,7 +86,7 @@ def test_index_path_equals_einsum_reference_and_slow_loop(case):
     np.testing.assert_allclose(out, loop_combine(jnp.tanh(buffers) + 0.1, routing), atol=1e-6)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(cases)
 def test_index_path_gradients_equal_einsum_reference(case):
     router, params, x, rng = make_case(*case)

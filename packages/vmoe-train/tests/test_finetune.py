@@ -11,7 +11,7 @@ from vmoe_train.finetune import finetune_params, resize_pos_embedding
 
 def _params(model, size):
     images = jnp.zeros((1, size, size, 1))
-    return jax.device_get(model.init(jax.random.key(0), images)["params"])
+    return jax.device_get(jax.jit(model.init)(jax.random.key(0), images)["params"])
 
 
 def _sample_positions(old_side, new_side):
@@ -61,7 +61,7 @@ def test_new_class_count_and_resolution():
         atol=1e-6,
     )
     # The new model runs on the new resolution with these params.
-    out = new.apply({"params": params}, jnp.zeros((2, 12, 12, 1)))
+    out = jax.jit(new.apply)({"params": params}, jnp.zeros((2, 12, 12, 1)))
     assert out.logits.shape == (2, 3)
 
 
