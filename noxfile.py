@@ -2,7 +2,8 @@
 
 `nox` runs the default set: one test session per package (each in a virtualenv that holds only
 that package, its declared dependencies and its `test` extra, so a missing dependency or an
-upward import fails), the integration tests, and lint. `nox -l` lists every session.
+upward import fails), the integration tests, and lint; `nox -s tests-extended` runs the tests
+marked `extended` that the default run leaves out. `nox -l` lists every session.
 """
 
 from __future__ import annotations
