@@ -5,7 +5,7 @@ The multi-device checks run in subprocesses (XLA_FLAGS must be set before jax st
 jax.distributed processes on localhost run the expert strategies across processes. Both are
 compared with the single-device loss and gradients of the same model and batch
 (`sharding_case`). A file of its own: under pytest-xdist the whole file goes to one worker, so
-the 8-device subprocess (the package's longest step) starts first and runs once.
+the 8-device subprocess (the package's longest step, a module fixture) runs once.
 
 Tolerances: `sharding_case.LOSS_RTOL` and its neighbours (only float32 summation order differs).
 """
