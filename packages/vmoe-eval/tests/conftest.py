@@ -1,13 +1,16 @@
 """Shared test setup: the helpers next to this file are importable (pytest runs in importlib
 mode), the embedded digits are built once per session into a temporary data dir
 (`$VMOE_DATA_DIR`, inherited by the worker subprocesses), and one tiny V-MoE is trained once
-per session for the tests that need a trained checkpoint."""
+per test run (shared by the pytest-xdist workers) for the tests that need a trained checkpoint."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import pathlib
 import sys
+import types
 
 import pytest
 
@@ -30,14 +33,34 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_dir):
-    """(workdir, summary, EvalCallback) of a tiny V-MoE trained for TRAINED_STEPS steps, with
-    checkpoints and the "evaluators" callback (accuracy) every 100 steps."""
+    """(workdir, summary, callback) of a tiny V-MoE trained for TRAINED_STEPS steps, with
+    checkpoints and the "evaluators" callback (accuracy) every 100 steps; callback.results maps
+    each evaluated step to its accuracy evaluator's results.
+
+    Trained once per test run: under pytest-xdist the first worker to ask trains (the others
+    wait on a file lock) and every worker reads the same run, its summary and the callback's
+    results (JSON: Python floats round-trip exactly).
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's temp root, above the workers' own
+    workdir, results = shared / "trained", shared / "trained-callback.json"
+    with open(shared / "trained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not results.exists():
+            _train(workdir, results)
+    callback = json.loads(results.read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
+    results_by_step = {int(step): value for step, value in callback.items()}
+    return workdir, summary, types.SimpleNamespace(results=results_by_step)
+
+
+def _train(workdir: pathlib.Path, results: pathlib.Path) -> None:
     from eval_worker import tiny_config
 
     import vmoe_train
     from vmoe_eval.evaluators import EvalCallback
 
-    workdir = tmp_path_factory.mktemp("trained")
     config = tiny_config(
         [
             f"num_steps={TRAINED_STEPS}",
@@ -49,7 +72,11 @@ def trained(tmp_path_factory, data_dir):
     )
     callback = EvalCallback(("accuracy",))
     summary = vmoe_train.train(config, workdir, callbacks=[callback])
-    return workdir, summary, callback
+    written = json.loads((workdir / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary)), "summary.json is not the returned summary"
+    partial = results.with_suffix(".partial")
+    partial.write_text(json.dumps(callback.results))
+    partial.rename(results)  # complete or absent: a crashed training is retried, not half-read
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,6 @@ import dataclasses
 import gc
 import json
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -130,43 +129,35 @@ def attempt(read: Callable[[Any], Any], path: Any) -> tuple[bool, Any]:
     """(True, read(path)), or (False, the `Failure` saying why it failed).
 
     When orbax fails to read a checkpoint, it closes its event loop with reads still in flight:
-    as they complete (in TensorStore's threads) and as the dead coroutines are collected, Python
-    reports "Exception ignored" (`sys.unraisablehook`): echoes of the failure, which is
-    already reported (the reason, then a `CheckpointWarning` or `CheckpointError`). So after a
-    failed read, its garbage is collected and the echoes from orbax, TensorStore and asyncio
-    are dropped until they stop (`_ECHO_QUIET_S` without one, at most `_ECHO_WAIT_S`); any
-    other unraisable exception is passed on to the hook.
+    as they complete (in TensorStore's threads, up to seconds later on a busy machine) and as the
+    dead coroutines are collected, Python reports "Exception ignored" (`sys.unraisablehook`):
+    echoes of the failure, which is already reported (the reason, then a `CheckpointWarning` or
+    `CheckpointError`). No wait is long enough to see the last of them, so reading installs,
+    once per process, a hook in front of the current one that drops these echoes
+    (`_is_orbax_echo`) and passes every other unraisable exception on.
     """
-    previous = sys.unraisablehook
-    caught: list[Any] = []
+    _drop_orbax_echoes()
+    try:
+        return True, read(path)
+    except Exception as e:
+        failure = Failure(classify(e), reason(e))  # `e` (holding orbax's dead coroutines) goes
+    gc.collect()  # their echoes now, while this failure is the one being reported
+    return False, failure
+
+
+def _drop_orbax_echoes() -> None:
+    """Puts a `sys.unraisablehook` that drops orbax's echoes in front of the current hook,
+    unless the current hook is one already."""
+    current = sys.unraisablehook
+    if getattr(current, "drops_orbax_echoes", False):
+        return
 
     def hook(unraisable: Any) -> None:
-        caught.append(unraisable)
+        if not _is_orbax_echo(unraisable):
+            current(unraisable)
 
+    hook.drops_orbax_echoes = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
-    try:
-        try:
-            return True, read(path)
-        except Exception as e:
-            failure = Failure(classify(e), reason(e))  # `e` (holding orbax's dead coroutines) goes
-        start = last = time.monotonic()
-        seen = -1
-        while (now := time.monotonic()) - last < _ECHO_QUIET_S and now - start < _ECHO_WAIT_S:
-            gc.collect()
-            if len(caught) != seen:
-                seen, last = len(caught), now
-            time.sleep(_ECHO_QUIET_S / 5)
-        return False, failure
-    finally:
-        if sys.unraisablehook is hook:
-            sys.unraisablehook = previous
-        for unraisable in caught:
-            if not _is_orbax_echo(unraisable):
-                previous(unraisable)
-
-
-_ECHO_QUIET_S = 0.25
-_ECHO_WAIT_S = 3.0
 
 
 def _is_orbax_echo(unraisable: Any) -> bool:
