@@ -24,13 +24,14 @@ WORKER = pathlib.Path(__file__).with_name("train_worker.py")
 pytestmark = pytest.mark.slow
 
 
-def _run(workdir, *args, killed=False, timeout=600):
+def _run(workdir, *args, killed=False, timeout=600, env=None):
     result = subprocess.run(
         [sys.executable, str(WORKER), str(workdir), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     if killed:
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
@@ -51,16 +52,20 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume_is_bit_identical(tmp_p
     # One kill, right after an async checkpoint write began (the worker logs, and can die, at
     # even steps; checkpoints every 4 steps of 24). Repeated kills at random moments, with
     # flaky storage: `nox -s faults` (test_faults.py).
+    # The three runs compile the same programs: the later two read them from XLA's persistent
+    # cache (the same executables, so bit-identity is still the trainer's alone).
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache")}
     straight = tmp_path / "straight"
-    _run(straight)
+    _run(straight, env=cache)
     killed = tmp_path / "killed"
     _run(
         killed,
         "--kill-at-checkpoint",
         str(random.Random(20261129).choice([8, 12, 16])),
         killed=True,
+        env=cache,
     )
-    resumed = _run(killed)
+    resumed = _run(killed, env=cache)
     assert "resumed from" in resumed.stdout
 
     a = _leaves(vmoe_train.restore_params(straight / "checkpoints"))
