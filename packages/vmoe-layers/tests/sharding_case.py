@@ -117,6 +117,12 @@ def loss_fn(model: vl.VisionTransformer, with_stats: bool = False):
 
 
 @functools.cache
+def jitted_loss():
+    """`loss_fn(model())` under jit, one per process (each test that uses it saves a compile)."""
+    return jax.jit(loss_fn(model()))
+
+
+@functools.cache
 def single_device_run(router: str = "bpr", with_stats: bool = False):
     """Loss and gradients on one device, no strategy (computed once per process); with_stats:
     also the MoE layers' aux losses and metrics."""

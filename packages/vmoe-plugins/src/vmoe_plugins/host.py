@@ -73,6 +73,8 @@ def get_host() -> _Host:
 
 
 def _register_builtin_in(host: _Host, name: str, plugin: object) -> None:
+    if host.pm.is_registered(plugin):  # already loaded as its package's entry point
+        return
     host.pm.register(plugin, name=name)
     host.labels[name] = f"{name} (built-in)"
     host.generation += 1
