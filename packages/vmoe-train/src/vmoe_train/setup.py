@@ -101,9 +101,11 @@ def build(config: Any) -> Setup:
     )
     sample = np.asarray(first["image"])
     plain = build_model(config, num_classes=dataset.num_classes)  # to count tokens
+    # Routing groups are made within each microbatch (configs saved before the field: 1).
+    microsteps = int(config_get(config, "optimizer.microsteps", 1))
     group_size = routing_group_size(
         config,
-        per_device_batch=config.batch_size // jax.device_count(),
+        per_device_batch=config.batch_size // jax.device_count() // microsteps,
         tokens_per_image=tokens_per_image(plain, sample.shape[1:]),
     )
     model = build_model(
@@ -123,6 +125,7 @@ def build(config: Any) -> Setup:
             loss_kind=config.loss.kind,
             label_smoothing=float(config.loss.label_smoothing),
             trainable=optim.trainable_mask(config.optimizer, abstract_params),
+            microsteps=microsteps,
         ),
         donate_argnums=0,
     )

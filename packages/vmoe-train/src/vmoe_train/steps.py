@@ -194,6 +194,7 @@ def make_train_step(
     loss_kind: str = "softmax",
     label_smoothing: float = 0.0,
     trainable: Any = None,
+    microsteps: int = 1,
 ) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
     """`step(state, batch) -> (state, metrics)`: one optimizer update on batch["image"] and the
     one-hot batch["labels"] (loss = mean task loss + the routers' weighted aux losses).
@@ -202,34 +203,77 @@ def make_train_step(
     targets), grad_norm (of the `trainable` params:
     a tree of booleans like the params, e.g. `optim.trainable_mask`; None: all) and
     `routing_metrics`.
-    """
 
-    def step(state: TrainState, batch: dict[str, Array]):
-        rng = state.step_rng()
+    `microsteps` = n > 1 accumulates gradients: the batch is split into n microbatches (example
+    j in microbatch j % n, so that each device's share of a data-parallel batch is in every
+    microbatch), their gradients are computed one after the other and their mean is applied in
+    one update: a batch n times larger than fits, for about the memory of one microbatch (plus a
+    float32 copy of the gradients). Each microbatch routes its own groups of images and draws
+    its own routing noise and dropout (the step's key folded with its index), so the update is
+    that of one step on the batch reordered microbatch by microbatch: exactly, up to float32
+    summation order, for a deterministic model (no noise, no dropout). The metrics are the
+    microbatches' means (grad_norm: of the mean gradients; load_cv: the mean of theirs).
+    """
+    if not isinstance(microsteps, int | np.integer) or isinstance(microsteps, bool):
+        raise TypeError(f"microsteps={microsteps!r}: must be an integer >= 1")
+    if microsteps < 1:
+        raise ValueError(f"microsteps={microsteps}: must be >= 1")
+
+    def grads_and_metrics(params, images, labels, rng):
         rngs = {
             vl.GATING_RNG: jax.random.fold_in(rng, 0),
             "dropout": jax.random.fold_in(rng, 1),
         }
 
         def loss_fn(params):
-            out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
-            task = jnp.mean(
-                classification_loss(out.logits, batch["labels"], loss_kind, label_smoothing)
-            )
+            out = model.apply({"params": params}, images, train=True, rngs=rngs)
+            task = jnp.mean(classification_loss(out.logits, labels, loss_kind, label_smoothing))
             return task + out.aux_loss, (task, out)
 
-        (total, (task, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        correct = top1_correct(jnp.argmax(out.logits, -1), {"labels": batch["labels"]})
+        (total, (task, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        correct = top1_correct(jnp.argmax(out.logits, -1), {"labels": labels})
         metrics = {
             "loss": task,
             "aux_loss": out.aux_loss,
             "total_loss": total,
             "accuracy": jnp.mean(correct.astype(jnp.float32)),
-            "grad_norm": global_norm(_only(grads, trainable)),
             **routing_metrics(out),
         }
+        return grads, metrics
+
+    def accumulated(params, images, labels, rng):
+        if images.shape[0] % microsteps:
+            raise ValueError(
+                f"a batch of {images.shape[0]} images does not split into microsteps="
+                f"{microsteps} microbatches; allowed: a multiple of {microsteps}"
+            )
+        # [B, ...] -> [B/n, n, ...]: microbatch i is column i (examples i, n + i, 2n + i, ...).
+        images, labels = (
+            x.reshape(x.shape[0] // microsteps, microsteps, *x.shape[1:]) for x in (images, labels)
+        )
+
+        def microstep(total, i):
+            take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)  # noqa: E731
+            part = grads_and_metrics(params, take(images), take(labels), jax.random.fold_in(rng, i))
+            return jax.tree.map(lambda t, p: t + p.astype(t.dtype), total, part), None
+
+        # Sums in float32 at least (bfloat16 gradients would lose the later microbatches').
+        shapes = jax.eval_shape(grads_and_metrics, params, images[:, 0], labels[:, 0], rng)
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes
+        )
+        total, _ = jax.lax.scan(microstep, zeros, jnp.arange(microsteps))
+        return jax.tree.map(lambda t, s: (t / microsteps).astype(s.dtype), total, shapes)
+
+    def step(state: TrainState, batch: dict[str, Array]):
+        rng = state.step_rng()
+        if microsteps == 1:
+            grads, metrics = grads_and_metrics(state.params, batch["image"], batch["labels"], rng)
+        else:
+            grads, metrics = accumulated(state.params, batch["image"], batch["labels"], rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "grad_norm": global_norm(_only(grads, trainable))}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

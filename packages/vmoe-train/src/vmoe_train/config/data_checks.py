@@ -180,3 +180,18 @@ def check_batches(checker: Checker, processes: int | None, devices: int | None) 
             checker.add(
                 path, f"must be divisible by the {devices} devices (it is split over them)", size
             )
+        elif path == "batch_size" and size % (microsteps(checker) * (devices or 1)):
+            n = microsteps(checker)
+            where = f"{devices} devices x " if devices else ""
+            checker.add(
+                path,
+                f"must be divisible by {where}optimizer.microsteps={n} (each device's batch is "
+                f"split into {n} microbatches)",
+                size,
+            )
+
+
+def microsteps(checker: Checker) -> int:
+    """optimizer.microsteps where it is a valid count (reported by check_optimizer if not)."""
+    n = checker.get("optimizer.microsteps")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1

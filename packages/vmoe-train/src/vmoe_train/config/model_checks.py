@@ -10,7 +10,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from vmoe_train.config.checker import MISSING, Checker, error_message
-from vmoe_train.config.data_checks import Images, hw_text
+from vmoe_train.config.data_checks import Images, hw_text, microsteps
 from vmoe_train.config.fields import DISPATCH_DTYPES, STRATEGY_AXES
 
 
@@ -132,13 +132,18 @@ def _check_groups(checker: Checker, tokens: int | None, devices: int | None) -> 
         size = checker.get(path)
         if size is MISSING:
             continue
-        if devices:
-            if size % devices:
-                continue  # reported with the batch size
-            per_device = size // devices
-            where = f"the per-device batch ({path}={size} / {devices} devices = {per_device})"
-        else:
-            per_device, where = size, f"{path}={size}"
+        # Training routes each microbatch on its own (optimizer.microsteps).
+        n = microsteps(checker) if path == "batch_size" else 1
+        if size % ((devices or 1) * n):
+            continue  # reported with the batch size
+        per_device = size // (devices or 1) // n
+        parts = [f"{path}={size}"]
+        parts += [f"{devices} devices"] if devices else []
+        parts += [f"{n} microsteps"] if n > 1 else []
+        where = f"{path}={size}"
+        if len(parts) > 1:
+            kind = "microbatch" if n > 1 else "batch"
+            where = f"the per-device {kind} ({' / '.join(parts)} = {per_device})"
         if per_device % group:
             detail = ""
             if tokens:

@@ -39,6 +39,7 @@ def check_optimizer(checker: Checker) -> None:
     checker.number("optimizer.grad_clip_norm", 0)
     checker.choice("optimizer.schedule", SCHEDULES, "schedule")
     checker.number("optimizer.end_lr_ratio", 0, 1)
+    checker.int_("optimizer.microsteps", 1)
     warmup = checker.int_("optimizer.warmup_steps", 0)
     steps = checker.get("num_steps")
     if warmup is not MISSING and steps is not MISSING and warmup > steps:

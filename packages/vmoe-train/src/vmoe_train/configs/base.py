@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.end_lr_ratio = 0.01  # cosine ends at learning_rate * end_lr_ratio
     c.optimizer.frozen = ""  # regex on "block_0/attention/..." paths: these params never move
     c.optimizer.lr_multipliers = ()  # ((regex, multiplier), ...): first match wins
+    # Gradient accumulation: each step's batch in n microbatches, one update with their mean
+    # gradient (vmoe_train.steps.make_train_step); batch_size must split over devices x n.
+    c.optimizer.microsteps = 1
 
     c.sharding = ml_collections.ConfigDict()
     c.sharding.strategy = "data"  # "data", "expert", "fsdp", "expert_fsdp" or a plugin's
