@@ -236,7 +236,7 @@ def faults(session: nox.Session) -> None:
     session.run(
         "pytest",
         "packages/vmoe-train/tests/test_faults.py",
-        "packages/vmoe-train/tests/test_resume_and_processes.py",
+        "packages/vmoe-train/tests/test_processes.py",
         *session.posargs,
         env={"VMOE_FAULTS": "1", "VMOE_TRAIN_EXTRA": "1"},
     )

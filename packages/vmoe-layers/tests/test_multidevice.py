@@ -127,7 +127,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(
     os.environ.get("VMOE_SHARDING_MATRIX") != "1",
     reason="an extra multi-process case: `nox -s sharding-matrix` (the default run keeps the "
-    "trainer's two-process test, vmoe-train test_resume_and_processes.py)",
+    "trainer's two-process test, vmoe-train test_processes.py)",
 )
 def test_two_processes_with_the_expert_strategies_equal_one_process(tmp_path):
     address = f"127.0.0.1:{_free_port()}"

@@ -2,7 +2,7 @@
 still ends bit-identical to an uninterrupted one, with no complete checkpoint ever deleted.
 
 Slow (a dozen trainer processes): runs in `nox -s faults` (VMOE_FAULTS=1), not in the default
-test run, which keeps one kill-and-resume case (test_resume_and_processes.py).
+test run, which keeps one kill-and-resume case (test_kill_resume.py).
 
 Each trainer is a real subprocess (tests/train_worker.py: a tiny V-MoE on the embedded digits,
 24 steps, async orbax checkpoints every 4 steps, all kept). Kills come three ways: from the
@@ -27,11 +27,11 @@ import time
 
 import numpy as np
 import pytest
+from train_runs import WORKER, leaves
 
 import vmoe_train
 from vmoe_train import checkpoints
 
-WORKER = pathlib.Path(__file__).with_name("train_worker.py")
 SEED = int(os.environ.get("VMOE_FAULTS_SEED", "20261206"))
 pytestmark = [
     pytest.mark.slow,
@@ -48,14 +48,6 @@ def _worker(workdir, *args) -> list[str]:
 
 def _complete(workdir: pathlib.Path) -> set[int]:
     return set(checkpoints.scan(workdir / "checkpoints").complete)
-
-
-def _leaves(tree):
-    import jax
-
-    return {
-        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
-    }
 
 
 def test_random_kills_and_flaky_reads_end_bit_identical_and_delete_nothing(tmp_path):
@@ -109,8 +101,8 @@ def test_random_kills_and_flaky_reads_end_bit_identical_and_delete_nothing(tmp_p
     assert "flaky storage: EIO" in err and "cannot be read now" in err  # retried, then read
     assert not (killed / "checkpoints.corrupt").exists()  # nothing was judged corrupt
 
-    a = _leaves(vmoe_train.restore_params(straight / "checkpoints"))
-    b = _leaves(vmoe_train.restore_params(killed / "checkpoints"))
+    a = leaves(vmoe_train.restore_params(straight / "checkpoints"))
+    b = leaves(vmoe_train.restore_params(killed / "checkpoints"))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key}; {log}")
