@@ -180,8 +180,7 @@ def check_batches(checker: Checker, processes: int | None, devices: int | None) 
             checker.add(
                 path, f"must be divisible by the {devices} devices (it is split over them)", size
             )
-        elif path == "batch_size" and size % (microsteps(checker) * (devices or 1)):
-            n = microsteps(checker)
+        elif path == "batch_size" and size % ((n := microsteps(checker)) * (devices or 1)):
             where = f"{devices} devices x " if devices else ""
             checker.add(
                 path,
