@@ -12,7 +12,8 @@ import vmoe_data
 
 PIPELINE = dict(
     batch_size=16,
-    pp="decode|random_crop(6)|flip_lr|value_range(-1, 1)|onehot(10)|mixup(0.5)",
+    pp="decode|randaug(2, 10)|random_crop(6)|flip_lr|value_range(-1, 1)|onehot(10)"
+    "|mixup(0.5, groups=4, largest_first=True)",
     seed=11,
     process_index=0,
     process_count=1,
@@ -80,14 +81,16 @@ def test_state_restores_with_another_number_of_worker_processes(saved_with, rest
     for _ in range(4):
         next(iterator)
     state = json.loads(json.dumps(iterator.get_state()))
-    expected = [b["id"] for b in itertools.islice(iterator, 3)]
+    expected = list(itertools.islice(iterator, 3))
     iterator.close()
     restored = iter(vmoe_data.train_pipeline("digits", **PIPELINE, num_workers=restored_with))
     restored.set_state(state)
-    got = [b["id"] for b in itertools.islice(restored, 3)]
+    got = list(itertools.islice(restored, 3))
     restored.close()
-    for a, b in zip(got, expected, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(got, expected, strict=True):  # the same examples, randaug and mixup
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 @pytest.mark.parametrize("state", [{"next_index": 3}, {"batches": -1}, {"batches": "3"}, [3]])

@@ -311,6 +311,66 @@ def test_mixup_bad_alpha():
         op("mixup(0)")
 
 
+def test_mixup_of_two_known_images_and_labels_keeps_the_largest_weight():
+    images = np.array([[[0.0, 10.0]], [[100.0, 50.0]]], np.float32)  # [2, 1, 2]
+    labels = np.array([[1, 0, 1], [0, 1, 0]], np.float32)  # multi-hot (sigmoid) and one-hot
+    out = op("mixup(0.5, largest_first=True)")({"image": images, "labels": labels}, rng(3))
+    lam = np.float32(rng(3).beta(0.5, 0.5, size=1)[0])
+    big, small = max(lam, 1 - lam), min(lam, 1 - lam)
+    assert big > 0.5
+    # example 0 mixes with example -1 = 1, example 1 with example 0
+    np.testing.assert_allclose(
+        out["image"], [[[100 * small, 10 * big + 50 * small]], [[100 * big, 50 * big + 10 * small]]]
+    )
+    np.testing.assert_allclose(out["labels"], [[big, small, big], [small, big, small]])
+    assert out["image"].dtype == out["labels"].dtype == np.float32
+
+
+def test_mixup_groups_mix_only_within_themselves_with_one_draw_each():
+    eye = np.eye(6, dtype=np.float32)  # example i is the unit vector e_i
+    out = op("mixup(0.3, groups=3)")({"image": eye, "labels": eye}, rng(5))
+    lam = rng(5).beta(0.3, 0.3, size=3)
+    want = np.zeros((6, 6))
+    for group in range(3):
+        a, b = 2 * group, 2 * group + 1  # groups of 2: each example's neighbour is the other
+        want[a, a] = want[b, b] = lam[group]
+        want[a, b] = want[b, a] = 1 - lam[group]
+    np.testing.assert_allclose(out["image"], want, rtol=1e-6)
+    np.testing.assert_array_equal(out["labels"], out["image"])
+
+
+def test_mixup_of_size_3_draws_dirichlet_weights():
+    eye = np.eye(4, dtype=np.float32)
+    out = op("mixup(1.0, size=3, largest_first=True)")({"image": eye, "labels": eye}, rng(2))
+    w = -np.sort(-rng(2).dirichlet([1.0] * 3, size=1)[0])
+    for i in range(4):  # x'[i] = w0 x[i] + w1 x[i - 1] + w2 x[i - 2]
+        want = w[0] * eye[i] + w[1] * eye[i - 1] + w[2] * eye[i - 2]
+        np.testing.assert_allclose(out["image"][i], want, rtol=1e-6)
+
+
+def test_mixup_batch_must_split_into_the_groups():
+    batch = {"image": np.zeros((6, 2), np.float32), "labels": np.zeros((6, 3), np.float32)}
+    with pytest.raises(
+        ValueError, match=r"mixup: the batch of 6 examples does not split into groups=4 equal"
+    ):
+        op("mixup(groups=4)")(batch, rng())
+    with pytest.raises(ValueError, match=r"mixup: 'labels' has shape \(5, 3\) but 'image' has 6"):
+        op("mixup")({**batch, "labels": np.zeros((5, 3), np.float32)}, rng())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mixup(groups=0)", r"mixup: groups=0 must be an integer >= 1"),
+        ("mixup(size=1)", r"mixup: size=1 must be an integer >= 2"),
+        ("mixup(largest_first=1)", r"mixup: largest_first=1 must be True or False"),
+    ],
+)
+def test_mixup_bad_group_arguments(spec, message):
+    with pytest.raises(ValueError, match=message):
+        op(spec)
+
+
 def test_keep_drops_other_features():
     out = op("keep('image', 'label')")({"image": 1, "label": 2, "id": 3}, rng())
     assert out == {"image": 1, "label": 2}

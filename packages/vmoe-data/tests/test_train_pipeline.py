@@ -99,8 +99,9 @@ def test_processes_stride_the_same_global_stream():
 
 def test_random_ops_do_not_depend_on_the_process_count():
     """An example gets the same augmentation whichever process reads it."""
-    one = take(train(batch_size=4, pp="decode|random_crop(5)|flip_lr"), 1)[0]
-    two = take(train(batch_size=4, pp="decode|random_crop(5)|flip_lr", process_count=2), 1)[0]
+    spec = "decode|randaug(2, 10)|random_crop(5)|flip_lr"
+    one = take(train(batch_size=4, pp=spec), 1)[0]
+    two = take(train(batch_size=4, pp=spec, process_count=2), 1)[0]
     np.testing.assert_array_equal(one["image"][0::2], two["image"])
 
 
@@ -111,9 +112,22 @@ def test_batch_ops_run_after_batching():
     assert (batch["labels"].max(axis=1) < 1).any()  # soft labels
 
 
+def test_mixup_of_a_batch_is_the_same_after_resuming():
+    spec = PP + "|mixup(0.5, groups=8, largest_first=True)"
+    expected = take(train(seed=2, pp=spec), 3)[2]
+    iterator = iter(train(seed=2, pp=spec))
+    iterator.set_state({"batches": 2})
+    resumed = next(iterator)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(resumed[key], expected[key])
+    assert (expected["labels"].max(axis=1) < 1).any()  # mixed
+
+
 def test_worker_processes_give_the_same_batches():
-    expected = take(train(seed=5), 4)
-    pipeline = train(seed=5, num_workers=2)
+    spec = PP.replace("decode|", "decode|randaug(2, 10)|") + "|mixup(0.5, groups=4)"
+    expected = take(train(seed=5, pp=spec), 4)
+    pipeline = train(seed=5, pp=spec, num_workers=2)
     iterator = iter(pipeline)
     batches = [next(iterator) for _ in range(4)]
     iterator.close()

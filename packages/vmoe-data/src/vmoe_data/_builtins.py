@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmoe_data import pp_image, pp_label
+from vmoe_data import pp_image, pp_label, randaug
 from vmoe_data.digits import digits
 from vmoe_data.image_folder import image_folder
 from vmoe_data.synthetic import synthetic
@@ -30,6 +30,7 @@ def vmoe_preprocess_ops():
         "random_crop": pp_image.random_crop,
         "inception_crop": pp_image.inception_crop,
         "flip_lr": pp_image.flip_lr,
+        "randaug": randaug.randaug,
         "value_range": pp_image.value_range,
         "normalize": pp_image.normalize,
         "onehot": pp_label.onehot,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vmoe_data.preprocess import batch_op, with_vectorized
-from vmoe_plugins import check_int, check_number, check_str
+from vmoe_plugins import check_bool, check_int, check_number, check_str
 
 
 def onehot(
@@ -54,12 +54,34 @@ def onehot(
     return with_vectorized(op, vectorized)
 
 
-def mixup(alpha: float = 0.2, keys: tuple[str, ...] | list[str] = ("image", "labels")):
-    """Batch op: mixes each example with its neighbour in the batch (np.roll by 1).
+def mixup(
+    alpha: float = 0.2,
+    keys: tuple[str, ...] | list[str] = ("image", "labels"),
+    groups: int = 1,
+    size: int = 2,
+    largest_first: bool = False,
+):
+    """Batch op: mixes each example with its neighbours in the batch (mixup, arXiv:1710.09412).
 
-    x' = lam * x + (1 - lam) * roll(x, 1), one lam ~ Beta(alpha, alpha) per batch, for every
-    key in `keys` (float arrays with a leading batch axis B, e.g. after value_range and
-    onehot). Returns float32 arrays.
+    The batch (leading axis B) is split into `groups` equal contiguous groups of n = B / groups
+    examples. Each group draws its own `size` weights w ~ Dirichlet(alpha, ..., alpha) (for
+    size 2: w = (lam, 1 - lam), lam ~ Beta(alpha, alpha)) and mixes only within itself:
+
+        x'[i] = w[0] * x[i] + w[1] * x[i - 1] + ... + w[size - 1] * x[i - size + 1]
+
+    (indices modulo n), the same weights for every key in `keys`: float arrays such as images
+    after value_range and `labels` after onehot. Mixing the float label vectors serves both
+    losses: for softmax the mixed vector is still a distribution over classes, for sigmoid each
+    class's target becomes the mix of the examples' 0/1 targets. `largest_first` sorts each
+    draw's weights in decreasing order, so every example keeps the largest share of itself
+    (max(lam, 1 - lam) for size 2). Returns float32 arrays.
+
+    The defaults (one group, size 2, unsorted) are lam * x + (1 - lam) * roll(x, 1) with one lam
+    per batch. The V-MoE release's mixup (granularity "device", size 2, concentration c: one
+    draw per device, mixing within each device's share of the batch, the largest weight kept
+    by the example) is `mixup(c, groups=<devices the process's batch is split over>,
+    largest_first=True)`; the release mixes example i with i + 1 rather than i - 1, the same in
+    distribution since batches are shuffled.
     """
     alpha = check_number("alpha", alpha, where="mixup: ")
     if not alpha > 0:
@@ -70,21 +92,51 @@ def mixup(alpha: float = 0.2, keys: tuple[str, ...] | list[str] = ("image", "lab
         or not all(isinstance(k, str) and k for k in keys)
     ):
         raise ValueError(f"mixup: keys={keys!r} must be a non-empty list of feature names")
+    groups = check_int("groups", groups, 1, where="mixup: ")
+    size = check_int("size", size, 2, where="mixup: ")
+    largest_first = check_bool("largest_first", largest_first, where="mixup: ")
+
+    def draw(rng: np.random.Generator) -> np.ndarray:
+        """float32 [groups, size] weights, each row summing to 1."""
+        if size == 2:
+            lam = rng.beta(alpha, alpha, size=groups).astype(np.float32)
+            weights = np.stack([lam, 1 - lam], axis=1)
+        else:
+            weights = rng.dirichlet([alpha] * size, size=groups).astype(np.float32)
+        return -np.sort(-weights, axis=1) if largest_first else weights
 
     @batch_op
     def op(batch, rng):
-        lam = np.float32(rng.beta(alpha, alpha))
-        mixed = dict(batch)
+        values = {}
         for key in keys:
             if key not in batch:
                 raise ValueError(f"mixup: the batch has no {key!r}; keys: {sorted(batch)}")
-            value = np.asarray(batch[key])
-            if value.dtype.kind != "f":
+            values[key] = np.asarray(batch[key])
+            if values[key].dtype.kind != "f":
                 raise ValueError(
-                    f"mixup: {key!r} has dtype {value.dtype}; mix float values (apply "
+                    f"mixup: {key!r} has dtype {values[key].dtype}; mix float values (apply "
                     "value_range/normalize to images and onehot to labels first)"
                 )
-            mixed[key] = (lam * value + (1 - lam) * np.roll(value, 1, axis=0)).astype(np.float32)
+        count = len(values[keys[0]])
+        for key, value in values.items():
+            if value.ndim == 0 or len(value) != count:
+                raise ValueError(
+                    f"mixup: {key!r} has shape {value.shape} but {keys[0]!r} has {count} rows"
+                )
+        if count % groups:
+            raise ValueError(
+                f"mixup: the batch of {count} examples does not split into groups={groups} "
+                "equal groups; use a batch size divisible by groups"
+            )
+        weights = draw(rng)
+        mixed = dict(batch)
+        for key, value in values.items():
+            grouped = value.reshape(groups, count // groups, *value.shape[1:])
+            w = weights.reshape(groups, size, *[1] * value.ndim)  # [G, size, 1, ...]
+            out = w[:, 0] * grouped
+            for j in range(1, size):
+                out = out + w[:, j] * np.roll(grouped, j, axis=1)
+            mixed[key] = out.reshape(value.shape).astype(np.float32)
         return mixed
 
     return op
