@@ -242,6 +242,23 @@ def faults(session: nox.Session) -> None:
     )
 
 
+@nox.session(name="recipe-smoke")
+def recipe_smoke(session: nox.Session) -> None:
+    """Every shipped paper recipe (vmoe_train.configs: the V-MoE release's S/32 and B/16
+    pre-training and 384 px fine-tuning) builds, validates, trains 2 steps and evaluates on
+    synthetic images, each fine-tuning starting from its pre-training run; only the data, the
+    length and the batch are overridden (packages/vmoe-train/tests/test_recipe_smoke.py says
+    which fields; VMOE_RECIPE_SMOKE=1)."""
+    _install(session, PROJECTS["train"])
+    session.run(
+        "pytest",
+        "packages/vmoe-train/tests/test_recipe_smoke.py",
+        "--durations=0",
+        *session.posargs,
+        env={"VMOE_RECIPE_SMOKE": "1"},
+    )
+
+
 @nox.session(name="bench-comm")
 def bench_comm(session: nox.Session) -> None:
     """Bytes each device sends per collective kind, and planned memory, of one V-MoE-S/32 and

@@ -100,6 +100,40 @@ def test_representation_size_adds_a_tanh_pre_logits_layer():
     assert float(jnp.max(jnp.abs(out.pre_logits))) <= 1.0
 
 
+def test_head_bias_init_sets_the_initial_bias_and_keeps_the_kernel_zero():
+    model = VIT.clone(head_bias_init=-float(np.log(CLASSES)))
+    head = _init(model)["params"]["head"]
+    np.testing.assert_array_equal(head["bias"], np.full(CLASSES, -np.log(CLASSES), np.float32))
+    np.testing.assert_array_equal(head["kernel"], np.zeros((32, CLASSES), np.float32))
+    # Zero kernel: every image starts with the bias as its logits (the prior of a sigmoid loss).
+    np.testing.assert_array_equal(_apply(model, _init(model), _images()).logits[0], head["bias"])
+
+
+def test_shared_expert_init_copies_one_draw_to_every_expert():
+    shared = VMOE.clone(moe=dataclasses.replace(VMOE.moe, expert_init="shared"))
+    experts = _init(shared)["params"]["block_0"]["moe"]["experts"]
+    independent = _init(VMOE)["params"]["block_0"]["moe"]["experts"]
+    for name, value in experts.items():
+        assert value.shape == independent[name].shape
+        for e in range(1, value.shape[0]):
+            np.testing.assert_array_equal(value[e], value[0])
+        assert not np.array_equal(independent[name][1], independent[name][0])
+    # The shared draw is one expert's initialiser (same scale as an independent draw).
+    np.testing.assert_allclose(np.std(experts["w_in"][0]), np.std(independent["w_in"][0]), rtol=0.2)
+    bad = VMOE.clone(moe=dataclasses.replace(VMOE.moe, expert_init="split"))
+    with pytest.raises(ValueError, match=r"expert_init='split' must be one of \('independent'"):
+        jax.eval_shape(bad.init, jax.random.key(0), _images())
+
+
+def test_moe_dropout_rate_drops_the_moe_output_of_a_model_without_dropout():
+    model = VMOE.clone(moe=dataclasses.replace(VMOE.moe, dropout_rate=0.5))
+    variables = _init(VMOE)
+    rngs = {"dropout": jax.random.key(0), "gating": jax.random.key(1)}
+    plain = _apply(VMOE, variables, _images(), train=True, rngs=rngs).pre_logits
+    dropped = _apply(model, variables, _images(), train=True, rngs=rngs).pre_logits
+    assert not np.allclose(plain, dropped)
+
+
 def test_moe_blocks_hold_experts_and_dense_blocks_an_mlp():
     model = vl.create_model("V-MoE-Mu/2", num_classes=CLASSES, moe_layers="last-1")
     shapes = jax.eval_shape(model.init, jax.random.key(0), _images())["params"]

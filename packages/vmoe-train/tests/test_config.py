@@ -242,6 +242,23 @@ RULES = [
     (["dataset.eval_splits=validation,validation"], {}, "dataset.eval_splits"),
     (["model.name=ViT-Q/2"], {}, "model.name"),
     (["model.name=V-MoE-Mu/3"], {}, "model.name"),  # patch 3 does not divide 8x8
+    (["model.name=V-MoE"], {}, "model.name"),  # a family alone: every size must be set
+    (["model.patch_size=3"], {}, "model.patch_size"),
+    (["model.hidden_size=-1"], {}, "model.hidden_size"),
+    (["model.num_heads=3"], {}, "model.num_heads"),  # does not divide the preset's 64
+    (["model.num_layers=2", "model.moe.layers=(1, 3)"], {}, "model.moe.layers"),
+    (
+        [
+            "model.name=ViT",
+            "model.patch_size=4",
+            "model.hidden_size=24",
+            "model.num_layers=3",
+            "model.num_heads=3",
+            "model.mlp_dim=40",
+        ],
+        {},
+        None,
+    ),
     (["model.dtype=float16"], {}, "model.dtype"),
     (["model.moe.router=tpo_k"], {}, "model.moe.router"),
     (["model.moe.router_options.foo=1"], {}, "model.moe.router_options"),
@@ -266,6 +283,16 @@ RULES = [
     (["sharding.mesh_shape=(0,)"], {}, "sharding.mesh_shape"),
     (["sharding.strategy=expert"], {"num_devices": 8, "num_processes": 1}, "model.moe.num_experts"),
     (["optimizer.name=adamx"], {}, "optimizer.name"),
+    (["optimizer.mu_dtype=float16"], {}, "optimizer.mu_dtype"),
+    (["optimizer.end_learning_rate=1.0"], {}, "optimizer.end_learning_rate"),  # above the peak
+    (["num_epochs=-1"], {}, "num_epochs"),
+    (["num_epochs=2"], {}, "num_steps"),  # num_steps must then be 0
+    (["num_epochs=2", "num_steps=0"], {}, None),
+    (["num_steps=0"], {}, "num_steps"),
+    (["model.moe.expert_init=split"], {}, "model.moe.expert_init"),
+    (["model.moe.dropout_rate=1.0"], {}, "model.moe.dropout_rate"),
+    (["model.moe.dropout_rate=-0.5"], {}, "model.moe.dropout_rate"),
+    (["model.moe.dropout_rate=0.2", "model.moe.expert_init=shared"], {}, None),
     (["optimizer.schedule=cos"], {}, "optimizer.schedule"),
     (["optimizer.warmup_steps=9000"], {}, "optimizer.warmup_steps"),
     (["optimizer.frozen=("], {}, "optimizer.frozen"),
@@ -312,6 +339,26 @@ def test_each_rule_names_its_field(overrides, kwargs, field):
 def test_k_above_e_message():
     (problem,) = cfg.validate_config(vmoe("model.moe.router_options.k=5"))
     assert problem == "model.moe.router_options.k=5: must be <= model.moe.num_experts=4"
+
+
+def test_a_family_alone_names_every_missing_size_at_once():
+    problem = only_problem(
+        cfg.validate_config(vmoe("model.name=V-MoE", "model.hidden_size=48")), "model.name"
+    )
+    assert problem == (
+        "model.name='V-MoE': names no preset, so every size must be given; missing (integers "
+        ">= 1): model.patch_size, model.num_layers, model.num_heads, model.mlp_dim; or name a "
+        "preset, e.g. V-MoE-S/32"
+    )
+
+
+def test_heads_must_divide_the_hidden_size_a_preset_changed_field_by_field_too():
+    problem = only_problem(cfg.validate_config(vmoe("model.hidden_size=30")), "model.num_heads")
+    assert problem == (
+        "model.num_heads=4: must divide model.hidden_size=30 (the preset V-MoE-Mu/2's; set "
+        "model.num_heads); allowed: [1, 2, 3, 5, 6, 10, 15, 30]"
+    )
+    assert cfg.validate_config(vmoe("model.hidden_size=30", "model.num_heads=5")) == []
 
 
 def test_group_images_message_counts_the_tokens():

@@ -72,6 +72,20 @@ def test_keeping_the_head_when_classes_match():
     np.testing.assert_array_equal(params["head"]["kernel"], loaded["head"]["kernel"])
 
 
+def test_a_new_head_leaves_the_checkpoints_pre_logits_behind():
+    """The V-MoE release's fine-tuning: pre-trained with a pre-logits layer, fine-tuned without."""
+    model = vl.create_model("ViT-Nano/2", num_classes=4)
+    loaded = _params(model.clone(representation_size=32), 8)
+    fresh = _params(model, 8)
+    params = finetune_params(fresh, loaded)
+    assert "pre_logits" not in params
+    np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])
+    np.testing.assert_array_equal(params["embedding"]["kernel"], loaded["embedding"]["kernel"])
+    # Keeping the head needs the pre-logits it was trained on.
+    with pytest.raises(ValueError, match=r"not in the model: pre_logits/bias"):
+        finetune_params(fresh, loaded, new_head=False)
+
+
 def test_resize_pos_embedding_by_hand():
     # 2x2 -> 4x4, written out: a row of the new grid samples the old rows at -0.25, 0.25, 0.75,
     # 1.25 (clamped to 0 and 1), i.e. weights (1, 0), (3/4, 1/4), (1/4, 3/4), (0, 1).

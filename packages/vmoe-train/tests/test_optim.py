@@ -56,6 +56,35 @@ def test_linear_and_constant_schedules():
     assert float(constant(7)) == pytest.approx(1e-3)
 
 
+def test_linear_and_cosine_decay_end_at_end_learning_rate():
+    """The V-MoE release's schedules: warmup to the peak, then linear or cosine to 1e-5."""
+    peak, end = 3e-3, 1e-5
+    linear = optim.make_schedule(
+        _cfg(warmup_steps=10, schedule="linear", learning_rate=peak, end_learning_rate=end), 110
+    )
+    assert [float(linear(s)) for s in (5, 10, 60, 110)] == pytest.approx(
+        [peak / 2, peak, (peak + end) / 2, end], rel=1e-5
+    )
+    cosine = optim.make_schedule(
+        _cfg(warmup_steps=10, learning_rate=peak, end_learning_rate=end, end_lr_ratio=0.5), 110
+    )
+    assert float(cosine(60)) == pytest.approx((peak + end) / 2, rel=1e-5)  # half-way
+    assert float(cosine(110)) == pytest.approx(end, rel=1e-5)  # end_lr_ratio is not used
+
+
+def test_adam_first_moment_in_bfloat16():
+    cfg = _cfg(name="adamw", mu_dtype="bfloat16", warmup_steps=0, schedule="constant")
+    params, state = _update(cfg)
+    adam = next(
+        s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+    )
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    # The first step's update is -lr * sign(g) either way (0.5 rounds exactly to bfloat16).
+    expected, _ = _update(_cfg(name="adamw", warmup_steps=0, schedule="constant"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, expected)
+
+
 def test_sgd_step_is_minus_lr_times_grad():
     cfg = _cfg(name="sgd", momentum=0.0, warmup_steps=0, schedule="constant", learning_rate=0.1)
     params, _ = _update(cfg)

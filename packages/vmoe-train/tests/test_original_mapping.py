@@ -105,7 +105,8 @@ def test_the_release_s32_architecture_is_read_from_its_shapes():
     assert (arch.num_experts, arch.moe_layers, arch.classifier) == (8, (5, 7), "token")
     assert (arch.representation_size, arch.num_classes) == (512, 1000)
     fields = model_fields(arch)
-    assert fields["name"] == "V-MoE-S/32" and fields["mlp_dim"] == 0
+    assert fields["name"] == "V-MoE" and (fields["patch_size"], fields["hidden_size"]) == (32, 512)
+    assert (fields["num_layers"], fields["num_heads"], fields["mlp_dim"]) == (8, 8, 2048)
     assert fields["moe"]["layers"] == "last-2" and fields["moe"]["num_experts"] == 8
     assert fields["moe"]["router_options"]["capacity_multiple_of"] == 4
     assert fields["moe"]["dispatch_dtype"] == "bfloat16"
@@ -131,8 +132,27 @@ def test_what_cannot_be_read_is_listed_at_once():
     assert "query/kernel: shape (512, 512) must have 3 axes" in str(error.value)
 
 
-def test_sizes_without_a_preset_are_named():
-    shapes = reference.original_tree(np.random.default_rng(0), hidden=48, heads=3)
+def test_sizes_of_no_preset_are_read_from_the_shapes_and_given_field_by_field():
+    # Heads from the query kernel [D, heads, D / heads], blocks from their names, H from the
+    # first dense block's MLP, E from a router.
+    shapes = reference.original_tree(
+        np.random.default_rng(0), hidden=48, heads=3, layers=3, mlp=80, moe_blocks=(0, 2)
+    )
     arch = infer_architecture({p: a.shape for p, a in shapes.items()})
-    with pytest.raises(ValueError, match="no vmoe-layers preset has hidden_size=48"):
-        model_fields(arch)
+    fields = model_fields(arch)
+    sizes = {f: fields[f] for f in ("patch_size", "hidden_size", "num_layers", "num_heads")}
+    assert fields["name"] == "V-MoE" and sizes == {
+        "patch_size": 2,
+        "hidden_size": 48,
+        "num_layers": 3,
+        "num_heads": 3,
+    }
+    assert fields["mlp_dim"] == 80 and fields["moe"]["layers"] == (0, 2)
+    assert fields["moe"]["num_experts"] == 4
+
+
+def test_attention_kernels_that_do_not_split_the_hidden_size_are_reported():
+    shapes = {p: a.shape for p, a in reference.original_tree(np.random.default_rng(0)).items()}
+    shapes["Encoder/encoderblock_0/SelfAttention/query/kernel"] = (32, 3, 8)
+    with pytest.raises(ValueError, match=r"kernel: shape \(32, 3, 8\) must be \[hidden, heads"):
+        infer_architecture(shapes)

@@ -106,3 +106,17 @@ def test_bfloat16_dispatch_matches_the_release_within_bfloat16_rounding(tree, im
     np.testing.assert_allclose(logits, expected, **BF16)
     # Closer to the bfloat16 original than to a float32 one: the rounding is reproduced.
     assert np.abs(logits - expected).max() < 0.1 * np.abs(logits - float32_dispatch).max()
+
+
+def test_a_model_of_no_preset_size_matches_the_original(images):
+    # Hidden size 48 in 3 heads of 16, 2 blocks, MLP 96, 4 experts on block 1: no vmoe-layers
+    # preset has these sizes; the converted config gives them field by field.
+    tree = reference.original_tree(
+        np.random.default_rng(2), hidden=48, heads=3, layers=2, mlp=96, moe_blocks=(1,)
+    )
+    logits, pre_logits, model = ours(tree, images, ["model.moe.dispatch_dtype=float32"])
+    expected, expected_pre = reference.forward(tree, images, group_size=GROUP)
+    np.testing.assert_allclose(logits, expected, **F32)
+    np.testing.assert_allclose(pre_logits, expected_pre, **F32)
+    assert (model.hidden_size, model.num_heads, model.num_layers, model.mlp_dim) == (48, 3, 2, 96)
+    assert model.moe_blocks() == (1,) and model.moe.num_experts == 4

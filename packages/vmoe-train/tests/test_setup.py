@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from ml_collections import ConfigDict
 
+import vmoe_routing
 from vmoe_train import config as cfg
 from vmoe_train import setup as setup_lib
+from vmoe_train.configs.base import base_config
+from vmoe_train.resume import check_resume
 
 
 def vmoe(*overrides: str) -> ConfigDict:
@@ -41,7 +45,44 @@ def test_build_model_takes_the_original_release_options():
     older = cfg.config_from_json(cfg.config_to_json(vmoe()))  # a config saved before them
     del older.model["classifier"], older.model["representation_size"]
     del older.model.moe["dispatch_dtype"]
-    assert setup_lib.build_model(older, num_classes=10).classifier == "token"
+    del older.model["head_bias_init"], older.model.moe["expert_init"]
+    del older.model.moe["dropout_rate"]
+    model = setup_lib.build_model(older, num_classes=10)
+    assert model.classifier == "token" and model.head_bias_init == 0.0
+    assert model.moe.expert_init == "independent" and model.moe.dropout_rate is None
+    release = vmoe(
+        "model.head_bias_init=-2.5", "model.moe.expert_init=shared", "model.moe.dropout_rate=0.2"
+    )
+    model = setup_lib.build_model(release, num_classes=10)
+    assert model.head_bias_init == -2.5 and model.dropout_rate == 0.1
+    assert model.moe.expert_init == "shared" and model.moe.dropout_rate == 0.2
+
+
+def test_a_preset_changes_field_by_field_and_a_family_alone_takes_every_size():
+    changed = vmoe("model.num_layers=2", "model.num_heads=2", "model.moe.layers=(1,)")
+    model = setup_lib.build_model(changed, num_classes=10)
+    sizes = (model.patch_size, model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim)
+    assert sizes == (2, 64, 2, 2, 128) and model.moe_blocks() == (1,)  # V-MoE-Mu/2 otherwise
+    sizes = {"patch_size": 4, "hidden_size": 24, "num_layers": 3, "num_heads": 3, "mlp_dim": 40}
+    given = [f"model.{field}={size}" for field, size in sizes.items()]
+    config = vmoe("model.name=V-MoE", *given)
+    assert setup_lib.model_sizes(config.model) == sizes
+    model = setup_lib.build_model(config, num_classes=10)
+    assert model.hidden_size == 24 and model.moe.num_experts == 4 and model.moe_blocks() == (1,)
+    assert setup_lib.build_model(vmoe("model.name=ViT", *given), num_classes=10).moe is None
+    with pytest.raises(ValueError, match=r"missing: model\.patch_size, model\.num_heads$"):
+        setup_lib.model_sizes(vmoe("model.name=V-MoE", *given[1:3], given[4]).model)
+
+
+def test_a_config_saved_before_the_size_fields_resumes_and_builds_the_same_model():
+    current = vmoe()
+    saved = cfg.config_to_json(current)
+    for field in ("patch_size", "hidden_size", "num_layers", "num_heads"):
+        del saved["model"][field]
+    defaults = cfg.config_to_json(base_config())  # what the trainer's resume compares with
+    assert check_resume(saved, cfg.config_to_json(current), defaults=defaults) == []
+    old = setup_lib.build_model(cfg.config_from_json(saved), num_classes=10)
+    assert old == setup_lib.build_model(current, num_classes=10)
 
 
 def test_dataset_classes_restrict_and_relabel_the_dataset():
@@ -63,3 +104,31 @@ def test_eval_capacity_factor_is_the_configs_or_the_routers_own():
     older = cfg.config_to_json(vmoe())  # a config saved before the field existed
     del older["eval"]["capacity_factor"]
     assert setup_lib.eval_capacity_factor(cfg.config_from_json(older)) is None
+
+
+def test_num_epochs_resolves_to_steps_over_the_train_split():
+    config = vmoe("num_epochs=2.5", "num_steps=0", "batch_size=64", "optimizer.warmup_steps=10")
+    dataset = setup_lib.open_dataset(config)
+    assert setup_lib.num_train_steps(config, dataset) == int(2.5 * 1253 // 64)  # 48
+    assert setup_lib.num_train_steps(vmoe("num_steps=7"), dataset) == 7
+    older = cfg.config_to_json(vmoe("num_steps=7"))  # saved before num_epochs existed
+    del older["num_epochs"]
+    assert setup_lib.num_train_steps(cfg.config_from_json(older), dataset) == 7
+    short = vmoe("num_epochs=0.01", "num_steps=0", "optimizer.warmup_steps=10")
+    with pytest.raises(ValueError, match=r"num_epochs=0.01 of 1253 examples .* is 0 steps"):
+        setup_lib.num_train_steps(short, dataset)
+
+
+def test_evaluation_capacity_is_the_override_or_the_routers_evaluation_capacity():
+    def capacity(*overrides, override=None):
+        model = setup_lib.build_model(vmoe(*overrides), num_classes=10)
+        return setup_lib.evaluation_capacity(model, override)
+
+    assert capacity() == 1.05  # V-MoE's default C
+    assert capacity(override=4.0) == 4.0
+    assert capacity("model.moe.router_options.eval_capacity_factor=2.0") == 2.0
+    assert capacity("model.moe.router_options.capacity_factor=1.5") == 1.5
+    if "soft" in vmoe_routing.available_routers():  # a plugin (the dev and CI venvs have it)
+        assert capacity("model.moe.router=soft") is None  # no capacity to name
+    dense = setup_lib.build_model(cfg.load_config("digits_vit"), num_classes=10)
+    assert setup_lib.evaluation_capacity(dense, 4.0) is None

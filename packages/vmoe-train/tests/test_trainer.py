@@ -217,10 +217,14 @@ def test_closing_summary_names_accuracies_paths_and_the_eval_report(pretrained):
     assert text.startswith("vmoe-train: done, 24 steps in ")
     # The printed accuracies are the summary file's, as percentages to 2 decimals.
     saved = json.loads((workdir / "summary.json").read_text())
-    printed = dict(re.findall(r"^  (\S+/accuracy): (\d+\.\d\d)%$", text, flags=re.MULTILINE))
+    pattern = r"^  (\S+/accuracy): (\d+\.\d\d)% \(capacity factor ([\d.]+)\)$"
+    printed = {k: (v, c) for k, v, c in re.findall(pattern, text, flags=re.MULTILINE)}
     assert set(printed) == {"validation/accuracy", "test/accuracy"}
-    for key, value in printed.items():
+    for key, (value, capacity) in printed.items():
         assert value == f"{100 * saved[key]:.2f}", (key, value, saved[key])
+        # The capacity evaluation routed with: the router's own C here (digits_vmoe sets none).
+        split = key.split("/")[0]
+        assert float(capacity) == saved[f"{split}/capacity_factor"] == 1.05
     assert f"vmoe-eval all {workdir}" in text and f"{workdir}/eval/report.md" in text
 
 

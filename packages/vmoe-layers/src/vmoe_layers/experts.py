@@ -71,6 +71,12 @@ def init_stacked(spec: ParamSpec, key: Array, num_experts: int, dtype: Any) -> A
     return jax.vmap(lambda k: spec.init(k, spec.shape, dtype))(keys)
 
 
+def init_shared(spec: ParamSpec, key: Array, num_experts: int, dtype: Any) -> Array:
+    """[E, *spec.shape]: one draw of `spec.init` copied to all E experts."""
+    one = spec.init(key, spec.shape, dtype)
+    return jnp.broadcast_to(one[None], (num_experts, *spec.shape))
+
+
 def _check_mlp_options(experts: Any) -> None:
     """Checks mlp_dim and activation of a frozen expert type; mlp_dim becomes a Python int."""
     # The shared rule: numpy integers are integers (kept as a plain int: it is a shape and a

@@ -32,7 +32,7 @@ from flax.core import FrozenDict
 import vmoe_plugins
 import vmoe_routing
 from vmoe_layers.exchange import ExpertExchange, exchange_or_local, run_local_experts
-from vmoe_layers.experts import get_expert_type, init_stacked
+from vmoe_layers.experts import get_expert_type, init_shared, init_stacked
 
 Array = jax.Array
 
@@ -41,6 +41,7 @@ Array = jax.Array
 EXPERTS_KEY = "experts"
 GATING_RNG = "gating"  # rng collection for the router's training noise
 DISPATCH_PATHS = ("index", "einsum")
+EXPERT_INITS = ("independent", "shared")
 
 # V-MoE's routing defaults (K=2, C=1.05 in pre-training). The one place they live: a router named
 # by `MoeLayer.router` gets these, with the user's `router_options` merged over them (a default
@@ -199,6 +200,9 @@ class MoeLayer(nn.Module):
         rounded to on their way to and back from the experts, as the original V-MoE release's
         bfloat16 dispatcher did (to halve all-to-all traffic): the experts still compute in
         `dtype` on the rounded inputs, and the rounded outputs are combined in `dtype`.
+      expert_init: "independent" (default: each of the E experts drawn with its own key) or
+        "shared" (one draw copied to all E, as the V-MoE release's `split_rngs=False`: the
+        experts start equal and only routing sets them apart).
 
     Call: `layer(x, deterministic=True, k=None, capacity_factor=None) -> MoeOutput` with x of
     shape [..., T, D]. `deterministic=False` is training: gating noise (rng collection
@@ -220,6 +224,7 @@ class MoeLayer(nn.Module):
     exchange: ExpertExchange | None = None
     dispatch_path: str = "index"
     dispatch_dtype: Any = None
+    expert_init: str = "independent"
 
     def make_router(self) -> Any:
         """The router this layer uses: built from its name, or the given object (checked)."""
@@ -277,6 +282,8 @@ class MoeLayer(nn.Module):
     ) -> MoeOutput:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init={self.expert_init!r} must be one of {EXPERT_INITS}")
         if self.dispatch_path not in DISPATCH_PATHS:
             raise ValueError(
                 f"dispatch_path={self.dispatch_path!r} must be one of {DISPATCH_PATHS}"
@@ -300,11 +307,13 @@ class MoeLayer(nn.Module):
         router_params = self.param("router", lambda key: router.init(key, d))
 
         def init_experts(key):
-            """{name: [E, *shape]}: each of the E experts drawn with its own key."""
+            """{name: [E, *shape]}: each of the E experts drawn with its own key, or one draw
+            copied to all of them ("shared")."""
             e, dtype = self.num_experts, self.param_dtype
             specs = sorted(experts.param_specs(d).items())
+            draw = init_stacked if self.expert_init == "independent" else init_shared
             return {
-                name: init_stacked(spec, jax.random.fold_in(key, i), e, dtype)
+                name: draw(spec, jax.random.fold_in(key, i), e, dtype)
                 for i, (name, spec) in enumerate(specs)
             }
 

@@ -48,6 +48,9 @@ class MoeConfig:
       expert_options: its options besides mlp_dim; None: the model's `mlp_options`.
       dispatch_dtype: None, or the dtype expert buffers are rounded to on the way to and from
         the experts ("bfloat16" as the original V-MoE release; see `MoeLayer.dispatch_dtype`).
+      expert_init: "independent" (each expert drawn with its own key) or "shared" (one draw
+        copied to every expert, as the V-MoE release's `split_rngs=False`; see `MoeLayer`).
+      dropout_rate: dropout on the MoE layers' output; None: the model's `dropout_rate`.
     """
 
     num_experts: int
@@ -58,6 +61,8 @@ class MoeConfig:
     expert_type: str | None = None
     expert_options: Mapping[str, Any] | None = None
     dispatch_dtype: Any = None
+    expert_init: str = "independent"
+    dropout_rate: float | None = None
 
     def __post_init__(self) -> None:
         # Hashable (flax modules holding this config can be hashed, e.g. as static jit args).
@@ -188,11 +193,12 @@ class EncoderBlock(nn.Module):
             expert_type=moe.expert_type or self.mlp_type,
             expert_options=self.mlp_options if moe.expert_options is None else moe.expert_options,
             group_size=moe.group_size,
-            dropout_rate=self.dropout_rate,
+            dropout_rate=self.dropout_rate if moe.dropout_rate is None else moe.dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             exchange=self.exchange,
             dispatch_dtype=moe.dispatch_dtype,
+            expert_init=moe.expert_init,
             name="moe",
         )(y, deterministic=deterministic, k=k, capacity_factor=capacity_factor)
         return x_btd + out.output, out
@@ -207,6 +213,8 @@ class VisionTransformer(nn.Module):
       hidden_size, num_layers, num_heads, mlp_dim: D, L, heads, H.
       classifier: "token" (a learned class token) or "gap" (mean of the patch tokens).
       representation_size: if set, a Dense + tanh pre-logits layer of this size (as ViT upstream).
+      head_bias_init: the head's initial bias (its kernel starts at zero, as ViT), e.g.
+        -log(num_classes) as the V-MoE release, so that a sigmoid loss starts near the prior.
       dropout_rate: after position embeddings, attention and feed-forward outputs.
       attention_dropout_rate: on attention weights.
       mlp_type, mlp_options: the expert type (and its options) of every feed-forward.
@@ -228,6 +236,7 @@ class VisionTransformer(nn.Module):
     mlp_dim: int
     classifier: str = "token"
     representation_size: int | None = None
+    head_bias_init: float = 0.0
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     mlp_type: str = "mlp"
@@ -309,7 +318,11 @@ class VisionTransformer(nn.Module):
         logits = pre_logits
         if self.num_classes is not None:
             logits = nn.Dense(
-                self.num_classes, kernel_init=nn.initializers.zeros, name="head", **dense
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.head_bias_init),
+                name="head",
+                **dense,
             )(pre_logits)
         return ModelOutput(
             logits=logits,

@@ -6,9 +6,14 @@
 The config is validated before anything compiles; its problems are printed all at once (exit
 status 2). Then `vmoe_train.trainer.train(config, workdir)` runs and prints its own summary.
 
-    vmoe-train convert ckpts/vmoe_s32_last2_ilsvrc2012 --config=vmoe_s32_i1k --workdir=runs/s32
+    vmoe-train convert ckpts/vmoe_s32_last2_ilsvrc2012 --config=vmoe_s32_last2_i1k \\
+        --workdir=runs/s32
 
-converts a checkpoint of the original V-MoE release into a run (`vmoe_train.original`).
+converts a checkpoint of the original V-MoE release into a run (`vmoe_train.original`), and
+
+    vmoe-train export runs/s32 exported/s32 --step=500 --shards=2
+
+writes a run's parameters back in the release's format.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ options:
 The config is validated before anything compiles, every problem at once (exit status 2).
 
   {PROG} convert CHECKPOINT ...   convert an original V-MoE checkpoint (see {PROG} convert -h)
+  {PROG} export RUN PREFIX ...    write a run's parameters as one (see {PROG} export -h)
 """
 CONVERT_USAGE = f"""\
 usage: {PROG} convert CHECKPOINT --workdir=DIR [--config=NAME|PATH] [--config.FIELD=VALUE ...]
@@ -62,15 +68,32 @@ usage: {PROG} convert CHECKPOINT --workdir=DIR [--config=NAME|PATH] [--config.FI
 Converts a checkpoint of the original V-MoE release (CHECKPOINT: its prefix, or its .index file,
 with the .data-nnnnn-of-mmmmm shards beside it) into a run every vmoe tool reads: an orbax
 checkpoint DIR/checkpoints/0 with the parameters and a config. The config is --config (default:
-{DEFAULT_CONFIG}) with its model taken from the checkpoint and the release's routing settings
+{DEFAULT_CONFIG}) with its model taken from the checkpoint, any size (model.name=V-MoE with
+model.patch_size, hidden_size, num_layers, num_heads, mlp_dim), and the release's routing settings
 (K=2, capacity multiple of 4, evaluation capacity factor 4.0, groups of 8 images, bfloat16
 dispatch), then the --config.FIELD overrides. Its dataset must have the head's classes and its
-pp the checkpoint's image size (every mismatch is reported, by path, at once).
+pp the checkpoint's image size (every mismatch is reported, by path, at once); model fields
+given explicitly (sizes set in --config, any model override) must agree with the checkpoint.
 
   vmoe-eval all DIR                                      evaluate it
   {PROG} --config=... --config.finetune.init_from=DIR    fine-tune from it
 """
+EXPORT_USAGE = f"""\
+usage: {PROG} export RUN PREFIX [--step=N] [--shards=K]
+
+Writes the parameters of RUN (a run directory, its checkpoints/ or one <step>/ directory) at
+its latest checkpoint, or at step N, as a checkpoint of the original V-MoE release: PREFIX.index
+and PREFIX.data-nnnnn-of-mmmmm, which the release's code reads
+(vmoe.checkpoints.partitioned.restore_checkpoint) and `{PROG} convert` converts back, bit for
+bit. The experts are split over K shards along their expert axis (default 1), as the release
+stored them. Existing files of a checkpoint PREFIX are not overwritten.
+
+options:
+  --step=N     the checkpoint's step (default: the latest, or the <step>/ directory's)
+  --shards=K   data shards to write (default: 1)
+"""
 FLAGS = ("--config", "--workdir", "--check", "--list-configs", "--help")
+EXPORT_FLAGS = ("--step", "--shards", "--help")
 
 
 class _UsageError(Exception):
@@ -163,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:
         return _convert(argv[1:])
+    if argv[:1] == ["export"]:
+        return _export(argv[1:])
     try:
         args = _parse(argv)
     except _UsageError as error:
@@ -240,7 +265,7 @@ def _convert(argv: Sequence[str]) -> int:
     except _UsageError as error:
         print(f"{PROG} convert: {error}\nTry '{PROG} convert --help'.", file=sys.stderr)
         return 2
-    from vmoe_train.original import FormatError, TreeMismatchError, convert
+    from vmoe_train.original import FormatError, convert
 
     try:
         config = load_config(args.config)
@@ -248,7 +273,7 @@ def _convert(argv: Sequence[str]) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, FormatError, TreeMismatchError) as error:
+    except (FileNotFoundError, FileExistsError, FormatError, ValueError) as error:
         print(f"{PROG} convert: {error}", file=sys.stderr)
         return 1
     arch = converted.architecture
@@ -257,8 +282,12 @@ def _convert(argv: Sequence[str]) -> int:
         if arch.moe_layers
         else "no MoE blocks"
     )
+    sizes = (
+        f"patch {arch.patch_size}, hidden {arch.hidden_size}, {arch.num_layers} blocks, "
+        f"{arch.num_heads} heads, MLP {arch.mlp_dim}"
+    )
     print(
-        f"{PROG} convert: {converted.config.model.name} ({experts}; {arch.classifier} "
+        f"{PROG} convert: {converted.config.model.name} ({sizes}; {experts}; {arch.classifier} "
         f"classifier; {arch.num_classes} classes), {converted.num_arrays} arrays\n"
         f"  checkpoint: {converted.checkpoint}\n"
         f"  evaluate: vmoe-eval all {args.workdir}\n"
@@ -267,3 +296,62 @@ def _convert(argv: Sequence[str]) -> int:
     if converted.skipped:
         print(f"  not parameters, not converted: {len(converted.skipped)} arrays")
     return 0
+
+
+def _export(argv: Sequence[str]) -> int:
+    """`vmoe-train export RUN PREFIX [--step=N] [--shards=K]` (see EXPORT_USAGE)."""
+    try:
+        positional, options = _parse_export(argv)
+        if options.get("help"):
+            print(EXPORT_USAGE, end="")
+            return 0
+        if len(positional) != 2:
+            raise _UsageError(f"export takes RUN and PREFIX; got {positional or 'none'}")
+    except _UsageError as error:
+        print(f"{PROG} export: {error}\nTry '{PROG} export --help'.", file=sys.stderr)
+        return 2
+    from vmoe_train.checkpoints import CheckpointError
+    from vmoe_train.original import export_run
+    from vmoe_train.original.export import run_step
+
+    run, prefix = positional
+    try:
+        _, step = run_step(run, options.get("step"))
+        files = export_run(run, prefix, step=step, num_shards=options.get("shards", 1))
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as error:
+        print(f"{PROG} export: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"{PROG} export: step {step} of {run} -> {files[0]} and {len(files) - 1} data shard(s)\n"
+        f"  back: {PROG} convert {files[0]} --config=... --workdir=DIR"
+    )
+    return 0
+
+
+def _parse_export(argv: Sequence[str]) -> tuple[list[str], dict[str, int | bool]]:
+    """(positional arguments, {"step": N, "shards": K, "help": True} as given)."""
+    positional: list[str] = []
+    options: dict[str, int | bool] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        flag, sep, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            options["help"] = True
+        elif flag in ("--step", "--shards"):
+            if not sep:
+                if i >= len(argv) or argv[i].startswith("--"):
+                    raise _UsageError(f"{flag} needs a value: {flag}=N")
+                value, i = argv[i], i + 1
+            low = 0 if flag == "--step" else 1
+            if not value.isdigit() or int(value) < low:
+                raise _UsageError(f"{flag}={value!r} must be an integer >= {low}")
+            options[flag[2:]] = int(value)
+        elif not arg.startswith("-"):
+            positional.append(arg)
+        else:
+            hint = difflib.get_close_matches(flag, EXPORT_FLAGS, n=1)
+            maybe = f" (did you mean {hint[0]}?)" if hint else ""
+            raise _UsageError(f"unknown argument {arg!r}{maybe}")
+    return positional, options

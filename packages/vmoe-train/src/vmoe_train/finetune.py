@@ -7,8 +7,10 @@
 position embeddings the new token count), laid out by a sharding strategy or not; `loaded`
 come from a checkpoint. Every parameter of the same path and shape is taken from the checkpoint;
 the position embeddings are resized (bilinear over the patch grid, the class token's embedding
-kept); the head is the fresh one when `new_head` is set or its shape changed. Anything else that
-differs is an error naming the paths, so a wrong checkpoint never half-loads.
+kept); the head is the fresh one when `new_head` is set or its shape changed. With a new head, a
+checkpoint's pre-logits layer that the new model does not have is left behind (the V-MoE
+release fine-tunes without it: a new head on the encoder's output). Anything else that differs
+is an error naming the paths, so a wrong checkpoint never half-loads.
 
 Where the parameters live: `restore_target` reads every parameter that is taken as it is
 straight into the fresh parameter's sharding (each process reads only its slices, no copy of the
@@ -30,6 +32,7 @@ from flax import traverse_util
 from vmoe_train.mismatch import TreeMismatchError
 
 HEAD_PREFIX = "head/"
+PRE_LOGITS_PREFIX = "pre_logits/"
 POS_EMBEDDING = "pos_embedding"
 
 
@@ -88,7 +91,10 @@ def finetune_params(
     fresh_flat = traverse_util.flatten_dict(fresh, sep="/")
     loaded_flat = traverse_util.flatten_dict(loaded, sep="/")
     missing = sorted(set(fresh_flat) - set(loaded_flat) - _head_keys(fresh_flat))
-    extra = sorted(set(loaded_flat) - set(fresh_flat) - _head_keys(loaded_flat))
+    left_behind = _head_keys(loaded_flat)
+    if new_head:  # the new head sits on whatever the new model's pre-logits are
+        left_behind |= {p for p in loaded_flat if p.startswith(PRE_LOGITS_PREFIX)}
+    extra = sorted(set(loaded_flat) - set(fresh_flat) - left_behind)
     mismatched = []
     out = {}
     for path, value in fresh_flat.items():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import vmoe_layers as vl
+from vmoe_train.config import config_get
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -35,15 +36,25 @@ def param_paths(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(name, params)
 
 
+def end_learning_rate(cfg: Any) -> float:
+    """Where the decay ends: `end_learning_rate` if >= 0 (configs saved before it: unset), else
+    `learning_rate * end_lr_ratio` for cosine and 0 for linear."""
+    end = float(config_get(cfg, "end_learning_rate", -1.0))
+    if end >= 0:
+        return end
+    return float(cfg.learning_rate) * float(cfg.end_lr_ratio) if cfg.schedule == "cosine" else 0.0
+
+
 def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine (to
-    `learning_rate * end_lr_ratio`), linear (to 0) or constant until `num_steps`."""
+    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine or linear decay
+    to `end_learning_rate(cfg)`, or constant, until `num_steps`."""
     peak, warmup = float(cfg.learning_rate), int(cfg.warmup_steps)
     decay_steps = max(num_steps - warmup, 1)
+    end = end_learning_rate(cfg)
     if cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(cfg.end_lr_ratio))
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
     elif cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, 0.0, decay_steps)
+        after = optax.linear_schedule(peak, end, decay_steps)
     elif cfg.schedule == "constant":
         after = optax.constant_schedule(peak)
     else:
@@ -114,13 +125,17 @@ def make_optimizer(cfg: Any, num_steps: int, params: Any) -> optax.GradientTrans
     """The optax transformation for `cfg` (config.optimizer) and the params' tree."""
     schedule = make_schedule(cfg, num_steps)
     decay = decay_mask(cfg.weight_decay_on, params)
+    # Adam's first moment in bfloat16 halves its memory (the V-MoE release's option); the
+    # second moment stays in the params' dtype. Configs saved before the field: "".
+    mu_dtype = config_get(cfg, "mu_dtype", "") or None
     if cfg.name == "adam":
-        base = optax.adam(schedule, b1=float(cfg.b1), b2=float(cfg.b2))
+        base = optax.adam(schedule, b1=float(cfg.b1), b2=float(cfg.b2), mu_dtype=mu_dtype)
     elif cfg.name == "adamw":
         base = optax.adamw(
             schedule,
             b1=float(cfg.b1),
             b2=float(cfg.b2),
+            mu_dtype=mu_dtype,
             weight_decay=float(cfg.weight_decay),
             mask=decay,
         )

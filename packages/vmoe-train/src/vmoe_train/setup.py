@@ -5,10 +5,11 @@
 
 The builders stand alone too: `open_dataset(config)` (the dataset, restricted to
 `dataset.classes`), `data_cache(config)` (the pipelines' `cache`), `build_model(config, ...)`
-(the uninitialised model), `tokens_per_image(model, image_hwc)` and `routing_group_size(config,
-...)` (the tokens of a routing group), `eval_capacity_factor(config)` (the routers' capacity
-at evaluation). The trainer (`trainer.train`), the evaluators (vmoe-eval) and the benchmarks
-build their runs with these, so they all see the same model.
+(the uninitialised model; `model_sizes(config.model)` its sizes), `tokens_per_image(model,
+image_hwc)` and `routing_group_size(config, ...)` (the tokens of a routing group),
+`eval_capacity_factor(config)` (the routers' capacity at evaluation). The trainer
+(`trainer.train`), the evaluators (vmoe-eval) and the benchmarks build their runs with these, so
+they all see the same model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 import vmoe_data
 import vmoe_layers as vl
 from vmoe_train import optim, steps
-from vmoe_train.config import DATA_CACHE, config_get
+from vmoe_train.config import DATA_CACHE, MODEL_FAMILIES, MODEL_SIZE_FIELDS, config_get
+from vmoe_train.config.fields import resolve_pp
 from vmoe_train.config.overrides import deep_tuple
 from vmoe_train.state import TrainState
 
@@ -35,9 +37,14 @@ __all__ = [
     "build_model",
     "data_cache",
     "eval_capacity_factor",
+    "evaluation_capacity",
+    "model_family",
+    "model_sizes",
+    "num_train_steps",
     "open_dataset",
     "routing_group_size",
     "tokens_per_image",
+    "train_pp",
 ]
 
 
@@ -54,6 +61,10 @@ class Setup:
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     eval_step: Callable[[Any, dict], dict]
     sample_images: np.ndarray
+    num_steps: int  # `num_steps`, or `num_epochs` over the train split resolved to steps
+    # The capacity factor evaluation routes with (`eval.capacity_factor`, or the router's own);
+    # None for a dense model or a router without one. Evaluation metrics name it.
+    eval_capacity: float | None = None
 
     def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's batch [L, ...] -> global arrays [B, ...] split by the strategy.
@@ -114,10 +125,11 @@ def build(config: Any) -> Setup:
         group_size=group_size if plain.moe is not None else None,
         exchange=strategy.exchange,
     )
-    schedule = optim.make_schedule(config.optimizer, config.num_steps)
+    num_steps = num_train_steps(config, dataset)
+    schedule = optim.make_schedule(config.optimizer, num_steps)
     init_model = steps.init_model(model)
     abstract_params = jax.eval_shape(lambda: init_model.init(jax.random.key(0), sample)["params"])
-    optimizer = optim.make_optimizer(config.optimizer, config.num_steps, abstract_params)
+    optimizer = optim.make_optimizer(config.optimizer, num_steps, abstract_params)
     train_step = jax.jit(
         steps.make_train_step(
             model,
@@ -134,12 +146,65 @@ def build(config: Any) -> Setup:
         steps.make_eval_step(model, loss_kind=config.loss.kind, capacity_factor=capacity)
     )
     return Setup(
-        config, dataset, strategy, model, optimizer, schedule, train_step, eval_step, sample
+        config,
+        dataset,
+        strategy,
+        model,
+        optimizer,
+        schedule,
+        train_step,
+        eval_step,
+        sample,
+        num_steps,
+        evaluation_capacity(model, capacity),
     )
+
+
+def num_train_steps(config: Any, dataset: Any) -> int:
+    """`num_steps`, or where `num_epochs` > 0: floor(num_epochs x train examples / batch_size)
+    (configs saved before `num_epochs`: num_steps)."""
+    epochs = float(config_get(config, "num_epochs", 0.0) or 0.0)
+    if epochs <= 0:
+        return int(config.num_steps)
+    examples = dataset.num_examples(config.dataset.train_split)
+    steps = int(epochs * examples // config.batch_size)
+    warmup = int(config.optimizer.warmup_steps)
+    if steps < max(warmup, 1):
+        raise ValueError(
+            f"num_epochs={epochs} of {examples} examples ({config.dataset.train_split}) at "
+            f"batch_size={config.batch_size} is {steps} steps; it must be >= 1 and >= "
+            f"optimizer.warmup_steps={warmup}"
+        )
+    return steps
+
+
+def evaluation_capacity(model: vl.VisionTransformer, override: float | None) -> float | None:
+    """The capacity factor `model` evaluates with: `override`, else its router's evaluation
+    capacity (`eval_capacity_factor`, else `capacity_factor`); None where there is none (a dense
+    model, or a router without a capacity, such as soft or dropless routing)."""
+    if model.moe is None:
+        return None
+    if override is not None:
+        return float(override)
+    moe = model.moe
+    router = vl.MoeLayer(
+        num_experts=moe.num_experts, mlp_dim=1, router=moe.router, router_options=moe.router_options
+    ).make_router()
+    for name in ("eval_capacity_factor", "capacity_factor"):
+        value = getattr(router, name, None)
+        if value is not None:
+            return float(value)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # The data
+
+
+def train_pp(config: Any) -> str:
+    """`pp.train` for this process: `{local_devices}` replaced by its local device count (batch
+    ops that work per device, such as the release's mixup, split the process's batch by it)."""
+    return resolve_pp(config.pp.train, jax.local_device_count())
 
 
 def open_dataset(config: Any) -> Any:
@@ -170,9 +235,10 @@ def build_model(
 ) -> Any:
     """The (uninitialised) `vmoe_layers.VisionTransformer` that `config.model` describes.
 
-    `model.name` is the preset; `model.mlp_dim` (if > 0), `model.dropout_rate`, `model.dtype`,
-    `model.classifier` and `model.representation_size` (if > 0) replace its values; a V-MoE
-    takes `model.moe` (experts, layers, router and its options, expert type, dispatch dtype).
+    Its sizes are `model_sizes(config.model)` (a preset's, or given field by field);
+    `model.dropout_rate`, `model.dtype`, `model.classifier` and `model.representation_size` (if
+    > 0) are the config's; a V-MoE ("V-MoE-..." or "V-MoE") takes `model.moe` (experts, layers,
+    router and its options, expert type, dispatch dtype).
     `group_size` is the tokens per routing group (see `routing_group_size`; None: one image),
     `exchange` the sharding strategy's.
     """
@@ -180,7 +246,7 @@ def build_model(
 
     model_config = config.model
     moe_options = {}
-    if str(model_config.name).startswith("V-MoE-"):
+    if model_family(model_config.name) == "V-MoE":
         moe = model_config.moe
         moe_options = {
             "num_experts": moe.num_experts,
@@ -191,26 +257,83 @@ def build_model(
         }
     # Fields newer than some saved configs: read with their defaults.
     representation_size = int(config_get(model_config, "representation_size", 0))
-    model = vl.create_model(
-        model_config.name,
+    head_bias_init = float(config_get(model_config, "head_bias_init", 0.0))
+    model = _vision_transformer(
+        model_config,
         num_classes=num_classes,
         dropout_rate=float(model_config.dropout_rate),
         dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
         classifier=config_get(model_config, "classifier", "token"),
         representation_size=representation_size or None,
+        head_bias_init=head_bias_init,
         exchange=exchange,
         **moe_options,
     )
     updates: dict[str, Any] = {}
-    if model_config.mlp_dim:
-        updates["mlp_dim"] = int(model_config.mlp_dim)
     if model.moe is not None:
+        moe_dropout = float(config_get(model_config, "moe.dropout_rate", -1.0))
         updates["moe"] = dataclasses.replace(
             model.moe,
             expert_type=model_config.moe.expert_type,
             dispatch_dtype=config_get(model_config, "moe.dispatch_dtype", "") or None,
+            expert_init=config_get(model_config, "moe.expert_init", "independent"),
+            dropout_rate=None if moe_dropout < 0 else moe_dropout,
         )
     return model.clone(**updates) if updates else model
+
+
+def model_family(name: Any) -> str | None:
+    """The family of a model name, a preset's ("V-MoE-S/32") or a family alone ("V-MoE"):
+    "V-MoE" or "ViT"; None for other names."""
+    text = str(name)
+    for family in MODEL_FAMILIES:
+        if text == family or text.startswith(f"{family}-"):
+            return family
+    return None
+
+
+def model_sizes(model_config: Any) -> dict[str, int]:
+    """{field: size} for `MODEL_SIZE_FIELDS` (patch_size, hidden_size, num_layers, num_heads,
+    mlp_dim) of `config.model`: the preset's that `model.name` names, each replaced by the
+    config's field where that is > 0; for a family alone ("ViT", "V-MoE"), the config's fields,
+    which must then all be > 0 (a ValueError names the missing ones). Configs saved before the
+    size fields existed read as 0: the preset's sizes."""
+    name = str(model_config.name)
+    given = {f: int(config_get(model_config, f, 0) or 0) for f in MODEL_SIZE_FIELDS}
+    if name in MODEL_FAMILIES:
+        missing = [f"model.{f}" for f, size in given.items() if size <= 0]
+        if missing:
+            raise ValueError(
+                f"model.name={name!r} names no preset, so every size must be given (> 0); "
+                f"missing: {', '.join(missing)}"
+            )
+        return given
+    preset = vl.create_model(name, num_classes=None)  # a ValueError names the allowed names
+    return {f: size if size > 0 else int(getattr(preset, f)) for f, size in given.items()}
+
+
+def _vision_transformer(
+    model_config: Any,
+    *,
+    num_experts: int | None = None,
+    moe_layers: Any = None,
+    router: str | None = None,
+    router_options: dict[str, Any] | None = None,
+    group_size: int | None = None,
+    **options: Any,
+) -> vl.VisionTransformer:
+    """The model of `model_config`'s name and sizes (`model_sizes`), with the MoE part of a
+    V-MoE and the other `VisionTransformer` fields from `options`."""
+    moe = None
+    if model_family(model_config.name) == "V-MoE":
+        moe = vl.MoeConfig(
+            num_experts=num_experts,
+            layers=moe_layers,
+            router=router,
+            router_options=router_options or {},
+            group_size=group_size,
+        )
+    return vl.VisionTransformer(moe=moe, **model_sizes(model_config), **options)
 
 
 def tokens_per_image(model: vl.VisionTransformer, image_hwc: tuple[int, ...]) -> int:

@@ -35,7 +35,7 @@ from vmoe_train import checkpoints, finetune, resume, steps
 from vmoe_train import config as config_lib
 from vmoe_train.callbacks import Callback, RunInfo, callback_names, make_callbacks
 from vmoe_train.configs.base import base_config
-from vmoe_train.setup import Setup, build, data_cache
+from vmoe_train.setup import Setup, build, data_cache, train_pp
 from vmoe_train.setup import tokens_per_image as tokens_per_image
 
 
@@ -64,11 +64,14 @@ def evaluate(setup: Setup, params: Any, split: str) -> dict[str, float]:
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = max(totals.get("count", 0.0), 1.0)
-    return {
+    results = {
         f"{split}/accuracy": totals["correct"] / count,
         f"{split}/loss": totals["loss_sum"] / count,
         f"{split}/examples": totals["count"],
     }
+    if setup.eval_capacity is not None:  # which routing the figures are for
+        results[f"{split}/capacity_factor"] = setup.eval_capacity
+    return results
 
 
 def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
@@ -182,7 +185,7 @@ def _run(
             setup.dataset,
             split=config.dataset.train_split,
             batch_size=config.batch_size,
-            pp=config.pp.train,
+            pp=train_pp(config),
             seed=config.seed,
             num_workers=config.dataset.num_workers,
             cache=data_cache(config),
@@ -190,7 +193,7 @@ def _run(
     )
     if data_state:
         train_iter.set_state(data_state)
-    num_steps = int(config.num_steps)
+    num_steps = setup.num_steps
     run = RunInfo(workdir, config, start, num_steps, main_process)
     if main_process:
         print(f"vmoe-train: {config.model.name} on {config.dataset.name}, {how}", flush=True)
@@ -285,7 +288,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({summary['train/images_per_second']:.0f} images/s at the end)"
     ]
     for key in sorted(k for k in summary if k.endswith("/accuracy")):
-        lines.append(f"  {key}: {100 * summary[key]:.2f}%")
+        capacity = summary.get(key.replace("/accuracy", "/capacity_factor"))
+        at = f" (capacity factor {capacity:g})" if capacity is not None else ""
+        lines.append(f"  {key}: {100 * summary[key]:.2f}%{at}")
     lines.append(f"  run: {summary['workdir']}")
     lines.append(f"  checkpoint: {summary['checkpoint']}")
     report = pathlib.Path(summary["workdir"]) / "eval" / "report.md"

@@ -31,6 +31,8 @@ from vmoe_train.config.fields import (  # noqa: F401 (importable from here, as b
     DTYPES,
     KEEP_BEST_METRICS,
     LOSSES,
+    MODEL_FAMILIES,
+    MODEL_SIZE_FIELDS,
     OPEN_FIELDS,
     OPTIMIZERS,
     SCHEDULES,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vmoe_train.config.checker import MISSING, Checker, error_message, unknown_name
+from vmoe_train.config.fields import resolve_pp
 
 
 @dataclasses.dataclass
@@ -101,8 +102,8 @@ def check_pp(checker: Checker, dataset: Any) -> Images:
         spec = checker.get(path)
         if spec is MISSING:
             continue
-        try:
-            pp = vmoe_data.preprocess(spec)
+        try:  # the device count only fills batch ops' arguments: any count parses the same
+            pp = vmoe_data.preprocess(resolve_pp(spec, 1) if isinstance(spec, str) else spec)
         except ValueError as error:
             checker.add(path, error_message(error), spec)
             continue

@@ -16,8 +16,24 @@ LOSSES = ("softmax", "sigmoid")
 DTYPES = ("float32", "bfloat16")
 DATA_CACHE = {"auto": None, "always": True, "never": False}  # -> vmoe_data pipelines' `cache`
 DISPATCH_DTYPES = ("", *DTYPES)  # "" = the compute dtype
+MU_DTYPES = ("", *DTYPES)  # "" = the params' dtype
+EXPERT_INITS = ("independent", "shared")
 CLASSIFIERS = ("token", "gap")
+# `model.name` is a vmoe-layers preset ("V-MoE-S/32") or a family alone, whose sizes are then
+# all given by the size fields (0 = the preset's).
+MODEL_FAMILIES = ("ViT", "V-MoE")
+MODEL_SIZE_FIELDS = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
 KEEP_BEST_METRICS = ("accuracy", "loss")
+# In pp.train, replaced by the process's local device count when the pipeline is built (e.g. the
+# V-MoE release's per-device mixup: `mixup(0.2, groups={local_devices}, largest_first=True)`).
+LOCAL_DEVICES = "{local_devices}"
+
+
+def resolve_pp(spec: str, local_devices: int) -> str:
+    """`spec` with every `LOCAL_DEVICES` replaced by `local_devices`."""
+    return spec.replace(LOCAL_DEVICES, str(int(local_devices)))
+
+
 # Dicts of free-form options: any key may be added (by an override or a config file).
 OPEN_FIELDS = ("model.moe.router_options",)
 # Fields that take more than one type (the base config's value fixes the type of the others).

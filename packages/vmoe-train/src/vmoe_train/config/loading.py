@@ -20,6 +20,13 @@ from ml_collections import ConfigDict
 
 from vmoe_train.config.fields import SHIPPED_PACKAGE, ConfigError
 
+# Names of recipes that were replaced by the release's (issue 21): a clear error, not a different
+# recipe under the old name (a run started with it would not resume under the new values anyway).
+RENAMED = {
+    "vmoe_s32_i1k": ("vmoe_s32_last2_i1k", "vmoe_s32_last2_i1k_ft_i1k_384"),
+    "vmoe_b16_i21k": ("vmoe_b16_every2_i21k", "vmoe_b16_every2_i21k_ft_i1k_384"),
+}
+
 
 def shipped_configs() -> dict[str, str]:
     """The shipped configs: {name: the first line of its docstring}, sorted by name."""
@@ -80,6 +87,13 @@ def load_config(name_or_path: str) -> ConfigDict:
             raise
     else:
         shipped = shipped_configs()
+        if name_or_path in RENAMED:
+            raise ConfigError(
+                [
+                    f"{where}: renamed: the shipped recipes are now the V-MoE release's own, "
+                    f"named for what they train: {', '.join(RENAMED[name_or_path])}"
+                ]
+            )
         if name_or_path not in shipped:
             hint = difflib.get_close_matches(name_or_path, shipped, n=1)
             maybe = f" (did you mean {hint[0]!r}?)" if hint else ""

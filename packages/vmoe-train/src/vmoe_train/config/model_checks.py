@@ -11,51 +11,102 @@ from ml_collections import ConfigDict
 
 from vmoe_train.config.checker import MISSING, Checker, error_message
 from vmoe_train.config.data_checks import Images, hw_text, microsteps
-from vmoe_train.config.fields import DISPATCH_DTYPES, STRATEGY_AXES
+from vmoe_train.config.fields import (
+    DISPATCH_DTYPES,
+    EXPERT_INITS,
+    MODEL_FAMILIES,
+    MODEL_SIZE_FIELDS,
+    STRATEGY_AXES,
+)
 
 
 def _is_moe(checker: Checker) -> bool:
+    from vmoe_train.setup import model_family
+
     model = checker.config.get("model")  # even a bad name says the family
     name = model.get("name") if isinstance(model, ConfigDict) else None
-    return isinstance(name, str) and name.startswith("V-MoE-")
+    return isinstance(name, str) and model_family(name) == "V-MoE"
+
+
+def _check_sizes(checker: Checker) -> dict[str, int] | None:
+    """The model's sizes (`setup.model_sizes`: the preset's, replaced field by field, or every
+    field for a family alone), or None where a problem was reported."""
+    import vmoe_layers
+
+    name = checker.get("model.name")
+    given = {f: checker.get(f"model.{f}") for f in MODEL_SIZE_FIELDS}  # ints >= 0 if not MISSING
+    if name is MISSING or MISSING in given.values():
+        return None
+    if name in MODEL_FAMILIES:
+        missing = [f"model.{f}" for f, size in given.items() if size == 0]
+        if missing:
+            checker.add(
+                "model.name",
+                f"names no preset, so every size must be given; missing (integers >= 1): "
+                f"{', '.join(missing)}; or name a preset, e.g. {name}-S/32",
+                name,
+            )
+            return None
+        sizes = dict(given)
+    else:
+        try:
+            preset = vmoe_layers.create_model(name, num_classes=None)
+        except ValueError as error:
+            checker.add(
+                "model.name",
+                f"{error_message(error)}; or a family alone {list(MODEL_FAMILIES)} with every "
+                f"size field set ({', '.join(f'model.{f}' for f in MODEL_SIZE_FIELDS)})",
+                name,
+            )
+            return None
+        sizes = {f: size or int(getattr(preset, f)) for f, size in given.items()}
+    hidden, heads = sizes["hidden_size"], sizes["num_heads"]
+    if hidden % heads:
+        whose = "" if given["num_heads"] else f" (the preset {name}'s; set model.num_heads)"
+        divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
+        checker.add(
+            "model.num_heads",
+            f"must divide model.hidden_size={hidden}{whose}; allowed: {divisors}",
+            heads,
+        )
+        return None
+    return sizes
 
 
 def check_model(checker: Checker, dataset: Any, images: Images, devices: int | None) -> None:
     import vmoe_layers
     from vmoe_train.setup import build_model, tokens_per_image
 
-    name = checker.get("model.name")
-    model = None
-    if name is not MISSING:
-        try:
-            model = vmoe_layers.create_model(name, num_classes=None)
-        except ValueError as error:
-            checker.add("model.name", error_message(error), name)
+    sizes = _check_sizes(checker)
     tokens = None
-    if model is not None:
+    if sizes is not None:
         hw = images.eval or images.train
         if hw is not None:
-            p = model.patch_size
+            p = sizes["patch_size"]
             if hw[0] % p or hw[1] % p:
+                field = "model.patch_size" if checker.get("model.patch_size") else "model.name"
                 checker.add(
-                    "model.name",
+                    field,
                     f"patch size {p} does not divide the {hw_text(hw)} images of the pp specs",
-                    name,
+                    checker.get(field),
                 )
-            else:  # the config's classifier (not the preset's) says if there is a class token
+            else:  # the config's classifier says if there is a class token
                 gap = checker.get("model.classifier") == "gap"
-                tokens = tokens_per_image(model.clone(classifier="gap" if gap else "token"), hw)
+                shape = vmoe_layers.VisionTransformer(
+                    num_classes=None, classifier="gap" if gap else "token", **sizes
+                )
+                tokens = tokens_per_image(shape, hw)
     if not _is_moe(checker):
         return  # model.moe is ignored for a dense ViT
     num_experts = checker.int_("model.moe.num_experts", 1)
     layers = checker.get("model.moe.layers")
-    if model is not None and layers is not MISSING:
+    if sizes is not None and layers is not MISSING:
         try:
-            vmoe_layers.moe_block_indices(layers, model.num_layers)
+            vmoe_layers.moe_block_indices(layers, sizes["num_layers"])
         except ValueError as error:
             checker.add(
                 "model.moe.layers",
-                f"{error_message(error)} ({name} has {model.num_layers} blocks)",
+                f"{error_message(error)} (the model has {sizes['num_layers']} blocks)",
                 layers,
             )
     checker.choice(
@@ -65,9 +116,13 @@ def check_model(checker: Checker, dataset: Any, images: Images, devices: int | N
         vmoe_layers.EXPERT_TYPES,
     )
     checker.choice("model.moe.dispatch_dtype", DISPATCH_DTYPES, "dispatch dtype")
+    checker.choice("model.moe.expert_init", EXPERT_INITS, "expert init")
+    rate = checker.number("model.moe.dropout_rate", high=1, high_open=True)
+    if rate is not MISSING and rate < 0 and rate != -1:
+        checker.add("model.moe.dropout_rate", "must be in [0, 1), or -1 (model.dropout_rate)", rate)
     _check_router(checker, num_experts)
     _check_groups(checker, tokens, devices)
-    if model is not None and not any(path.startswith("model.") for path in checker.bad):
+    if sizes is not None and not any(path.startswith("model.") for path in checker.bad):
         try:
             build_model(checker.config, num_classes=getattr(dataset, "num_classes", None))
         except (ValueError, TypeError) as error:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from vmoe_train.config.checker import MISSING, Checker
-from vmoe_train.config.fields import KEEP_BEST_METRICS, OPTIMIZERS, SCHEDULES
+from vmoe_train.config.fields import KEEP_BEST_METRICS, MU_DTYPES, OPTIMIZERS, SCHEDULES
 
 
 def check_distributed(checker: Checker, num_processes: int | None) -> int | None:
@@ -39,10 +39,15 @@ def check_optimizer(checker: Checker) -> None:
     checker.number("optimizer.grad_clip_norm", 0)
     checker.choice("optimizer.schedule", SCHEDULES, "schedule")
     checker.number("optimizer.end_lr_ratio", 0, 1)
+    end = checker.number("optimizer.end_learning_rate")
+    peak = checker.get("optimizer.learning_rate")
+    if end is not MISSING and peak is not MISSING and end > peak:
+        checker.add("optimizer.end_learning_rate", f"must be < 0 (unset) or <= {peak=}", end)
+    checker.choice("optimizer.mu_dtype", MU_DTYPES, "first-moment dtype")
     checker.int_("optimizer.microsteps", 1)
     warmup = checker.int_("optimizer.warmup_steps", 0)
     steps = checker.get("num_steps")
-    if warmup is not MISSING and steps is not MISSING and warmup > steps:
+    if warmup is not MISSING and steps is not MISSING and 0 < steps < warmup:
         checker.add("optimizer.warmup_steps", f"must be <= num_steps={steps}", warmup)
     for path in ("optimizer.frozen", "optimizer.weight_decay_on"):
         value = checker.get(path)

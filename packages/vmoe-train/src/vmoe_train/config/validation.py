@@ -20,6 +20,7 @@ from vmoe_train.config.fields import (
     DATA_CACHE,
     DTYPES,
     LOSSES,
+    MODEL_SIZE_FIELDS,
     OPEN_FIELDS,
     TYPE_NAMES,
     UNION_FIELDS,
@@ -130,8 +131,9 @@ def _check_numbers(checker: Checker) -> None:
     checker.int_("seed", 0)
     checker.int_("dataset.num_workers", 0)
     checker.choice("dataset.cache", tuple(DATA_CACHE), "dataset cache setting")
-    checker.int_("num_steps", 1)
-    checker.int_("model.mlp_dim", 0)
+    _check_length(checker)
+    for field in MODEL_SIZE_FIELDS:  # 0: the preset's (model_checks checks them together)
+        checker.int_(f"model.{field}", 0)
     checker.int_("model.representation_size", 0)
     checker.choice("model.classifier", CLASSIFIERS, "classifier")
     checker.number("model.dropout_rate", 0, 1, high_open=True)
@@ -142,6 +144,21 @@ def _check_numbers(checker: Checker) -> None:
     checker.number("eval.capacity_factor", 0)
     checker.int_("log.every_steps", 0)
     _check_log(checker)
+
+
+def _check_length(checker: Checker) -> None:
+    """num_steps >= 1, or num_epochs > 0 with num_steps 0 (one of them says how long)."""
+    epochs = checker.number("num_epochs", 0)
+    if epochs is MISSING or epochs == 0:
+        checker.int_("num_steps", 1)
+        return
+    steps = checker.int_("num_steps", 0)
+    if steps is not MISSING and steps != 0:
+        checker.add(
+            "num_steps",
+            f"must be 0 when num_epochs={epochs} sets the length (give one of the two)",
+            steps,
+        )
 
 
 def _check_log(checker: Checker) -> None:

@@ -34,14 +34,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 64  # global: split over processes and devices
     c.eval_batch_size = 128  # global
     c.num_steps = 1000  # optimizer updates
+    # > 0: train this many passes over dataset.train_split instead (num_steps must then be 0):
+    # steps = floor(num_epochs * examples / batch_size), resolved when the run is built.
+    c.num_epochs = 0.0
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "V-MoE-Mu/2"  # a vmoe_layers preset ("ViT-B/16", "V-MoE-S/32", ...)
+    # A vmoe_layers preset ("ViT-B/16", "V-MoE-S/32", ...), or a family alone ("ViT", "V-MoE")
+    # for a model of any size: then the five sizes below must all be set.
+    c.model.name = "V-MoE-Mu/2"
     c.model.dropout_rate = 0.0
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
-    c.model.mlp_dim = 0  # 0 = the preset's; set it for a dense twin of equal per-token FLOPs
+    # Sizes; 0 = the preset's (a preset may be changed field by field).
+    c.model.patch_size = 0  # P: square patches, P must divide the image sides
+    c.model.hidden_size = 0  # D
+    c.model.num_layers = 0  # encoder blocks
+    c.model.num_heads = 0  # attention heads; must divide hidden_size
+    c.model.mlp_dim = 0  # H; e.g. for a dense twin of equal per-token FLOPs
     c.model.classifier = "token"  # "token" (a class token) or "gap" (mean of the patch tokens)
     c.model.representation_size = 0  # > 0: a Dense + tanh pre-logits layer of this size
+    # The head's initial bias (its kernel starts at zero), e.g. -log(num_classes) as the V-MoE
+    # release: a sigmoid loss then starts at the uniform prior instead of p = 0.5 per class.
+    c.model.head_bias_init = 0.0
     c.model.moe = ml_collections.ConfigDict()  # ignored for a dense "ViT-..." model
     c.model.moe.num_experts = 4
     c.model.moe.layers = "every-2"  # "every-2", "last-2", ... or a tuple of block indices
@@ -53,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.moe.expert_type = "mlp"
     c.model.moe.group_images = 0  # images per routing group; 0 = the per-device batch
     c.model.moe.dispatch_dtype = ""  # "bfloat16": round expert buffers to it (the V-MoE release)
+    # "independent": each expert drawn with its own key; "shared": one draw copied to all E
+    # experts (the V-MoE release's split_rngs=False: routing alone sets them apart).
+    c.model.moe.expert_init = "independent"
+    c.model.moe.dropout_rate = -1.0  # dropout on the MoE layers' output; < 0: model.dropout_rate
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # "softmax" or "sigmoid" cross-entropy
@@ -72,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"  # after warmup: "cosine", "linear" (to 0) or "constant"
     c.optimizer.warmup_steps = 100
     c.optimizer.end_lr_ratio = 0.01  # cosine ends at learning_rate * end_lr_ratio
+    # >= 0: where cosine and linear decay end (the V-MoE release: 1e-5); < 0: as above.
+    c.optimizer.end_learning_rate = -1.0
+    c.optimizer.mu_dtype = ""  # Adam's first moment: "" (the params' float32) or "bfloat16"
     c.optimizer.frozen = ""  # regex on "block_0/attention/..." paths: these params never move
     c.optimizer.lr_multipliers = ()  # ((regex, multiplier), ...): first match wins
     # Gradient accumulation: each step's batch in n microbatches, one update with their mean

@@ -6,7 +6,8 @@
     export_run("runs/s32", "exported/s32")                          # and back
 
 The format (`files`, `wire`), the names (`mapping`), the model and the settings that reproduce
-the original forward pass (`architecture`), the conversion (`convert`): one module each.
+the original forward pass (`architecture`), the conversion (`convert`) and the way back
+(`export`): one module each.
 """
 
 from __future__ import annotations
@@ -19,14 +20,8 @@ from vmoe_train.original.architecture import (
     infer_architecture,
     model_fields,
 )
-from vmoe_train.original.convert import (
-    Converted,
-    convert,
-    converted_config,
-    export_params,
-    export_run,
-    parameters_only,
-)
+from vmoe_train.original.convert import Converted, convert, converted_config, parameters_only
+from vmoe_train.original.export import export_params, export_run
 from vmoe_train.original.files import read_checkpoint, read_index, write_checkpoint
 from vmoe_train.original.mapping import (
     check_fit,

@@ -2,7 +2,8 @@
 that make our model compute what the original computed.
 
     arch = infer_architecture({path: shape})   # sizes, blocks, MoE blocks, head, classifier
-    model_fields(arch)                         # the config's `model` fields for it
+    model_fields(arch)                         # the config's `model` fields for it (any size)
+    mismatches(arch, {"model.num_heads": 8})   # config fields the checkpoint contradicts
 
 The forward pass of the original release, and what must match for parity (evaluation, no
 randomness; `RELEASE_MOE` holds the values of the release's configs, vmoe/configs/vmoe_paper):
@@ -22,12 +23,14 @@ randomness; `RELEASE_MOE` holds the values of the release's configs, vmoe/config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from vmoe_train.config.fields import MODEL_SIZE_FIELDS
 from vmoe_train.original.mapping import ENCODER
 
 # The release's MoE settings (V-MoE paper configs): routing, capacity, groups, dispatch.
@@ -127,6 +130,13 @@ def infer_architecture(shapes: Mapping[str, tuple[int, ...]]) -> Architecture:
     representation = shapes.get("pre_logits/kernel")
     if embedding is not None and embedding[0] != embedding[1]:
         problems.append(f"embedding/kernel: shape {embedding}: only square patches are supported")
+    if embedding is not None and query is not None:
+        hidden, (width, heads, head_dim) = embedding[3], query
+        if width != hidden or heads * head_dim != hidden:
+            problems.append(
+                f"{first}/SelfAttention/query/kernel: shape {tuple(query)} must be [hidden, "
+                f"heads, head_dim] with hidden = heads x head_dim = {hidden} (the embedding's)"
+            )
     if problems:
         raise ValueError(
             f"cannot tell the model of this checkpoint ({len(problems)} problem(s)): "
@@ -148,26 +158,6 @@ def infer_architecture(shapes: Mapping[str, tuple[int, ...]]) -> Architecture:
     )
 
 
-def preset_name(arch: Architecture) -> tuple[str, int]:
-    """(the vmoe-layers preset with these sizes, e.g. "V-MoE-S/32", its MLP width); a
-    ValueError if there is none."""
-    from vmoe_layers.presets import VMOE_SIZES
-
-    for size, dims in VMOE_SIZES.items():
-        if (dims.hidden_size, dims.num_layers, dims.num_heads) == (
-            arch.hidden_size,
-            arch.num_layers,
-            arch.num_heads,
-        ):
-            return f"V-MoE-{size}/{arch.patch_size}", dims.mlp_dim
-    sizes = {name: dims._asdict() for name, dims in VMOE_SIZES.items()}
-    raise ValueError(
-        f"no vmoe-layers preset has hidden_size={arch.hidden_size}, "
-        f"num_layers={arch.num_layers}, num_heads={arch.num_heads} (the checkpoint's); "
-        f"presets: {sizes}"
-    )
-
-
 def moe_layers_spec(arch: Architecture) -> str | tuple[int, ...]:
     """The MoE blocks as "every-n" / "last-n" when they are that, else the tuple."""
     from vmoe_layers import moe_block_indices
@@ -181,18 +171,70 @@ def moe_layers_spec(arch: Architecture) -> str | tuple[int, ...]:
 
 
 def model_fields(arch: Architecture) -> dict[str, Any]:
-    """The config's `model` fields ("name", "mlp_dim", "classifier", ..., "moe": {...}) for
-    `arch`, with the release's MoE settings."""
-    name, preset_mlp = preset_name(arch)
+    """The config's `model` fields for `arch`, sizes given one by one (any consistent size, not
+    only the presets'): {"name": "V-MoE", "patch_size": P, "hidden_size": D, ..., "moe": {...}},
+    with the release's MoE settings."""
     moe = {**RELEASE_MOE, "router_options": dict(RELEASE_ROUTER_OPTIONS)}
     moe["num_experts"] = arch.num_experts or 1
     moe["layers"] = moe_layers_spec(arch)
     return {
-        "name": name,
-        "mlp_dim": 0 if arch.mlp_dim == preset_mlp else arch.mlp_dim,
+        "name": "V-MoE",
+        **{field: getattr(arch, field) for field in MODEL_SIZE_FIELDS},
         "classifier": arch.classifier,
         "representation_size": arch.representation_size or 0,
         "dtype": "float32",
         "dropout_rate": 0.0,
         "moe": moe,
     }
+
+
+# Where `infer_architecture` reads each field of the config's model from (for messages).
+SOURCES: Mapping[str, str] = {
+    "model.patch_size": "embedding/kernel [P, P, C, D]",
+    "model.hidden_size": "embedding/kernel [P, P, C, D]",
+    "model.num_layers": "the encoderblock_<i> names",
+    "model.num_heads": "SelfAttention/query/kernel [D, heads, D / heads]",
+    "model.mlp_dim": "Mlp/Dense_0/kernel [D, H] or Moe/Mlp/Dense_0/kernel [E, D, H]",
+    "model.classifier": "a `cls` array, or none (gap)",
+    "model.representation_size": "pre_logits/kernel [D, R], or none (0)",
+    "model.moe.num_experts": "Moe/Router/dense/kernel [D, E]",
+    "model.moe.layers": "the blocks with Moe/ arrays",
+    "model.name": "the blocks with Moe/ arrays",
+}
+
+
+def mismatches(arch: Architecture, fields: Mapping[str, Any]) -> list[str]:
+    """One problem per field of `fields` ({"model.hidden_size": 32, ...}, any of `SOURCES`) that
+    describes another model than `arch`, naming the value, the checkpoint's and its source.
+
+    "model.moe.layers" is compared as block indices ("every-2" = (1, 3) in 4 blocks),
+    "model.representation_size" 0 as none, "model.name" by its family (V-MoE or dense ViT)."""
+    from vmoe_layers import moe_block_indices
+    from vmoe_train.setup import model_family
+
+    expected: dict[str, Any] = {f"model.{f}": getattr(arch, f) for f in MODEL_SIZE_FIELDS}
+    expected["model.classifier"] = arch.classifier
+    expected["model.representation_size"] = arch.representation_size or 0
+    expected["model.moe.num_experts"] = arch.num_experts
+    expected["model.moe.layers"] = arch.moe_layers
+    problems = []
+    for path, given in fields.items():
+        value, want = given, expected.get(path)
+        if path == "model.moe.layers":
+            with contextlib.suppress(ValueError):  # else not blocks of this model: unequal
+                value = moe_block_indices(given, arch.num_layers)
+        if path == "model.name":
+            if model_family(given) == "ViT" and arch.moe_layers:
+                problems.append(
+                    f"model.name={given!r} is a dense ViT; the checkpoint has MoE blocks "
+                    f"{list(arch.moe_layers)} (read from {SOURCES[path]}): name a V-MoE"
+                )
+            continue
+        if path == "model.moe.num_experts" and not arch.moe_layers:
+            continue  # no MoE block: no experts to count
+        if value != want:
+            problems.append(
+                f"{path}={given!r}: the checkpoint's is {want!r} (read from {SOURCES[path]}); "
+                "leave the field out to take the checkpoint's"
+            )
+    return problems

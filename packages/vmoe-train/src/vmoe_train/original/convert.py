@@ -1,16 +1,18 @@
-"""Convert an original V-MoE checkpoint into a vmoe-train run, and export a run back.
+"""Convert an original V-MoE checkpoint into a vmoe-train run (`export` goes back).
 
     converted = convert("ckpts/vmoe_s32_last2_ilsvrc2012", "runs/s32",
-                        config=load_config("vmoe_s32_i1k"))
+                        config=load_config("vmoe_s32_last2_i1k"))
     run = vmoe_eval.load_run("runs/s32")                        # evaluate it
     # fine-tune it: vmoe-train --config=... --config.finetune.init_from=runs/s32
-    export_run("runs/s32", "exported/s32")                     # back to the original format
 
 A converted run is what training writes: `workdir/checkpoints/0/` (an orbax checkpoint: the
 parameters, a fresh optimizer state, the config), so every vmoe tool reads it directly. Its config
 is the given one (the dataset, preprocessing, optimizer...) with the `model` section taken from
-the checkpoint (sizes, MoE blocks, classifier, representation layer) and the release's routing
-settings (`vmoe_train.original.architecture`), then the `overrides` on top.
+the checkpoint and the release's routing settings (`vmoe_train.original.architecture`), then
+the `overrides` on top. The model is read from the arrays' shapes, whatever its size: its sizes
+are given field by field (`model.name="V-MoE"`, `model.hidden_size`, ...), so a checkpoint of
+no preset's size converts too; a model field the config or the overrides give explicitly and
+the checkpoint contradicts is an error (`converted_config`).
 
 Before anything is written, the config is validated and the checkpoint is compared with the
 model the config builds: every missing, extra and mis-shaped array is reported at once, by its
@@ -32,18 +34,23 @@ from ml_collections import ConfigDict
 from vmoe_train import checkpoints, steps
 from vmoe_train import config as config_lib
 from vmoe_train import setup as setup_lib
-from vmoe_train.original.architecture import Architecture, infer_architecture, model_fields
-from vmoe_train.original.files import read_checkpoint, write_checkpoint
+from vmoe_train.config.fields import MODEL_SIZE_FIELDS
+from vmoe_train.original.architecture import (
+    SOURCES,
+    Architecture,
+    infer_architecture,
+    mismatches,
+    model_fields,
+)
+from vmoe_train.original.files import read_checkpoint
 from vmoe_train.original.mapping import (
     check_fit,
     flatten,
     original_names,
     params_from_original,
-    params_to_original,
 )
 
 PARAMS = "params"
-EXPERTS = "/Moe/Mlp/"  # original arrays with a leading expert axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +85,20 @@ def parameters_only(arrays: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[st
 def converted_config(
     arch: Architecture, base: ConfigDict, overrides: Sequence[str] = ()
 ) -> ConfigDict:
-    """`base` with the model of `arch` and the release's MoE settings, then `overrides`."""
+    """`base` with the model of `arch` (its sizes field by field: any size converts) and the
+    release's MoE settings, then `overrides`.
+
+    Raises:
+      ConfigError: model fields given explicitly that the checkpoint contradicts, all at once:
+        the size fields `base` sets (> 0), and the model's fields (sizes, classifier,
+        representation, experts, MoE blocks: `architecture.SOURCES`) that `overrides` change.
+    """
+    given = {
+        f"model.{f}": base.model[f]
+        for f in MODEL_SIZE_FIELDS
+        if config_lib.config_get(base, f"model.{f}", 0)
+    }
+    problems = mismatches(arch, given)
     config = ConfigDict(base.to_dict())
     fields = model_fields(arch)
     moe = fields.pop("moe")
@@ -87,7 +107,14 @@ def converted_config(
             config.model[key] = value
         for key, value in moe.items():
             config.model.moe[key] = ConfigDict(value) if isinstance(value, Mapping) else value
-    return config_lib.apply_overrides(config, list(overrides)) if overrides else config
+    if overrides:
+        before, config = config, config_lib.apply_overrides(config, list(overrides))
+        get = config_lib.config_get
+        changed = {p: get(config, p) for p in SOURCES if get(config, p) != get(before, p)}
+        problems += mismatches(arch, changed)
+    if problems:
+        raise config_lib.ConfigError(problems)
+    return config
 
 
 def _abstract_params(setup: setup_lib.Setup) -> Any:
@@ -103,8 +130,8 @@ def _hints(arch: Architecture, setup: setup_lib.Setup) -> list[str]:
         hints.append(
             f"the checkpoint's head has {arch.num_classes} classes, dataset "
             f"{setup.config.dataset.name!r} has {classes}: convert with a config of a dataset "
-            f"of {arch.num_classes} classes (e.g. --config=vmoe_s32_i1k for ILSVRC2012), then "
-            "fine-tune from the converted run with finetune.new_head"
+            f"of {arch.num_classes} classes (e.g. --config=vmoe_s32_last2_i1k for ILSVRC2012), "
+            "then fine-tune from the converted run with finetune.new_head"
         )
     height, width = np.shape(setup.sample_images)[1:3]
     if arch.image_size is not None and (height, width) != (arch.image_size, arch.image_size):
@@ -130,7 +157,8 @@ def convert(
     Raises:
       FileNotFoundError: no such checkpoint, or a data shard it names is missing.
       FormatError: a file is not in the original format (every problem of it at once).
-      ConfigError: the resulting config is invalid (every problem at once).
+      ConfigError: the resulting config is invalid, or gives the model fields that the
+        checkpoint contradicts (every problem at once).
       TreeMismatchError: the arrays do not fit the model (every path at once).
       FileExistsError: `workdir` already holds checkpoints.
     """
@@ -162,29 +190,3 @@ def convert(
         )
     assert path is not None  # a new directory: nothing newer, nothing at this step
     return Converted(path, config, arch, len(arrays), skipped)
-
-
-def export_params(
-    params: Mapping[str, Any], prefix: str | os.PathLike, *, num_shards: int = 1
-) -> list[pathlib.Path]:
-    """Writes our params tree as an original checkpoint `prefix` (experts split over
-    `num_shards` shards along their expert axis, as the release stored them)."""
-    arrays = {path: np.asarray(value) for path, value in params_to_original(params).items()}
-    return write_checkpoint(
-        prefix, arrays, num_shards=num_shards, split=lambda path: EXPERTS in path
-    )
-
-
-def export_run(
-    run: str | os.PathLike,
-    prefix: str | os.PathLike,
-    *,
-    step: int | None = None,
-    num_shards: int = 1,
-) -> list[pathlib.Path]:
-    """Exports the parameters of a run (a run dir or its checkpoints/; `step` default: the
-    latest) as an original checkpoint `prefix`."""
-    root = pathlib.Path(run)
-    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    params = checkpoints.restore_params(directory, step=step)
-    return export_params(params, prefix, num_shards=num_shards)
