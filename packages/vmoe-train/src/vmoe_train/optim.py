@@ -52,7 +52,11 @@ def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
     decay_steps = max(num_steps - warmup, 1)
     end = end_learning_rate(cfg)
     if cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
+        # The ratio as given where no end value is set: the same schedule, bit for bit, as
+        # before end_learning_rate existed (end / peak may differ from it in the last bit).
+        unset = float(config_get(cfg, "end_learning_rate", -1.0)) < 0
+        alpha = float(cfg.end_lr_ratio) if unset else end / peak
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=alpha)
     elif cfg.schedule == "linear":
         after = optax.linear_schedule(peak, end, decay_steps)
     elif cfg.schedule == "constant":
