@@ -281,7 +281,13 @@ RULES = [
     (["sharding.mesh_shape=(2,)"], {"num_devices": 1}, "sharding.mesh_shape"),
     (["sharding.mesh_shape=(1, 1)"], {"num_devices": 1}, "sharding.mesh_shape"),
     (["sharding.mesh_shape=(0,)"], {}, "sharding.mesh_shape"),
-    (["sharding.strategy=expert"], {"num_devices": 8, "num_processes": 1}, "model.moe.num_experts"),
+    # E=4 on 8 devices: the default mesh is (2, 4) (gcd(E, devices) on the expert axis).
+    (["sharding.strategy=expert"], {"num_devices": 8, "num_processes": 1}, None),
+    (
+        ["sharding.strategy=expert", "sharding.mesh_shape=(1, 8)"],
+        {"num_devices": 8, "num_processes": 1},
+        "sharding.mesh_shape",
+    ),
     (["optimizer.name=adamx"], {}, "optimizer.name"),
     (["optimizer.mu_dtype=float16"], {}, "optimizer.mu_dtype"),
     (["optimizer.end_learning_rate=1.0"], {}, "optimizer.end_learning_rate"),  # above the peak

@@ -14,9 +14,10 @@ import math
 
 import pytest
 
-import vmoe_layers as vl
 from vmoe_train import config as cfg
+from vmoe_train import setup as setup_lib
 from vmoe_train.config import config_get
+from vmoe_train.configs.base import base_config
 
 # common.get_vmoe_config / get_optimizer_config: every paper recipe.
 MODEL = {
@@ -26,12 +27,22 @@ MODEL = {
     "model.moe.num_experts": 8,  # "E=8"
     "model.moe.router": "top_k",
     "model.moe.router_options.k": 2,  # "K=2"
+    "model.moe.router_options.capacity_multiple_of": 4,  # compute_capacity's multiple_of=4
     "model.moe.router_options.noise_std": 1.0,  # "Actually, it's 1.0 / num_experts"
     "model.moe.router_options.importance_loss_weight": 0.005,
     "model.moe.router_options.load_loss_weight": 0.005,
     "model.moe.group_images": 8,  # group_size = 8 x tokens per image
     "model.moe.dispatch_dtype": "bfloat16",  # dispatcher.bfloat16 = True
     "model.moe.expert_init": "shared",  # split_rngs = False
+    "sharding.strategy": "expert",  # Moe/Mlp/.* split over the 'expert' mesh axis
+}
+# Fields a recipe may set without a release counterpart: cadence, workers, evaluation batch.
+OPERATIONAL = {
+    "dataset.num_workers",
+    "eval_batch_size",
+    "eval.every_steps",
+    "checkpoint.every_steps",
+    "log.every_steps",
 }
 PRETRAIN = {
     **MODEL,
@@ -151,13 +162,38 @@ def test_recipe_equals_the_release_field_by_field(name):
 
 
 @pytest.mark.parametrize("name", sorted(RELEASE))
+def test_a_recipe_sets_no_field_the_table_does_not_name(name):
+    """Every field that differs from base_config is in the release table (or operational)."""
+    flat = _flat(cfg.load_config(name).to_dict())
+    base = _flat(base_config().to_dict())
+    changed = {path for path, value in flat.items() if base.get(path, "<new>") != value}
+    assert changed - set(RELEASE[name]) - OPERATIONAL == set()
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE))
 def test_recipe_model_is_the_releases_architecture(name):
     config = cfg.load_config(name)
-    model = vl.create_model(config.model.name, num_classes=None, moe_layers=config.model.moe.layers)
+    classes = 21_843 if name == "vmoe_b16_every2_i21k" else 1000
+    model = setup_lib.build_model(config, num_classes=classes)
     sizes = (model.hidden_size, model.num_layers, model.mlp_dim, model.num_heads, model.patch_size)
     assert sizes == SIZES[config.model.name]
     assert model.moe_blocks() == MOE_BLOCKS[config.model.name]
-    assert config.model.mlp_dim == 0  # the preset's
+    expected = RELEASE[name]
+    assert model.head_bias_init == expected["model.head_bias_init"]
+    assert model.representation_size == (expected["model.representation_size"] or None)
+    assert model.moe.expert_init == "shared" and model.moe.dispatch_dtype == "bfloat16"
+    assert model.moe.dropout_rate == expected["model.moe.dropout_rate"]
+    assert model.dropout_rate == 0.0 and model.classifier == "token"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @pytest.mark.parametrize(

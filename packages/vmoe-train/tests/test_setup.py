@@ -7,6 +7,7 @@ from ml_collections import ConfigDict
 
 import vmoe_routing
 from vmoe_train import config as cfg
+from vmoe_train import resume
 from vmoe_train import setup as setup_lib
 from vmoe_train.configs.base import base_config
 from vmoe_train.resume import check_resume
@@ -109,13 +110,16 @@ def test_eval_capacity_factor_is_the_configs_or_the_routers_own():
 def test_num_epochs_resolves_to_steps_over_the_train_split():
     config = vmoe("num_epochs=2.5", "num_steps=0", "batch_size=64", "optimizer.warmup_steps=10")
     dataset = setup_lib.open_dataset(config)
-    assert setup_lib.num_train_steps(config, dataset) == int(2.5 * 1253 // 64)  # 48
+    assert setup_lib.num_train_steps(config, dataset) == 49  # ceil(2.5 x 1253 / 64 = 48.9)
     assert setup_lib.num_train_steps(vmoe("num_steps=7"), dataset) == 7
     older = cfg.config_to_json(vmoe("num_steps=7"))  # saved before num_epochs existed
     del older["num_epochs"]
     assert setup_lib.num_train_steps(cfg.config_from_json(older), dataset) == 7
     short = vmoe("num_epochs=0.01", "num_steps=0", "optimizer.warmup_steps=10")
-    with pytest.raises(ValueError, match=r"num_epochs=0.01 of 1253 examples .* is 0 steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_epochs=0.01 of 1253 examples .* is 1 steps; .* >= optimizer.warmup_steps=10",
+    ):
         setup_lib.num_train_steps(short, dataset)
 
 
@@ -130,5 +134,33 @@ def test_evaluation_capacity_is_the_override_or_the_routers_evaluation_capacity(
     assert capacity("model.moe.router_options.capacity_factor=1.5") == 1.5
     if "soft" in vmoe_routing.available_routers():  # a plugin (the dev and CI venvs have it)
         assert capacity("model.moe.router=soft") is None  # no capacity to name
+        assert capacity("model.moe.router=soft", override=4.0) is None  # nor to override
     dense = setup_lib.build_model(cfg.load_config("digits_vit"), num_classes=10)
     assert setup_lib.evaluation_capacity(dense, 4.0) is None
+
+
+def test_the_expert_strategies_default_mesh_puts_whole_experts_on_each_device():
+    def shape(devices, *overrides):
+        return setup_lib.mesh_shape(vmoe("sharding.strategy=expert", *overrides), devices)
+
+    assert shape(8, "model.moe.num_experts=8") == (1, 8)
+    assert shape(32, "model.moe.num_experts=8") == (4, 8)  # the release's E=8 on a TPUv3-32
+    assert shape(8, "model.moe.num_experts=32") == (1, 8)  # 4 experts per device
+    assert shape(8, "model.moe.num_experts=6") == (4, 2)
+    assert shape(8, "sharding.mesh_shape=(2, 4)") == (2, 4)  # given: kept
+    assert setup_lib.mesh_shape(vmoe(), 8) == ()  # data: the strategy's default
+
+
+def test_local_devices_in_pp_train_is_resolved_and_a_resume_on_other_devices_refused():
+    spec = "decode|value_range(-1, 1)|onehot(10)|mixup(0.2, groups={local_devices})"
+    config = vmoe(f"pp.train={spec}")
+    run = setup_lib.with_local_devices(config)
+    assert run.pp.train == spec.replace("{local_devices}", "1")  # one CPU device here
+    assert config.pp.train == spec  # the config itself is left as given
+    plain = vmoe()
+    assert setup_lib.with_local_devices(plain) is plain
+    # A run saved on 8 local devices does not resume silently with other mixup groups.
+    saved = cfg.config_to_json(run)
+    saved["pp"]["train"] = spec.replace("{local_devices}", "8")
+    with pytest.raises(resume.ResumeConfigError, match=r"pp.train: .*groups=8.* -> .*groups=1"):
+        resume.check_resume(saved, cfg.config_to_json(run))

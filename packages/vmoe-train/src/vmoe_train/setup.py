@@ -15,6 +15,7 @@ they all see the same model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,13 +39,14 @@ __all__ = [
     "data_cache",
     "eval_capacity_factor",
     "evaluation_capacity",
+    "mesh_shape",
     "model_family",
     "model_sizes",
     "num_train_steps",
     "open_dataset",
     "routing_group_size",
     "tokens_per_image",
-    "train_pp",
+    "with_local_devices",
 ]
 
 
@@ -92,10 +94,12 @@ class Setup:
 
 def build(config: Any) -> Setup:
     """Every part of the run from the config (nothing is computed on devices yet)."""
+    config = with_local_devices(config)
     dataset = open_dataset(config)
     strategy_options = {}
-    if config.sharding.mesh_shape:
-        strategy_options["mesh_shape"] = tuple(config.sharding.mesh_shape)
+    shape = mesh_shape(config, jax.device_count())
+    if shape:
+        strategy_options["mesh_shape"] = shape
     strategy = vl.get_strategy(config.sharding.strategy, **strategy_options)
     # One preprocessed example gives the image shape the model sees.
     first = next(
@@ -160,14 +164,31 @@ def build(config: Any) -> Setup:
     )
 
 
+EXPERT_STRATEGIES = ("expert", "expert_fsdp")  # built-ins with a (data, expert) mesh
+
+
+def mesh_shape(config: Any, devices: int) -> tuple[int, ...]:
+    """`sharding.mesh_shape`, or where it is () under an expert strategy with E experts: (devices
+    / g, g) with g = gcd(E, devices), so that each device holds E / g whole experts (the V-MoE
+    release's `num_expert_partitions = num_experts`: E=8 on 32 devices is (4, 8)); () otherwise
+    (the strategy's default)."""
+    given = tuple(config.sharding.mesh_shape)
+    if given or config.sharding.strategy not in EXPERT_STRATEGIES:
+        return given
+    if model_family(config.model.name) != "V-MoE":
+        return ()
+    g = math.gcd(int(config.model.moe.num_experts), devices)
+    return (devices // g, g)
+
+
 def num_train_steps(config: Any, dataset: Any) -> int:
-    """`num_steps`, or where `num_epochs` > 0: floor(num_epochs x train examples / batch_size)
-    (configs saved before `num_epochs`: num_steps)."""
+    """`num_steps`, or where `num_epochs` > 0: ceil(num_epochs x train examples / batch_size), as
+    the V-MoE release counts them (configs saved before `num_epochs`: num_steps)."""
     epochs = float(config_get(config, "num_epochs", 0.0) or 0.0)
     if epochs <= 0:
         return int(config.num_steps)
     examples = dataset.num_examples(config.dataset.train_split)
-    steps = int(epochs * examples // config.batch_size)
+    steps = math.ceil(epochs * examples / config.batch_size)
     warmup = int(config.optimizer.warmup_steps)
     if steps < max(warmup, 1):
         raise ValueError(
@@ -184,12 +205,14 @@ def evaluation_capacity(model: vl.VisionTransformer, override: float | None) -> 
     model, or a router without a capacity, such as soft or dropless routing)."""
     if model.moe is None:
         return None
-    if override is not None:
-        return float(override)
     moe = model.moe
     router = vl.MoeLayer(
         num_experts=moe.num_experts, mlp_dim=1, router=moe.router, router_options=moe.router_options
     ).make_router()
+    if getattr(router, "capacity_factor", None) is None:
+        return None  # nothing an override could set
+    if override is not None:
+        return float(override)
     for name in ("eval_capacity_factor", "capacity_factor"):
         value = getattr(router, name, None)
         if value is not None:
@@ -201,10 +224,17 @@ def evaluation_capacity(model: vl.VisionTransformer, override: float | None) -> 
 # The data
 
 
-def train_pp(config: Any) -> str:
-    """`pp.train` for this process: `{local_devices}` replaced by its local device count (batch
-    ops that work per device, such as the release's mixup, split the process's batch by it)."""
-    return resolve_pp(config.pp.train, jax.local_device_count())
+def with_local_devices(config: Any) -> Any:
+    """`config`, or a copy whose `pp.train` has `{local_devices}` replaced by this process's
+    local device count (batch ops that work per device, such as the release's mixup, split the
+    process's batch by it). The run keeps the resolved spec, so its checkpoints record it and a
+    resume on another device count is refused by `resume.check_resume` (pp.train changed)."""
+    resolved = resolve_pp(config.pp.train, jax.local_device_count())
+    if resolved == config.pp.train:
+        return config
+    config = config.copy_and_resolve_references()
+    config.pp.train = resolved
+    return config
 
 
 def open_dataset(config: Any) -> Any:

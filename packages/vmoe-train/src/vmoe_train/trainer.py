@@ -35,7 +35,7 @@ from vmoe_train import checkpoints, finetune, resume, steps
 from vmoe_train import config as config_lib
 from vmoe_train.callbacks import Callback, RunInfo, callback_names, make_callbacks
 from vmoe_train.configs.base import base_config
-from vmoe_train.setup import Setup, build, data_cache, train_pp
+from vmoe_train.setup import Setup, build, data_cache
 from vmoe_train.setup import tokens_per_image as tokens_per_image
 
 
@@ -185,7 +185,7 @@ def _run(
             setup.dataset,
             split=config.dataset.train_split,
             batch_size=config.batch_size,
-            pp=train_pp(config),
+            pp=config.pp.train,
             seed=config.seed,
             num_workers=config.dataset.num_workers,
             cache=data_cache(config),

@@ -241,13 +241,18 @@ def check_sharding(checker: Checker, devices: int | None) -> None:
             shape,
         )
         return
-    if strategy in ("expert", "expert_fsdp") and _is_moe(checker):
+    if strategy in ("expert", "expert_fsdp") and _is_moe(checker) and shape:
+        # () is always valid: the default mesh's expert axis is gcd(E, devices).
         experts = checker.get("model.moe.num_experts")
-        size = shape[1] if shape else devices
-        if experts is not MISSING and size and experts % size:
+        size = shape[1]
+        if experts is not MISSING and experts % size:
+            fits = (
+                f" (e.g. ({devices // math.gcd(experts, devices)}, {math.gcd(experts, devices)}))"
+            )
             checker.add(
-                "model.moe.num_experts",
-                f"must be a multiple of the 'expert' mesh axis ({size}) for "
-                f"sharding.strategy={strategy!r}",
-                experts,
+                "sharding.mesh_shape",
+                f"its 'expert' axis ({size}) must divide model.moe.num_experts={experts} for "
+                f"sharding.strategy={strategy!r}; or () for (devices / g, g), g = gcd(E, "
+                f"devices){fits if devices else ''}",
+                shape,
             )

@@ -135,6 +135,7 @@ def _check_numbers(checker: Checker) -> None:
     for field in MODEL_SIZE_FIELDS:  # 0: the preset's (model_checks checks them together)
         checker.int_(f"model.{field}", 0)
     checker.int_("model.representation_size", 0)
+    checker.number("model.head_bias_init")
     checker.choice("model.classifier", CLASSIFIERS, "classifier")
     checker.number("model.dropout_rate", 0, 1, high_open=True)
     checker.choice("model.dtype", DTYPES, "dtype")

@@ -17,10 +17,14 @@ How the release's settings map onto ours:
   device (`groups={local_devices}`, filled in by vmoe-train) and `largest_first=True` (each
   example keeps the larger of the two weights, as the release).
 
-Deliberate differences, the same in every recipe: the release's MoE dropout is applied inside
-each expert (hidden and output activations); ours drops the MoE layer's combined output
-(`model.moe.dropout_rate`), since dropout keys do not travel into the expert exchange. Only the
-S/32 pre-training recipe uses MoE dropout (0.2).
+Deliberate differences, the same in every recipe:
+- The release's MoE dropout is applied inside each expert (hidden and output activations); ours
+  drops the MoE layer's combined output (`model.moe.dropout_rate`), since dropout keys do not
+  travel into the expert exchange. Only the S/32 pre-training recipe uses MoE dropout (0.2).
+- Mixup mixes example i with i - 1 of its group, the release with i + 1: the same distribution,
+  since batches are shuffled (vmoe_data's `mixup` keeps its earlier default).
+- The expert strategy's default mesh puts gcd(E, devices) on the expert axis, as the release's
+  `num_expert_partitions = num_experts` (E=8 on a TPUv3-32: a (4, 8) mesh).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def _model(c: ConfigDict, name: str, *, experts: int, layers: str) -> None:
     c.model.moe.router = "top_k"
     c.model.moe.router_options.k = 2
     c.model.moe.router_options.capacity_factor = 1.05
+    c.model.moe.router_options.capacity_multiple_of = 4  # the release's compute_capacity default
     c.model.moe.router_options.noise_std = 1.0  # std 1/E, as the release
     c.model.moe.router_options.importance_loss_weight = 0.005
     c.model.moe.router_options.load_loss_weight = 0.005

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 128  # global
     c.num_steps = 1000  # optimizer updates
     # > 0: train this many passes over dataset.train_split instead (num_steps must then be 0):
-    # steps = floor(num_epochs * examples / batch_size), resolved when the run is built.
+    # steps = ceil(num_epochs * examples / batch_size) (as the V-MoE release), at build time.
     c.num_epochs = 0.0
 
     c.model = ml_collections.ConfigDict()
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "independent": each expert drawn with its own key; "shared": one draw copied to all E
     # experts (the V-MoE release's split_rngs=False: routing alone sets them apart).
     c.model.moe.expert_init = "independent"
-    c.model.moe.dropout_rate = -1.0  # dropout on the MoE layers' output; < 0: model.dropout_rate
+    c.model.moe.dropout_rate = -1.0  # dropout on the MoE layers' output; -1: model.dropout_rate
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # "softmax" or "sigmoid" cross-entropy
@@ -86,7 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     # not biases, norms, position embeddings) or a regex on "block_0/attention/..." paths.
     c.optimizer.weight_decay_on = "matrices"
     c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
-    c.optimizer.schedule = "cosine"  # after warmup: "cosine", "linear" (to 0) or "constant"
+    # After warmup: "cosine", "linear" (to 0, or to end_learning_rate if set) or "constant".
+    c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 100
     c.optimizer.end_lr_ratio = 0.01  # cosine ends at learning_rate * end_lr_ratio
     # >= 0: where cosine and linear decay end (the V-MoE release: 1e-5); < 0: as above.
