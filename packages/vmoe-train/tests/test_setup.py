@@ -164,3 +164,13 @@ def test_local_devices_in_pp_train_is_resolved_and_a_resume_on_other_devices_ref
     saved["pp"]["train"] = spec.replace("{local_devices}", "8")
     with pytest.raises(resume.ResumeConfigError, match=r"pp.train: .*groups=8.* -> .*groups=1"):
         resume.check_resume(saved, cfg.config_to_json(run))
+
+
+def test_remat_reaches_the_model_and_its_choices_are_the_layers():
+    import vmoe_layers
+
+    assert cfg.REMAT == vmoe_layers.REMAT
+    assert setup_lib.build_model(vmoe("model.remat=block"), num_classes=10).remat == "block"
+    older = cfg.config_to_json(vmoe())  # saved before the field
+    del older["model"]["remat"]
+    assert setup_lib.build_model(cfg.config_from_json(older), num_classes=10).remat == "none"

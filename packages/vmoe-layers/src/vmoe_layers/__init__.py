@@ -54,7 +54,14 @@ from vmoe_layers.sharding import (
     shard_batch,
     shard_params,
 )
-from vmoe_layers.vit import EncoderBlock, FeedForward, ModelOutput, MoeConfig, VisionTransformer
+from vmoe_layers.vit import (
+    REMAT,
+    EncoderBlock,
+    FeedForward,
+    ModelOutput,
+    MoeConfig,
+    VisionTransformer,
+)
 
 __version__ = importlib.metadata.version("vmoe-layers")
 
@@ -76,6 +83,7 @@ __all__ = [
     "EXPERT_TYPES",
     "GATING_RNG",
     "PLUGIN_EXPERT_TYPES",
+    "REMAT",
     "STRATEGIES",
     "AllToAllExchange",
     "Collective",

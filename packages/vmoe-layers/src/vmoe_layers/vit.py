@@ -29,6 +29,9 @@ from vmoe_layers.placement import moe_block_indices
 
 Array = jax.Array
 CLASSIFIERS = ("token", "gap")
+# Which encoder blocks recompute their activations in the backward pass instead of keeping them
+# (see `VisionTransformer.remat`).
+REMAT = ("none", "block", "moe", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +156,8 @@ class EncoderBlock(nn.Module):
     exchange: ExpertExchange | None = None
 
     @nn.compact
-    def __call__(self, x_btd, *, deterministic: bool, k=None, capacity_factor=None):
+    def __call__(self, x_btd, deterministic: bool, k=None, capacity_factor=None):
+        # Positional (not keyword-only): `nn.remat` marks them static by position.
         y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm_attention")(
             x_btd
         )
@@ -221,6 +225,12 @@ class VisionTransformer(nn.Module):
       moe: the MoE part; None makes a plain ViT.
       dtype, param_dtype: computation and parameter dtypes.
       exchange: passed to every MoE layer (from a sharding strategy); None: local experts.
+      remat: rematerialisation (activation checkpointing) of the encoder blocks: "none" keeps
+        every activation for the backward pass; "block" keeps only each block's input and
+        recomputes the rest of the block; "moe" does that for the MoE blocks only (their
+        buffers are the largest activations); "dots" recomputes every block but keeps its
+        matmul outputs (`jax.checkpoint_policies.dots_saveable`: less recompute, more memory).
+        The parameters, the outputs and the gradients are the same whatever the choice.
 
     Call: `model.apply(variables, images, train=False, k=None, capacity_factor=None)` with images
     [B, H, W, C] returns a `ModelOutput`. `train=True` needs rngs "dropout" (if dropout_rate > 0)
@@ -245,6 +255,7 @@ class VisionTransformer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     exchange: ExpertExchange | None = None
+    remat: str = "none"
 
     def moe_blocks(self) -> tuple[int, ...]:
         """The 0-indexed encoder blocks that are MoE."""
@@ -253,6 +264,8 @@ class VisionTransformer(nn.Module):
     def _check(self, images: Array) -> None:
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier={self.classifier!r} must be one of {CLASSIFIERS}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r} must be one of {REMAT}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}"
@@ -267,6 +280,14 @@ class VisionTransformer(nn.Module):
                 f"image size {h}x{w} is not divisible by patch_size={p}; allowed: height and "
                 f"width multiples of {p}"
             )
+
+    def _block_class(self, is_moe: bool) -> Any:
+        """EncoderBlock, or its rematerialised form where `remat` asks for it."""
+        if self.remat == "none" or (self.remat == "moe" and not is_moe):
+            return EncoderBlock
+        # deterministic, k and capacity_factor (arguments 2-4; self is 0) are Python values.
+        policy = jax.checkpoint_policies.dots_saveable if self.remat == "dots" else None
+        return nn.remat(EncoderBlock, static_argnums=(2, 3, 4), policy=policy)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, k=None, capacity_factor=None):
@@ -292,7 +313,7 @@ class VisionTransformer(nn.Module):
         metrics: dict[str, dict[str, Array]] = {}
         aux_losses: dict[str, dict[str, Array]] = {}
         for i in range(self.num_layers):
-            x_btd, out = EncoderBlock(
+            x_btd, out = self._block_class(i in moe_blocks)(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
                 dropout_rate=self.dropout_rate,
@@ -303,7 +324,7 @@ class VisionTransformer(nn.Module):
                 exchange=self.exchange,
                 name=f"block_{i}",
                 **dense,
-            )(x_btd, deterministic=not train, k=k, capacity_factor=capacity_factor)
+            )(x_btd, not train, k, capacity_factor)
             if out is not None:
                 aux_loss = aux_loss + out.aux_loss
                 metrics[f"moe_block_{i}"] = dict(out.metrics)

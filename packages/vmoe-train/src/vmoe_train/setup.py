@@ -296,6 +296,7 @@ def build_model(
         classifier=config_get(model_config, "classifier", "token"),
         representation_size=representation_size or None,
         head_bias_init=head_bias_init,
+        remat=config_get(model_config, "remat", "none"),
         exchange=exchange,
         **moe_options,
     )

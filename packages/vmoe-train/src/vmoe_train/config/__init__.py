@@ -35,6 +35,7 @@ from vmoe_train.config.fields import (  # noqa: F401 (importable from here, as b
     MODEL_SIZE_FIELDS,
     OPEN_FIELDS,
     OPTIMIZERS,
+    REMAT,
     SCHEDULES,
     SHIPPED_PACKAGE,
     STRATEGY_AXES,

@@ -19,6 +19,7 @@ DISPATCH_DTYPES = ("", *DTYPES)  # "" = the compute dtype
 MU_DTYPES = ("", *DTYPES)  # "" = the params' dtype
 EXPERT_INITS = ("independent", "shared")
 CLASSIFIERS = ("token", "gap")
+REMAT = ("none", "block", "moe", "dots")  # vmoe_layers.REMAT (a test keeps them equal)
 # `model.name` is a vmoe-layers preset ("V-MoE-S/32") or a family alone, whose sizes are then
 # all given by the size fields (0 = the preset's).
 MODEL_FAMILIES = ("ViT", "V-MoE")

@@ -22,6 +22,7 @@ from vmoe_train.config.fields import (
     LOSSES,
     MODEL_SIZE_FIELDS,
     OPEN_FIELDS,
+    REMAT,
     TYPE_NAMES,
     UNION_FIELDS,
     ConfigError,
@@ -136,6 +137,7 @@ def _check_numbers(checker: Checker) -> None:
         checker.int_(f"model.{field}", 0)
     checker.int_("model.representation_size", 0)
     checker.number("model.head_bias_init")
+    checker.choice("model.remat", REMAT, "remat setting")
     checker.choice("model.classifier", CLASSIFIERS, "classifier")
     checker.number("model.dropout_rate", 0, 1, high_open=True)
     checker.choice("model.dtype", DTYPES, "dtype")

@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     # The head's initial bias (its kernel starts at zero), e.g. -log(num_classes) as the V-MoE
     # release: a sigmoid loss then starts at the uniform prior instead of p = 0.5 per class.
     c.model.head_bias_init = 0.0
+    # Activation rematerialisation: "none", "block" (each block keeps only its input for the
+    # backward pass and recomputes the rest), "moe" (MoE blocks only), "dots" (keeps matmul
+    # outputs). Same loss and gradients; less memory for more compute (vmoe_layers.REMAT).
+    c.model.remat = "none"
     c.model.moe = ml_collections.ConfigDict()  # ignored for a dense "ViT-..." model
     c.model.moe.num_experts = 4
     c.model.moe.layers = "every-2"  # "every-2", "last-2", ... or a tuple of block indices
