@@ -136,11 +136,12 @@ def test_bpr_kept_sets_are_nested_as_capacity_shrinks(seed, k):
             capacity=capacity,
             priority_gs=jnp.asarray(weight[..., 0]),
         )
+        token, expert_, valid = (np.asarray(a) for a in (r.token, r.expert, r.valid))  # host
         kept.append(
             {
                 (gi, int(t), int(x))
                 for gi in range(2)
-                for t, x, v in zip(r.token[gi], r.expert[gi], r.valid[gi], strict=True)
+                for t, x, v in zip(token[gi], expert_[gi], valid[gi], strict=True)
                 if v
             }
         )
