@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vmoe_routing import gshard_loss, importance_loss, load_loss, z_loss
@@ -58,6 +58,7 @@ def ref_z(logits):
 
 @settings(max_examples=5, deadline=None)
 @given(st.integers(1, 3), st.integers(2, 12), st.integers(2, 6), st.integers(0, 2**31 - 1))
+@example(1, 8, 2, 30730)  # a near-balanced draw: the importance loss is ~3.7e-7
 def test_against_slow_references(g, s, e, seed):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(g, s, e)).astype(np.float32)
@@ -65,7 +66,11 @@ def test_against_slow_references(g, s, e, seed):
     gates = [[softmax(row) for row in group] for group in logits.tolist()]
     k = int(rng.integers(1, e + 1))
     gates_array = jnp.asarray(gates, jnp.float32)
-    assert float(importance_loss(gates_array)) == pytest.approx(ref_importance(gates), rel=1e-4)
+    # abs: a balanced draw's importance loss (a squared CV, ~1e-7) is float32 cancellation noise
+    # in relative terms (seed 30730: 3.7497e-7 against 3.7507e-7).
+    assert float(importance_loss(gates_array)) == pytest.approx(
+        ref_importance(gates), rel=1e-4, abs=1e-6
+    )
     assert float(gshard_loss(gates_array)) == pytest.approx(ref_gshard(gates), rel=1e-4)
     assert float(z_loss(jnp.asarray(logits))) == pytest.approx(ref_z(logits.tolist()), rel=1e-4)
     got = float(load_loss(jnp.asarray(logits), jnp.asarray(noisy), 0.3, k))
