@@ -257,7 +257,7 @@ def recipe_smoke(session: nox.Session) -> None:
     synthetic images, each fine-tuning starting from its pre-training run; the data, the length
     and the batch are overridden, and V-MoE-B/16 keeps 4 of its 12 blocks (memory)
     (packages/vmoe-train/tests/test_recipe_smoke.py says which fields; VMOE_RECIPE_SMOKE=1;
-    about 5 minutes on 2 cores)."""
+    2 min 39 s on 2 cores, venv install included)."""
     _install(session, PROJECTS["train"])
     session.run(
         "pytest",
