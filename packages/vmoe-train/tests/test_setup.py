@@ -7,10 +7,10 @@ from ml_collections import ConfigDict
 
 import vmoe_routing
 from vmoe_train import config as cfg
-from vmoe_train import resume
 from vmoe_train import setup as setup_lib
+from vmoe_train.config.fields import EXPERT_INITS
 from vmoe_train.configs.base import base_config
-from vmoe_train.resume import check_resume
+from vmoe_train.resume import ResumeConfigError, check_resume
 
 
 def vmoe(*overrides: str) -> ConfigDict:
@@ -162,14 +162,15 @@ def test_local_devices_in_pp_train_is_resolved_and_a_resume_on_other_devices_ref
     # A run saved on 8 local devices does not resume silently with other mixup groups.
     saved = cfg.config_to_json(run)
     saved["pp"]["train"] = spec.replace("{local_devices}", "8")
-    with pytest.raises(resume.ResumeConfigError, match=r"pp.train: .*groups=8.* -> .*groups=1"):
-        resume.check_resume(saved, cfg.config_to_json(run))
+    with pytest.raises(ResumeConfigError, match=r"pp.train: .*groups=8.* -> .*groups=1"):
+        check_resume(saved, cfg.config_to_json(run))
 
 
 def test_remat_reaches_the_model_and_its_choices_are_the_layers():
     import vmoe_layers
 
     assert cfg.REMAT == vmoe_layers.REMAT
+    assert EXPERT_INITS == vmoe_layers.moe.EXPERT_INITS  # the config's choices are the layer's
     assert setup_lib.build_model(vmoe("model.remat=block"), num_classes=10).remat == "block"
     older = cfg.config_to_json(vmoe())  # saved before the field
     del older["model"]["remat"]
