@@ -80,7 +80,10 @@ def _fast_and_reference(layer, params, x, group_size):
         y = y_gsd.reshape(x.shape)
         return jnp.sum(y * cotangent) + aux_loss, y
 
-    (fast, out), fast_grads = jax.value_and_grad(fast_loss, argnums=(0, 1), has_aux=True)(params, x)
+    # The layer as one program (op by op, each case compiled every op of the layer anew); the
+    # reference stays op by op: its token loop would unroll into a large program.
+    fast_step = jax.jit(jax.value_and_grad(fast_loss, argnums=(0, 1), has_aux=True))
+    (fast, out), fast_grads = fast_step(params, x)
     (ref, y_ref), ref_grads = jax.value_and_grad(reference_loss, argnums=(0, 1), has_aux=True)(
         params, x
     )
