@@ -36,29 +36,20 @@ def param_paths(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(name, params)
 
 
-def end_learning_rate(cfg: Any) -> float:
-    """Where the decay ends: `end_learning_rate` if >= 0 (configs saved before it: unset), else
-    `learning_rate * end_lr_ratio` for cosine and 0 for linear."""
-    end = float(config_get(cfg, "end_learning_rate", -1.0))
-    if end >= 0:
-        return end
-    return float(cfg.learning_rate) * float(cfg.end_lr_ratio) if cfg.schedule == "cosine" else 0.0
-
-
 def make_schedule(cfg: Any, num_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine or linear decay
-    to `end_learning_rate(cfg)`, or constant, until `num_steps`."""
+    to `end_learning_rate` where it is set (>= 0), else cosine to `learning_rate * end_lr_ratio`
+    and linear to 0; or constant; until `num_steps`."""
     peak, warmup = float(cfg.learning_rate), int(cfg.warmup_steps)
     decay_steps = max(num_steps - warmup, 1)
-    end = end_learning_rate(cfg)
+    end = float(config_get(cfg, "end_learning_rate", -1.0))  # configs saved before it: unset
     if cfg.schedule == "cosine":
-        # The ratio as given where no end value is set: the same schedule, bit for bit, as
-        # before end_learning_rate existed (end / peak may differ from it in the last bit).
-        unset = float(config_get(cfg, "end_learning_rate", -1.0)) < 0
-        alpha = float(cfg.end_lr_ratio) if unset else end / peak
+        # Unset: the ratio as given, the same schedule bit for bit as before end_learning_rate
+        # existed (end / peak may differ from it in the last bit).
+        alpha = end / peak if end >= 0 else float(cfg.end_lr_ratio)
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=alpha)
     elif cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, end, decay_steps)
+        after = optax.linear_schedule(peak, max(end, 0.0), decay_steps)
     elif cfg.schedule == "constant":
         after = optax.constant_schedule(peak)
     else:
