@@ -215,13 +215,17 @@ def build(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", *sorted(str(p) for p in out.glob("*/*")))
 
 
+MATRIX_PLUGIN_ROUTERS = ("expert-choice", "soft", "dropless")  # hash: in vmoe-layers' test extra
+
+
 @nox.session(name="sharding-matrix")
 def sharding_matrix(session: nox.Session) -> None:
-    """Every sharding strategy on every 8-device mesh (1x8, 2x4, 4x2) vs one device, for the
-    top_k, bpr and hash (plugin) routers: loss, gradients, aux losses and metrics (30 compiled
-    train steps; the default tests-layers run covers BPR on every case), and the expert
-    strategies across two processes vs one."""
+    """Every sharding strategy on every 8-device mesh (1x8, 2x4, 4x2) vs one device, for every
+    router (top_k, bpr and the plugins hash, expert_choice, soft, dropless): loss, gradients,
+    aux losses and metrics (60 compiled train steps; the default tests-layers run covers BPR on
+    every case), and the expert strategies across two processes vs one."""
     _install(session, PROJECTS["layers"])
+    session.install(*(f"./plugins/vmoe-router-{name}" for name in MATRIX_PLUGIN_ROUTERS))
     session.run(
         "pytest",
         "packages/vmoe-layers/tests/test_sharding_matrix.py",
@@ -266,6 +270,17 @@ def recipe_smoke(session: nox.Session) -> None:
         *session.posargs,
         env={"VMOE_RECIPE_SMOKE": "1"},
     )
+
+
+@nox.session(name="bench-fit")
+def bench_fit(session: nox.Session) -> None:
+    """What fits where (benchmarks/bench_fit.py): planned memory per device, the largest batch
+    per device in 80 GB, bytes sent by role, and the fewest devices for V-MoE-H/14, of Adam
+    train steps compiled deviceless by XLA's TPU compiler (jax[tpu]: libtpu, no TPU needed;
+    XLA:CPU plans no rematerialisation). Compiled points are kept in benchmarks/fit-points.json,
+    so a run resumes and an unchanged table prints without compiling."""
+    _install(session, PROJECTS["layers"], "", "jax[tpu]", "optax")
+    session.run("python", "benchmarks/bench_fit.py", *session.posargs)
 
 
 @nox.session(name="bench-comm")

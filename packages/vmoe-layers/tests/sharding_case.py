@@ -37,6 +37,19 @@ MATRIX_CASES = [("data", None)] + [
     (name, shape) for name in ("expert", "fsdp", "expert_fsdp") for shape in MESHES
 ]
 ROUTERS = ("top_k", "bpr", "hash")  # hash: a plugin router (vmoe-router-hash)
+# The matrix also runs the other plugin routers (`nox -s sharding-matrix` installs them), with
+# the options each takes; a router not listed gets DEFAULT_OPTIONS.
+MATRIX_ROUTERS = (*ROUTERS, "expert_choice", "soft", "dropless")
+DEFAULT_OPTIONS = {"k": 2, "capacity_factor": 1.05}
+ROUTER_OPTIONS = {
+    "soft": {"slots_per_expert": 2},
+    "dropless": {"k": 2, "block_size": 8},
+}
+# Routers the expert strategies refuse, with the message's key phrase: dropless blocks vary in
+# number with the load, and an all-to-all carries one static shape.
+REFUSED_BY_EXPERT_STRATEGIES = {"dropless": "routes without a capacity (BlockRouting)"}
+# Statistics of where a router's work ran, not of its decision: not compared with one device.
+LAYOUT_STATISTICS = ("padding_fraction",)  # dropless: the mean of the devices' block layouts
 
 
 def expected_expert_shard_shape(strategy_name: str, mesh_shape) -> list[int]:
@@ -69,7 +82,7 @@ def model(exchange=None, group_size=34, router="bpr") -> vl.VisionTransformer:
             EXPERTS,
             "every-2",
             router=router,
-            router_options={"k": 2, "capacity_factor": 1.05},
+            router_options=ROUTER_OPTIONS.get(router, DEFAULT_OPTIONS),
             group_size=group_size,  # 2 images x 17 tokens
         ),
         exchange=exchange,
@@ -83,17 +96,18 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def initial_params() -> dict:
-    """`model().init` on the whole batch, as numpy arrays: compiled once per process (a new
-    `jax.jit(model().init)` traces and compiles again, 2.6 s). Read-only: callers copy."""
+def initial_params(router: str = "bpr") -> dict:
+    """`model(router=router).init` on the whole batch, as numpy arrays: compiled once per
+    process and router (a new `jax.jit(model().init)` traces and compiles again, 2.6 s; routers
+    differ in their params). Read-only: callers copy."""
     images, _ = batch()
-    params = jax.jit(model().init)(jax.random.key(0), images)["params"]
+    params = jax.jit(model(router=router).init)(jax.random.key(0), images)["params"]
     return jax.tree.map(np.asarray, params)
 
 
-def init_params() -> dict:
-    """`initial_params()`, copied, with a random head."""
-    params = jax.tree.map(np.copy, initial_params())
+def init_params(router: str = "bpr") -> dict:
+    """`initial_params(router)`, copied, with a random head."""
+    params = jax.tree.map(np.copy, initial_params(router))
     # The head starts at zero; a random one makes the loss itself depend on every layer.
     kernel = params["head"]["kernel"]
     params["head"]["kernel"] = np.random.RandomState(1).normal(size=kernel.shape).astype(np.float32)
@@ -126,7 +140,7 @@ def jitted_loss():
 def single_device_run(router: str = "bpr", with_stats: bool = False):
     """Loss and gradients on one device, no strategy (computed once per process); with_stats:
     also the MoE layers' aux losses and metrics."""
-    params, (images, labels) = init_params(), batch()
+    params, (images, labels) = init_params(router), batch()
     step = jax.value_and_grad(loss_fn(model(router=router), with_stats), has_aux=with_stats)
     value, grads = jax.jit(step)(params, images, labels)
     grads = jax.tree.map(np.asarray, grads)
@@ -141,7 +155,7 @@ def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **opti
     if mesh_shape is not None:
         options["mesh_shape"] = mesh_shape
     strategy = vl.get_strategy(strategy_name, **options)
-    params = init_params()
+    params = init_params(router)
     images, labels = batch()
     sharded_params = vl.shard_params(strategy, params)
     sharded_batch = vl.shard_batch(strategy, (images, labels))
@@ -153,6 +167,7 @@ def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **opti
         out_shardings=((replicated, replicated), jax.tree.map(lambda _: replicated, params)),
     )
     compiled = step.lower(sharded_params, *sharded_batch).compile()
+    param_shapes = vl.ParamShapes.of(vl.param_shardings(strategy, params), params)
     (loss, stats), grads = compiled(sharded_params, *sharded_batch)
     local = lambda a: np.asarray(a.addressable_data(0))  # noqa: E731 (replicated: any copy)
     expert_leaf = sharded_params["block_1"]["moe"]["experts"]["w_in"]
@@ -162,13 +177,23 @@ def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **opti
         "stats": jax.tree.map(local, stats),
         "hlo": compiled.as_text(),
         "expert_shard_shape": list(expert_leaf.addressable_shards[0].data.shape),
+        # What each device sends, by role: a step routed per device sends no "other" bytes.
+        "param_shapes": param_shapes,
+        "bytes_by_role": vl.bytes_sent_by_role(
+            compiled.as_text(), jax.device_count(), param_shapes, statistic_size=EXPERTS
+        ),
     }
 
 
 def stats_max_difference(stats, reference) -> float:
     """max over the aux losses and metrics of |value - reference| (all are O(1) fractions or
-    losses, so an absolute difference is the meaningful one)."""
-    pairs = zip(jax.tree.leaves(stats), jax.tree.leaves(reference), strict=True)
+    losses, so an absolute difference is the meaningful one), `LAYOUT_STATISTICS` left out."""
+
+    def decision(tree):
+        flat = jax.tree_util.tree_leaves_with_path(tree)
+        return [v for p, v in flat if str(getattr(p[-1], "key", "")) not in LAYOUT_STATISTICS]
+
+    pairs = zip(decision(stats), decision(reference), strict=True)
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
 
 

@@ -38,7 +38,7 @@ def test_data_strategy_replicates_params_and_splits_the_batch():
         PartitionSpec()
     }
     assert strategy.batch_spec() == PartitionSpec(("data",))
-    assert strategy.exchange is None
+    assert strategy.exchange == vl.PerShardExchange(strategy.mesh, ("data",))
 
 
 def test_expert_strategy_splits_only_expert_params_on_their_expert_axis():

@@ -182,3 +182,26 @@ def test_replace_and_jit():
     x, params, _ = _inputs()
     routing = jax.jit(lambda p, x: router(p, x))(params, x)
     assert routing.token.shape == (G * S,)
+
+
+def test_metrics_are_group_means_so_shards_combine_into_the_batch():
+    """Group 0: every token picks experts 0 and 1 (a hand-computed worst load); group 1: the
+    gates of random tokens. Routing the groups one by one (as two devices would) and averaging
+    gives the metrics of routing them together, padding aside."""
+    router = DroplessRouter(num_experts=E, k=2, block_size=4)
+    x, params, _ = _inputs(5)
+    x = x[:2]
+    x = x.at[0].set(jnp.abs(x[0]))  # positive tokens: the two large gate columns win
+    gate_hot = params["gate"].at[:, 0].set(100.0).at[:, 1].set(50.0)
+    routing_hot = router({"gate": gate_hot}, x[:1])
+    # Every one of the S*K choices of group 0 is expert 0 or 1: each holds S of 2S choices.
+    assert float(routing_hot.metrics["max_load_ratio"]) == pytest.approx(E / 2)
+    np.testing.assert_allclose(routing_hot.metrics["expert_load"][:2], [0.5, 0.5])
+
+    together = router({"gate": gate_hot}, x)
+    apart = [router({"gate": gate_hot}, x[i : i + 1]) for i in range(2)]
+    for name in ("expert_load", "max_load_ratio", "dropped_fraction", "no_expert_fraction"):
+        mean = (np.asarray(apart[0].metrics[name]) + np.asarray(apart[1].metrics[name])) / 2
+        np.testing.assert_allclose(together.metrics[name], mean, rtol=1e-6, err_msg=name)
+    counts = np.bincount(np.asarray(apart[1].expert), minlength=E)
+    assert float(apart[1].metrics["max_load_ratio"]) == pytest.approx(counts.max() * E / (2 * S))

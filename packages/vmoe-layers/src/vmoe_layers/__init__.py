@@ -15,8 +15,19 @@ import importlib.metadata
 
 import vmoe_plugins
 from vmoe_layers import hookspecs
-from vmoe_layers.comm import Collective, bytes_sent_per_device, collectives
-from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, run_local_experts
+from vmoe_layers.comm import (
+    Collective,
+    ParamShapes,
+    bytes_sent_by_role,
+    bytes_sent_per_device,
+    collectives,
+)
+from vmoe_layers.exchange import (
+    AllToAllExchange,
+    ExpertExchange,
+    PerShardExchange,
+    run_local_experts,
+)
 from vmoe_layers.experts import (
     ACTIVATIONS,
     EXPERT_TYPES,
@@ -101,12 +112,15 @@ __all__ = [
     "MoeConfig",
     "MoeLayer",
     "MoeOutput",
+    "ParamShapes",
     "ParamSpec",
+    "PerShardExchange",
     "ShardingStrategy",
     "VisionTransformer",
     "__version__",
     "available_expert_types",
     "available_strategies",
+    "bytes_sent_by_role",
     "bytes_sent_per_device",
     "collectives",
     "count_params",

@@ -16,13 +16,31 @@ operand (all-to-all, reduce-scatter, all-reduce) or of the gathered result (all-
 Collectives inside loops (`while`) are counted once, so call it on programs without loops
 over layers (the vmoe models unroll their blocks). Async pairs (`all-gather-start` /
 `-done`) count once, at the start.
+
+What the bytes are for: `bytes_sent_by_role(hlo, n, ParamShapes.of(shardings, params), E)`
+attributes each array of each collective to one of `ROLES`, by its shape (XLA may reshape or
+transpose a parameter on its way into a collective, so shapes are compared with unit dimensions
+dropped and dimensions sorted):
+
+    gradient reduction  an all-reduce / reduce-scatter of a parameter's shape
+    parameter gather    an all-gather of a parameter's shape
+    expert all-to-all   any all-to-all (the expert strategies' exchange of buffers)
+    statistics          at most `statistic_size` elements (losses, aux losses, expert loads)
+    other               anything else: activations or routing arrays crossing devices
+
+A parameter's shape counts whole, as one device holds it, or anything between (each dimension
+whole or split as in its sharding: e.g. an expert stack gathered over 'data' and still split
+over 'expert').
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
+from collections.abc import Iterable
+from typing import Any
 
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 DTYPE_BYTES = {
@@ -70,15 +88,24 @@ class Collective:
 
     def bytes_sent(self) -> float:
         """Bytes one device sends (see the module docstring for the model)."""
-        n, b = self.group_size, self.result_bytes
+        return sum(self.bytes_sent_per_array())
+
+    def bytes_sent_per_array(self) -> list[float]:
+        """Bytes one device sends for each array of `shapes`, in order."""
+        n = self.group_size
         if n <= 1:
-            return 0.0
-        if self.kind == "reduce-scatter":
-            b *= n  # the result is one device's 1/n of the operand
-        if self.kind == "collective-permute":
-            return float(b)
-        factor = 2.0 if self.kind == "all-reduce" else 1.0
-        return factor * b * (n - 1) / n
+            return [0.0] * len(self.shapes)
+        sent = []
+        for dtype, dims in self.shapes:
+            b = DTYPE_BYTES[dtype] * math.prod(dims)
+            if self.kind == "reduce-scatter":
+                b *= n  # the result is one device's 1/n of the operand
+            if self.kind == "collective-permute":
+                sent.append(float(b))
+                continue
+            factor = 2.0 if self.kind == "all-reduce" else 1.0
+            sent.append(factor * b * (n - 1) / n)
+        return sent
 
 
 def _group_size(rest: str, num_devices: int) -> int:
@@ -120,4 +147,65 @@ def bytes_sent_per_device(hlo_text: str, num_devices: int) -> dict[str, float]:
     total = dict.fromkeys(KINDS, 0.0)
     for c in collectives(hlo_text, num_devices):
         total[c.kind] += c.bytes_sent()
+    return total
+
+
+ROLES = ("gradient reduction", "parameter gather", "expert all-to-all", "statistics", "other")
+
+
+def canonical_shape(dims: Iterable[int]) -> tuple[int, ...]:
+    """`dims` up to what XLA may do to an array on its way into a collective: unit dimensions
+    dropped, the rest sorted (a [16, 10] kernel reduced as [10, 16], a [1, 17, 16] embedding as
+    [17, 16])."""
+    return tuple(sorted(d for d in dims if d != 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamShapes:
+    """The canonical shapes a parameter may have in a collective (see the module docstring)."""
+
+    shapes: frozenset[tuple[int, ...]]
+
+    @classmethod
+    def of(cls, shardings: Any, params: Any) -> ParamShapes:
+        """From a pytree of `jax.sharding.Sharding`s and the matching params (arrays or
+        `jax.ShapeDtypeStruct`s): each dimension whole or as one device holds it."""
+        import jax  # the module's parsing stays importable without jax
+
+        found = set()
+        leaves = zip(jax.tree.leaves(shardings), jax.tree.leaves(params), strict=True)
+        for sharding, leaf in leaves:
+            whole = tuple(leaf.shape)
+            shard = tuple(sharding.shard_shape(whole))
+            for dims in itertools.product(*({w, s} for w, s in zip(whole, shard, strict=True))):
+                found.add(canonical_shape(dims))
+        return cls(frozenset(found))
+
+    def __contains__(self, dims: Iterable[int]) -> bool:
+        return canonical_shape(dims) in self.shapes
+
+
+def array_role(kind: str, dims: tuple[int, ...], params: ParamShapes, statistic_size: int) -> str:
+    """Which of `ROLES` one array of a collective of `kind` plays."""
+    if kind == "all-to-all":
+        return "expert all-to-all"
+    if math.prod(dims) <= statistic_size:
+        return "statistics"
+    if dims in params:
+        if kind in ("all-reduce", "reduce-scatter"):
+            return "gradient reduction"
+        if kind == "all-gather":
+            return "parameter gather"
+    return "other"
+
+
+def bytes_sent_by_role(
+    hlo_text: str, num_devices: int, params: ParamShapes, statistic_size: int
+) -> dict[str, float]:
+    """{role: bytes one device sends per run} for every role in `ROLES` (0 where absent);
+    `statistic_size` is the most elements a statistic has (e.g. the number of experts)."""
+    total = dict.fromkeys(ROLES, 0.0)
+    for c in collectives(hlo_text, num_devices):
+        for (_, dims), sent in zip(c.shapes, c.bytes_sent_per_array(), strict=True):
+            total[array_role(c.kind, dims, params, statistic_size)] += sent
     return total

@@ -5,9 +5,9 @@
                --combine--> y_gsd [G, S, D] --dropout, ungroup--> y [..., D]
 
 The part from routing to combining runs where the exchange puts it: once over every group, or
-(the expert strategies) on each device for its own groups, with only the buffers crossing
-devices (see `vmoe_layers.exchange`). Gating noise is drawn per group (`vmoe_routing.group_keys`),
-so both give the same result.
+(every built-in sharding strategy) on each device for its own groups, with at most the buffers
+crossing devices (see `vmoe_layers.exchange`). Gating noise is drawn per group
+(`vmoe_routing.group_keys`), so both give the same result.
 
 Routers come from vmoe-routing by name (`top_k`, `bpr`, or any plugin such as `hash`) or as a
 router object; expert types from this package's registry (`mlp`, `glu`, or plugins). Dispatch and
@@ -342,8 +342,9 @@ class MoeLayer(nn.Module):
             metrics = dict(routing.metrics)
             # Every layer reports it, whatever the router (plugins need not compute it).
             metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
-            # Checked before the einsum path turns blocks into buffers: a BlockRouting's
-            # statistics are over the whole batch, not group means an exchange could combine.
+            # Checked before the einsum path turns blocks into buffers: a BlockRouting's blocks
+            # vary in number with the load, and an exchange that moves buffers between devices
+            # (all-to-all) needs one static shape; experts where the tokens are take any.
             if (
                 isinstance(routing, vmoe_routing.BlockRouting)
                 and run_experts is not run_local_experts
@@ -351,8 +352,10 @@ class MoeLayer(nn.Module):
                 raise ValueError(
                     f"router {router_name(self.router)!r} routes without a capacity "
                     "(BlockRouting): its experts run where the tokens are, so it cannot use "
-                    f"an expert exchange ({type(self.exchange).__name__}, e.g. the 'expert' "
-                    "sharding strategy); allowed: the 'data' or 'fsdp' strategy, or none"
+                    f"an exchange that moves buffers between devices "
+                    f"({type(self.exchange).__name__}, e.g. the 'expert' sharding strategy: an "
+                    "all-to-all carries one static shape, and the number of blocks per expert "
+                    "varies with the load); allowed: the 'data' or 'fsdp' strategy, or none"
                 )
             if self.dispatch_path == "einsum" and isinstance(routing, vmoe_routing.BlockRouting):
                 routing = routing.to_routing()  # capacity S: the slow, obvious reference

@@ -4,12 +4,15 @@ A strategy owns a `jax.sharding.Mesh` and says where everything goes:
 
 - `param_specs(params)`: a PartitionSpec for every parameter (a pytree like `params`);
 - `batch_spec()`: the PartitionSpec of arrays whose leading axis is the batch;
-- `exchange`: None (the XLA partitioner moves what it must) or an `ExpertExchange` that decides
-  where MoE layers route their groups and moves expert buffers between devices explicitly
-  (each device routes its own groups and the buffers travel by all-to-all inside `shard_map`).
+- `exchange`: an `ExpertExchange` that decides where MoE layers route their groups and how
+  the expert buffers meet the experts (None: the XLA partitioner decides). Every built-in has
+  each device route its own groups inside `shard_map`: `data` and `fsdp` run every expert there
+  (`PerShardExchange`), the expert strategies send the buffers to their experts' devices by
+  all-to-all (`AllToAllExchange`).
 
 Built-ins:
-  data    mesh ('data',): params replicated, batch split over every device.
+  data    mesh ('data',): params replicated, batch split over every device; MoE layers route
+          and run their experts per device.
   expert  mesh ('data', 'expert'): expert params split over 'expert' along their leading expert
           axis, other params replicated, batch split over both axes; buffers reach their
           experts by all-to-all (the original V-MoE layout).
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from vmoe_layers.exchange import AllToAllExchange, ExpertExchange
+from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, PerShardExchange
 from vmoe_layers.moe import EXPERTS_KEY
 from vmoe_plugins import Registry, check_int, is_int
 
@@ -99,7 +102,9 @@ class _Strategy:
 
     @property
     def exchange(self) -> ExpertExchange | None:
-        return None
+        """Each device routes its own groups and runs every expert (the expert strategies
+        override it with an all-to-all)."""
+        return PerShardExchange(self.mesh, self.batch_axes)
 
     def batch_spec(self) -> PartitionSpec:
         return PartitionSpec(self.batch_axes)
@@ -211,7 +216,8 @@ def _check_expert_leaf(path, leaf, n: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel(_Strategy):
-    """Params replicated on every device; the batch split over the one mesh axis 'data'."""
+    """Params replicated on every device; the batch split over the one mesh axis 'data'; each
+    device routes its own groups and runs every expert on them (`PerShardExchange`)."""
 
     name: ClassVar[str] = "data"
     batch_axes: ClassVar[tuple[str, ...]] = ("data",)
@@ -281,7 +287,8 @@ class _SplitsParams(_Strategy):
 @dataclasses.dataclass(frozen=True)
 class FullySharded(_SplitsParams):
     """Every parameter of at least `min_size` elements split over 'fsdp' (largest divisible
-    dimension); the batch split over ('data', 'fsdp'). XLA gathers params where they are used.
+    dimension); the batch split over ('data', 'fsdp'). XLA gathers params where they are used;
+    each device routes its own groups and runs every expert on them (`PerShardExchange`).
     `create(mesh_shape=(data, fsdp), devices=None, min_size=1024)`."""
 
     name: ClassVar[str] = "fsdp"

@@ -60,23 +60,32 @@ def block_layout(expert_m: Array, num_experts: int, block_size: int) -> tuple[Ar
 
 
 def dropless_metrics(routing: vmoe_routing.BlockRouting) -> dict[str, Array]:
-    """Routing statistics of a dropless decision (all groups together).
+    """Routing statistics of a dropless decision: means over groups, as every router's (so a
+    sharded exchange's per-device statistics combine into the batch's), except the layout's
+    padding.
 
     Returns a dict with:
       dropped_fraction, no_expert_fraction: scalars, 0 by construction (kept for dashboards
         that compare routers).
-      expert_load: [E], each expert's share of the M choices (sums to 1).
-      max_load_ratio: scalar, the busiest expert's choices over the balanced share M/E: the
-        buffer a capacity router would need, as a capacity factor.
-      padding_fraction: scalar, the share of the B*b buffer rows left empty.
+      expert_load: [E], each expert's share of a group's S*K choices, averaged over groups
+        (sums to 1; equal groups make it the share of all M choices).
+      max_load_ratio: scalar, per group the busiest expert's choices over the balanced share
+        S*K/E, averaged over groups: the capacity factor a capacity router would need for the
+        average group to drop nothing.
+      padding_fraction: scalar, the share of the B*b buffer rows left empty: a property of the
+        layout, which depends on where the sort ran (one device: all groups; under a sharded
+        exchange: each device's groups, this being the mean over devices).
     """
-    e, m = routing.num_experts, routing.token.shape[0]
-    counts = jnp.zeros((e,), jnp.float32).at[routing.expert].add(1.0)
+    e, g, s = routing.num_experts, routing.num_groups, routing.group_size
+    m = routing.token.shape[0]
+    choices_per_group = m // g  # S*K
+    counts_ge = jnp.zeros((g, e), jnp.float32).at[routing.token // s, routing.expert].add(1.0)
+    load_ge = counts_ge / choices_per_group
     return {
         "dropped_fraction": jnp.float32(0.0),
         "no_expert_fraction": routing.no_expert_fraction(),
-        "expert_load": counts / m,
-        "max_load_ratio": jnp.max(counts) * e / m,
+        "expert_load": jnp.mean(load_ge, axis=0),
+        "max_load_ratio": jnp.mean(jnp.max(load_ge, axis=1)) * e,
         "padding_fraction": jnp.float32(1.0 - m / (routing.num_blocks * routing.block_size)),
     }
 

@@ -1,0 +1,368 @@
+"""What fits where: planned memory per device and traffic of V-MoE training, up to H/14.
+
+    python benchmarks/bench_fit.py [--models V-MoE-S/32,V-MoE-B/16,V-MoE-L/16,V-MoE-H/14]
+        [--devices 8,64,256] [--settings expert_fsdp/block/bf16,...] [--fewest V-MoE-H/14]
+        [--planner tpu|cpu] [--cache bench-results/fit-points.json]
+
+Compiles (never runs) one Adam training step (loss, gradients, Adam update; params and
+optimizer state donated) of each model (every-2, E=32, K=2, C=1.05, 224x224, bfloat16 compute,
+routing groups = one device's images) under each setting (strategy / remat / state dtype) on n
+simulated devices, and reads from the compiled per-device program:
+
+- planned memory: arguments + outputs + temporaries - donated (XLA's buffer assignment);
+- the bytes one device sends per step, by role (`vmoe_layers.bytes_sent_by_role`: gradient
+  reduction, parameter gather, expert all-to-all, statistics, other).
+
+The planner. XLA:CPU (`--planner cpu`) does not honour rematerialisation in its plan (a
+`jax.checkpoint`ed chain whose input gradient is needed plans the same memory as without it:
+benchmarks/README.md), so the default planner is XLA's TPU compiler, deviceless: libtpu compiles
+for a TPU v5p topology (`jax[tpu]`; no TPU needed) and plans per chip. Its figures stand in for
+an accelerator with 80 GB: "fits" means planned memory <= 80e9 bytes (an 80 GB H100 has 79.1
+GiB = 84.9e9 bytes usable: ~6% is left for the runtime). TPU layouts pad small trailing
+dimensions to tiles, so the plan errs on the large side where shapes are small.
+
+Depth is extrapolated, not guessed: every figure is linear in the number of blocks (each
+(dense, MoE) block pair adds the same params, state, saved activations and collectives), so each
+program is compiled at 2 and 4 blocks and the full model's figures lie on that line
+(`--validate model/strategy/remat/dtype/n` compiles one full-depth model and prints the
+difference). The largest batch per device that fits is compiled, not extrapolated: predicted
+from the per-image slope between 4 and 8 images per device, then planned at that batch and
+stepped down until it fits (the plan is convex in the batch: at a small batch the params'
+state, not the activations, may set the peak). "Fewest devices": for a model, the first n of
+1, 2, 4, ... whose plan has room for one image per device, under each of the leanest settings.
+
+Settings: strategy/remat/dtype, with dtype "f32" (params, gradients and Adam moments float32:
+16 bytes a param) or "bf16" (all of them bfloat16, no float32 master copy: 8 bytes a param; see
+vmoe-train's `model.param_dtype`). Meshes: data (n,), fsdp (1, n), expert and expert_fsdp
+(n/X, X) with X = min(n, 8) devices on the expert axis.
+
+Compiled points are cached in `--cache` (default benchmarks/fit-points.json, kept in the repo:
+the table's measurements, keyed by everything that defines each program), so an interrupted run
+resumes where it stopped and the table can be printed again without compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+BUDGET = 80e9  # bytes: an "80 GB" accelerator
+NUM_EXPERTS, IMAGE, CLASSES = 32, 224, 1000
+DEPTHS = (2, 4)  # compiled depths: one and two (dense, MoE) block pairs
+BATCHES = (4, 8)  # compiled images per device for the table and the per-image slope
+EXPERT_AXIS = 8
+DEFAULT_SETTINGS = (
+    "data/none/f32",
+    "expert/none/f32",
+    "fsdp/none/f32",
+    "expert_fsdp/none/f32",
+    "expert_fsdp/block/f32",
+    "expert_fsdp/none/bf16",
+    "expert_fsdp/block/bf16",
+)
+FEWEST_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FEWEST_SETTINGS = ("expert_fsdp/block/bf16", "expert_fsdp/block/f32", "expert_fsdp/none/bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One compiled program: everything that defines it."""
+
+    model: str
+    strategy: str
+    remat: str
+    dtype: str
+    devices: int
+    depth: int
+    images_per_device: int
+    planner: str
+
+    @property
+    def key(self) -> str:
+        return "|".join(str(v) for v in dataclasses.astuple(self))
+
+
+def mesh_shape(strategy: str, n: int) -> tuple[int, ...]:
+    if strategy == "data":
+        return (n,)
+    if strategy == "fsdp":
+        return (1, n)
+    x = min(n, EXPERT_AXIS)
+    return (n // x, x)
+
+
+def compile_devices(planner: str, n: int):
+    """n devices to compile for: simulated CPU devices, or a deviceless TPU v5p topology."""
+    import jax
+
+    if planner == "cpu":
+        return jax.devices()[:n]
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name="v5p:8x8x4",
+        chip_config_name="megacore",
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+    )
+    return topology.devices[:n]
+
+
+def measure(point: Point) -> dict:
+    """Compile `point`'s train step; its planned memory and bytes sent by role per device."""
+    import harness  # benchmarks/, beside this script
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding
+
+    import vmoe_layers as vl
+
+    start = time.perf_counter()
+    n, b = point.devices, point.images_per_device
+    strategy = vl.get_strategy(
+        point.strategy,
+        mesh_shape=mesh_shape(point.strategy, n),
+        devices=compile_devices(point.planner, n),
+    )
+    param_dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[point.dtype]
+    probe = vl.create_model(point.model, num_classes=CLASSES, num_experts=NUM_EXPERTS)
+    tokens = (IMAGE // probe.patch_size) ** 2 + (probe.classifier == "token")
+    model = vl.create_model(
+        point.model,
+        num_classes=CLASSES,
+        num_experts=NUM_EXPERTS,
+        group_size=b * tokens,
+        exchange=strategy.exchange,
+        remat=point.remat,
+        dtype=jnp.bfloat16,
+        param_dtype=param_dtype,
+    ).clone(num_layers=point.depth)  # a preset's depth: cloned, as create_model keeps it
+    sample = jax.ShapeDtypeStruct((b, IMAGE, IMAGE, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x)["params"], sample)
+    param_shardings = vl.param_shardings(strategy, params)
+    optimizer = optax.adam(1e-3)
+    state_shapes = jax.eval_shape(optimizer.init, params)
+    # Adam's moments are laid out as their params; its step count is replicated.
+    state_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        state_shapes,
+        param_shardings,
+        transform_non_params=lambda _: NamedSharding(strategy.mesh, jax.sharding.PartitionSpec()),
+    )
+    batch_sharding = NamedSharding(strategy.mesh, strategy.batch_spec())
+    images = jax.ShapeDtypeStruct((b * n, IMAGE, IMAGE, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((b * n,), jnp.int32)
+
+    def loss_fn(params, images, labels):
+        rngs = {"gating": jax.random.key(1)}
+        out = model.apply({"params": params}, images, train=True, rngs=rngs)
+        log_p = jax.nn.log_softmax(out.logits.astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1)) + out.aux_loss
+
+    def step(params, opt_state, images, labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    replicated = NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(
+        step,
+        in_shardings=(param_shardings, state_shardings, batch_sharding, batch_sharding),
+        out_shardings=(param_shardings, state_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
+    compiled = jitted.lower(params, state_shapes, images, labels).compile()
+    memory = harness.planned_bytes(compiled)
+    by_role = vl.bytes_sent_by_role(
+        compiled.as_text(),
+        n,
+        vl.ParamShapes.of(param_shardings, params),
+        statistic_size=NUM_EXPERTS,
+    )
+    return {
+        "memory": float(memory),
+        "by_role": by_role,
+        "params": sum(math.prod(p.shape) for p in jax.tree.leaves(params)),
+        "compile_s": time.perf_counter() - start,
+    }
+
+
+class Cache:
+    """Compiled points on disk: measure each once, resume an interrupted run."""
+
+    def __init__(self, path: str):
+        self.path = pathlib.Path(path)
+        self.points = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, point: Point) -> dict:
+        if point.key not in self.points:
+            result = measure(point)
+            print(
+                f"  compiled {point.key}: {result['memory'] / 2**20:,.0f} MiB "
+                f"({result['compile_s']:.0f} s)",
+                flush=True,
+            )
+            self.points[point.key] = result
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.points, indent=1))
+        return self.points[point.key]
+
+
+def full_depth(model: str) -> int:
+    import vmoe_layers as vl
+
+    return vl.create_model(model, num_classes=CLASSES, num_experts=NUM_EXPERTS).num_layers
+
+
+def along_depth(low: float, high: float, depth: int) -> float:
+    """The value at `depth` blocks on the line through the values at DEPTHS."""
+    d1, d2 = DEPTHS
+    return low + (depth - d1) / (d2 - d1) * (high - low)
+
+
+def full_memory(cache: Cache, planner: str, model: str, setting: str, n: int, b: int) -> float:
+    """Planned memory of the full-depth model at `b` images per device: on the line through the
+    compiled depths."""
+    strategy, remat, dtype = setting.split("/")
+    low, high = (
+        cache.get(Point(model, strategy, remat, dtype, n, d, b, planner))["memory"] for d in DEPTHS
+    )
+    return along_depth(low, high, full_depth(model))
+
+
+def largest_batch(cache: Cache, planner: str, model: str, setting: str, n: int) -> int:
+    """The most images per device whose full-depth plan fits in BUDGET: predicted from the
+    per-image slope between BATCHES, then compiled at that batch and stepped down until it
+    fits (the plan is convex in the batch: a small batch can sit where the params' state, not
+    the activations, sets the peak, so a prediction alone could overshoot)."""
+    b1, b2 = BATCHES
+    m1, m2 = (full_memory(cache, planner, model, setting, n, b) for b in BATCHES)
+    per_image = (m2 - m1) / (b2 - b1)
+    if full_memory(cache, planner, model, setting, n, 1) > BUDGET:
+        return 0
+    guess = max(1, math.floor(b1 + (BUDGET - m1) / per_image)) if per_image > 0 else b2
+    for _ in range(4):
+        memory = full_memory(cache, planner, model, setting, n, guess)
+        if memory <= BUDGET or guess == 1:
+            return guess if memory <= BUDGET else 0
+        guess = max(1, math.floor(guess - (memory - BUDGET) / per_image) - 1)
+    return guess if full_memory(cache, planner, model, setting, n, guess) <= BUDGET else 0
+
+
+def plan(cache: Cache, planner: str, model: str, setting: str, n: int) -> dict:
+    """Full-depth planned memory at BATCHES[0] images per device, its per-image slope, the
+    largest batch per device that fits in BUDGET (compiled), and bytes sent by role."""
+    strategy, remat, dtype = setting.split("/")
+    depth = full_depth(model)
+    b1, b2 = BATCHES
+    low, high = (cache.get(Point(model, strategy, remat, dtype, n, d, b1, planner)) for d in DEPTHS)
+    memory = full_memory(cache, planner, model, setting, n, b1)
+    per_image = (full_memory(cache, planner, model, setting, n, b2) - memory) / (b2 - b1)
+    roles = {
+        role: along_depth(low["by_role"][role], high["by_role"][role], depth)
+        for role in low["by_role"]
+    }
+    return {
+        "model": model,
+        "setting": setting,
+        "devices": n,
+        "mesh": str(mesh_shape(strategy, n)),
+        "params": along_depth(low["params"], high["params"], depth),
+        "memory": memory,
+        "per_image": per_image,
+        "largest_batch": largest_batch(cache, planner, model, setting, n),
+        "by_role": roles,
+    }
+
+
+def print_rows(rows: list[dict]) -> None:
+    header = (
+        f"| model | strategy/remat/dtype | devices | mesh | params (B) | planned GB ({BATCHES[0]} "
+        "img/device) | GB/image | largest batch/device in 80 GB | grad. reduction MB | "
+        "param. gather MB | expert all-to-all MB | activations & other MB |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for r in rows:
+        roles = r["by_role"]
+        print(
+            f"| {r['model']} | {r['setting']} | {r['devices']} | {r['mesh']} | "
+            f"{r['params'] / 1e9:.2f} | {r['memory'] / 1e9:,.2f} | {r['per_image'] / 1e9:,.3f} | "
+            f"{r['largest_batch']:,} | {roles['gradient reduction'] / 1e6:,.0f} | "
+            f"{roles['parameter gather'] / 1e6:,.0f} | {roles['expert all-to-all'] / 1e6:,.0f} | "
+            f"{roles['other'] / 1e6:,.0f} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="V-MoE-S/32,V-MoE-B/16,V-MoE-L/16,V-MoE-H/14")
+    parser.add_argument("--devices", default="64")
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS))
+    parser.add_argument("--fewest", default="V-MoE-H/14", help="models to find the fewest devices")
+    parser.add_argument("--planner", choices=("tpu", "cpu"), default="tpu")
+    parser.add_argument("--cache", default="benchmarks/fit-points.json")
+    parser.add_argument("--json", default="bench-results/fit.json")
+    parser.add_argument("--validate", default="", help="model/strategy/remat/dtype/n: full depth")
+    args = parser.parse_args()
+    counts = [int(d) for d in args.devices.split(",")]
+    if args.planner == "cpu":
+        most = max([*counts, *FEWEST_CANDIDATES])
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={most}"
+        )
+    else:
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    cache = Cache(args.cache)
+    rows = []
+    for model in [m for m in args.models.split(",") if m]:
+        for setting in [s for s in args.settings.split(",") if s]:
+            for n in counts:
+                rows.append(plan(cache, args.planner, model, setting, n))
+                print_rows(rows[-1:])
+    fewest = []
+    for model in [m for m in args.fewest.split(",") if m]:
+        for setting in FEWEST_SETTINGS:
+            for n in FEWEST_CANDIDATES:
+                one_image = full_memory(cache, args.planner, model, setting, n, 1)
+                print(f"{model} {setting} n={n}: {one_image / 1e9:.2f} GB at 1 image/device")
+                if one_image <= BUDGET:
+                    fewest.append(plan(cache, args.planner, model, setting, n))
+                    print_rows(fewest[-1:])
+                    break
+    if args.validate:
+        model, strategy, remat, dtype, n = args.validate.split("/")
+        n = int(n)
+        row = plan(cache, args.planner, model, f"{strategy}/{remat}/{dtype}", n)
+        full = cache.get(
+            Point(model, strategy, remat, dtype, n, full_depth(model), BATCHES[0], args.planner)
+        )
+        error = row["memory"] / full["memory"] - 1
+        print(
+            f"validate {args.validate}: extrapolated {row['memory'] / 1e9:.3f} GB, "
+            f"compiled {full['memory'] / 1e9:.3f} GB ({error:+.1%})"
+        )
+    print("\nAll rows:")
+    print_rows(rows)
+    print("\nFewest 80 GB devices (first n with room for one image per device):")
+    print_rows(fewest)
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(
+        json.dumps({"planner": args.planner, "rows": rows, "fewest": fewest}, indent=1)
+    )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
