@@ -24,6 +24,7 @@ MODEL = {
     "model.classifier": "token",
     "model.dropout_rate": 0.0,  # encoder and attention dropout 0.0
     "model.dtype": "float32",  # the release's model has no compute dtype (float32)
+    "model.param_dtype": "float32",  # and float32 parameters
     "model.moe.num_experts": 8,  # "E=8"
     "model.moe.router": "top_k",
     "model.moe.router_options.k": 2,  # "K=2"

@@ -223,7 +223,10 @@ class VisionTransformer(nn.Module):
       attention_dropout_rate: on attention weights.
       mlp_type, mlp_options: the expert type (and its options) of every feed-forward.
       moe: the MoE part; None makes a plain ViT.
-      dtype, param_dtype: computation and parameter dtypes.
+      dtype, param_dtype: computation and parameter dtypes. Every parameter is created in
+        `param_dtype` except the routers' own, which each router's `init` makes (the built-in
+        routers' gates are float32: routing compares gate logits, and a gate rounded to
+        bfloat16 would move tokens to other experts).
       exchange: passed to every MoE layer (from a sharding strategy); None: local experts.
       remat: rematerialisation (activation checkpointing) of the encoder blocks: "none" keeps
         every activation for the backward pass; "block" keeps only each block's input and

@@ -266,9 +266,9 @@ def build_model(
     """The (uninitialised) `vmoe_layers.VisionTransformer` that `config.model` describes.
 
     Its sizes are `model_sizes(config.model)` (a preset's, or given field by field);
-    `model.dropout_rate`, `model.dtype`, `model.classifier` and `model.representation_size` (if
-    > 0) are the config's; a V-MoE ("V-MoE-..." or "V-MoE") takes `model.moe` (experts, layers,
-    router and its options, expert type, dispatch dtype).
+    `model.dropout_rate`, `model.dtype`, `model.param_dtype`, `model.classifier` and
+    `model.representation_size` (if > 0) are the config's; a V-MoE ("V-MoE-..." or "V-MoE")
+    takes `model.moe` (experts, layers, router and its options, expert type, dispatch dtype).
     `group_size` is the tokens per routing group (see `routing_group_size`; None: one image),
     `exchange` the sharding strategy's.
     """
@@ -288,11 +288,14 @@ def build_model(
     # Fields newer than some saved configs: read with their defaults.
     representation_size = int(config_get(model_config, "representation_size", 0))
     head_bias_init = float(config_get(model_config, "head_bias_init", 0.0))
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     model = _vision_transformer(
         model_config,
         num_classes=num_classes,
         dropout_rate=float(model_config.dropout_rate),
-        dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.dtype],
+        dtype=dtypes[model_config.dtype],
+        # "bfloat16": no float32 master copy; the routers' gates stay float32 (routers make them).
+        param_dtype=dtypes[config_get(model_config, "param_dtype", "float32")],
         classifier=config_get(model_config, "classifier", "token"),
         representation_size=representation_size or None,
         head_bias_init=head_bias_init,

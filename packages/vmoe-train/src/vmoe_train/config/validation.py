@@ -141,6 +141,7 @@ def _check_numbers(checker: Checker) -> None:
     checker.choice("model.classifier", CLASSIFIERS, "classifier")
     checker.number("model.dropout_rate", 0, 1, high_open=True)
     checker.choice("model.dtype", DTYPES, "dtype")
+    checker.choice("model.param_dtype", DTYPES, "parameter dtype")
     checker.choice("loss.kind", LOSSES, "loss")
     checker.number("loss.label_smoothing", 0, 1, high_open=True)
     checker.int_("eval.every_steps", 0)

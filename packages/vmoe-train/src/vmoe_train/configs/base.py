@@ -43,7 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
     # for a model of any size: then the five sizes below must all be set.
     c.model.name = "V-MoE-Mu/2"
     c.model.dropout_rate = 0.0
-    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params: param_dtype)
+    # Parameter dtype: "float32", or "bfloat16": params, gradients and Adam's moments stored
+    # and updated in bfloat16, no float32 master copy (half the memory; updates under ~2^-8 of
+    # a param are lost). The routers' gates stay float32.
+    c.model.param_dtype = "float32"
     # Sizes; 0 = the preset's (a preset may be changed field by field).
     c.model.patch_size = 0  # P: square patches, P must divide the image sides
     c.model.hidden_size = 0  # D
@@ -96,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.end_lr_ratio = 0.01  # cosine ends at learning_rate * end_lr_ratio
     # >= 0: where cosine and linear decay end (the V-MoE release: 1e-5); < 0: as above.
     c.optimizer.end_learning_rate = -1.0
-    c.optimizer.mu_dtype = ""  # Adam's first moment: "" (the params' float32) or "bfloat16"
+    c.optimizer.mu_dtype = ""  # Adam's first moment: "" (the params' dtype), "float32", "bfloat16"
     c.optimizer.frozen = ""  # regex on "block_0/attention/..." paths: these params never move
     c.optimizer.lr_multipliers = ()  # ((regex, multiplier), ...): first match wins
     # Gradient accumulation: each step's batch in n microbatches, one update with their mean
