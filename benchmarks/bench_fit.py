@@ -288,7 +288,7 @@ def print_rows(rows: list[dict]) -> None:
     header = (
         f"| model | strategy/remat/dtype | devices | mesh | params (B) | planned GB ({BATCHES[0]} "
         "img/device) | GB/image | largest batch/device in 80 GB | grad. reduction MB | "
-        "param. gather MB | expert all-to-all MB | activations & other MB |"
+        "param. gather MB | expert all-to-all MB | MoE layer arrays MB | other arrays MB |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -299,9 +299,51 @@ def print_rows(rows: list[dict]) -> None:
             f"{r['params'] / 1e9:.2f} | {r['memory'] / 1e9:,.2f} | {r['per_image'] / 1e9:,.3f} | "
             f"{r['largest_batch']:,} | {roles['gradient reduction'] / 1e6:,.0f} | "
             f"{roles['parameter gather'] / 1e6:,.0f} | {roles['expert all-to-all'] / 1e6:,.0f} | "
-            f"{roles['other'] / 1e6:,.0f} |",
+            f"{roles['MoE layer arrays'] / 1e6:,.0f} | {roles['other arrays'] / 1e6:,.0f} |",
             flush=True,
         )
+
+
+def planner_check(planner_names: tuple[str, ...] = ("cpu", "tpu")) -> list[dict]:
+    """Does a planner honour rematerialisation? A chain of 8 blocks (x + gelu(gelu(x W1) W2) W3,
+    x [8192, 512] float32), its weight gradients, with and without `jax.checkpoint` per block,
+    and with the input's gradient needed too (as in a model whose first layer trains: the
+    patch embedding). Returns the planned temporaries (MiB) per case and planner."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def block(w, x):
+        h = jax.nn.gelu(jax.nn.gelu(x @ w[0]) @ w[1])
+        return x + h @ w[2]
+
+    rows = []
+    for planner in planner_names:
+        device = compile_devices(planner, 1)[0]
+        sharding = NamedSharding(jax.sharding.Mesh([device], ("d",)), PartitionSpec())
+        ws = [jax.ShapeDtypeStruct((3, 512, 512), jnp.float32, sharding=sharding)] * 8
+        x = jax.ShapeDtypeStruct((8192, 512), jnp.float32, sharding=sharding)
+        for input_grad in (False, True):
+            for remat in (False, True):
+                f = jax.checkpoint(block) if remat else block
+
+                def loss(ws, x, f=f):
+                    for w in ws:
+                        x = f(w, x)
+                    return jnp.sum(x**2)
+
+                argnums = (0, 1) if input_grad else 0
+                compiled = jax.jit(jax.grad(loss, argnums=argnums)).lower(ws, x).compile()
+                temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+                rows.append(
+                    {"planner": planner, "input_grad": input_grad, "remat": remat, "temp": temp}
+                )
+                print(
+                    f"planner {planner}: input gradient {input_grad}, checkpoint {remat}: "
+                    f"{temp:,.0f} MiB of temporaries",
+                    flush=True,
+                )
+    return rows
 
 
 def main() -> None:
@@ -314,6 +356,9 @@ def main() -> None:
     parser.add_argument("--cache", default="benchmarks/fit-points.json")
     parser.add_argument("--json", default="bench-results/fit.json")
     parser.add_argument("--validate", default="", help="model/strategy/remat/dtype/n: full depth")
+    parser.add_argument(
+        "--planner-check", action="store_true", help="only: which planner honours remat"
+    )
     args = parser.parse_args()
     counts = [int(d) for d in args.devices.split(",")]
     if args.planner == "cpu":
@@ -324,6 +369,10 @@ def main() -> None:
     else:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # runs side by side
+    if args.planner_check:
+        planner_check(("cpu", "tpu") if args.planner == "tpu" else ("cpu",))
+        return
     cache = Cache(args.cache)
     rows = []
     for model in [m for m in args.models.split(",") if m]:

@@ -43,11 +43,12 @@ def run_case(name, mesh_shape, router="bpr") -> dict:
         "all_to_all": "all-to-all" in run["hlo"],
         "bytes_by_role": run["bytes_by_role"],
         # Every collective's arrays that are neither parameters nor statistics (for messages).
-        "other_arrays": [
-            [c.kind, list(dims)]
+        "unexpected_arrays": [
+            [c.kind, list(dims), c.op_name]
             for c in vl.collectives(run["hlo"], jax.device_count())
             for _, dims in c.shapes
-            if vl.comm.array_role(c.kind, dims, run["param_shapes"], case.EXPERTS) == "other"
+            if vl.comm.array_role(c.kind, dims, run["param_shapes"], case.EXPERTS, c.op_name)
+            in ("MoE layer arrays", "other arrays")
         ],
         "expert_shard_shape": run["expert_shard_shape"],
     }

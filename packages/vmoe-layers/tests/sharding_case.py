@@ -177,7 +177,7 @@ def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **opti
         "stats": jax.tree.map(local, stats),
         "hlo": compiled.as_text(),
         "expert_shard_shape": list(expert_leaf.addressable_shards[0].data.shape),
-        # What each device sends, by role: a step routed per device sends no "other" bytes.
+        # What each device sends, by role: a step routed per device sends no MoE layer arrays.
         "param_shapes": param_shapes,
         "bytes_by_role": vl.bytes_sent_by_role(
             compiled.as_text(), jax.device_count(), param_shapes, statistic_size=EXPERTS

@@ -46,10 +46,12 @@ def test_a_one_device_program_sends_nothing():
     )
 
 
-def test_each_array_is_attributed_to_its_role_by_shape():
+def test_each_array_is_attributed_to_its_role_by_shape_and_operation():
     """A kernel [16, 10] split over 2 devices along its last dim, an expert stack [8, 16, 32]
     split 4 x 2: gradients reduced transposed or as a partial gather still count as parameters;
-    the gates [8, 34, 8] and a [8, 8] array are "other"; 8 elements or fewer are statistics."""
+    the gates [8, 34, 8] from a MoE layer's operation are MoE layer arrays, a [8, 8] array from
+    elsewhere another array; 8 elements or fewer are statistics; only an explicit all_to_all is
+    the expert exchange (one the partitioner inserts for a log_softmax is another array)."""
 
     class Sharding:  # what ParamShapes.of reads of a sharding: shard_shape
         def __init__(self, split):
@@ -65,16 +67,18 @@ def test_each_array_is_attributed_to_its_role_by_shape():
     shapes = vl.ParamShapes.of({"head": Sharding((1, 2)), "experts": Sharding((4, 1, 2))}, params)
     hlo = """
   %ar = (f32[10,16]{1,0}, f32[1,16,5]{2,1,0}, f32[]{:T(128)}, f32[8]{0}) all-reduce(%a, %b, %c, %d), replica_groups=[1,2]<=[2], to_apply=%add
-  %ag = f32[2,16,32]{2,1,0} all-gather(%e), replica_groups=[4,2]<=[8], dimensions={2}
-  %gates = f32[8,34,8]{2,1,0} all-gather(%x), replica_groups={}, dimensions={0}
-  %other = f32[8,8]{1,0} all-reduce(%y), replica_groups={}, to_apply=%add
-  %a2a = f32[1,2,9,16]{3,2,1,0} all-to-all(%z), replica_groups={{0,1}}, dimensions={0}
+  %ag = f32[2,16,32]{2,1,0} all-gather(%e), replica_groups=[4,2]<=[8], dimensions={2}, metadata={op_name="jit(step)/block_1/moe/etd,edh->eth/dot_general"}
+  %gates = f32[8,34,8]{2,1,0} all-gather(%x), replica_groups={}, dimensions={0}, metadata={op_name="jit(step)/jvp(VisionTransformer)/block_1/moe/top_k"}
+  %other = f32[8,8]{1,0} all-reduce(%y), replica_groups={}, to_apply=%add, metadata={op_name="jit(step)/block_0/mlp/dot_general"}
+  %a2a = f32[1,2,9,16]{3,2,1,0} all-to-all(%z), replica_groups={{0,1}}, dimensions={0}, metadata={op_name="jit(step)/block_1/moe/shard_map/all_to_all"}
+  %xla = f32[1,4,125]{2,1,0} all-to-all(%w), replica_groups={{0,1}}, dimensions={0}, metadata={op_name="jit(step)/transpose(jvp(jit(log_softmax)))/add_any"}
 """  # noqa: E501
     sent = vl.bytes_sent_by_role(hlo, num_devices=8, params=shapes, statistic_size=8)
     assert sent["gradient reduction"] == 2 * 4 * (160 + 80) * (1 / 2)
     assert sent["statistics"] == 2 * 4 * (1 + 8) * (1 / 2)
     assert sent["parameter gather"] == 4 * 2 * 16 * 32 * (1 / 2)
-    assert sent["other"] == 4 * 8 * 34 * 8 * (7 / 8) + 2 * 4 * 64 * (7 / 8)
+    assert sent["MoE layer arrays"] == 4 * 8 * 34 * 8 * (7 / 8)
+    assert sent["other arrays"] == 2 * 4 * 64 * (7 / 8) + 4 * 500 * (1 / 2)
     assert sent["expert all-to-all"] == 4 * 288 * (1 / 2)
     assert sum(sent.values()) == pytest.approx(
         sum(vl.bytes_sent_per_device(hlo, num_devices=8).values())

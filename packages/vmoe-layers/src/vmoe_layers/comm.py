@@ -24,9 +24,12 @@ dropped and dimensions sorted):
 
     gradient reduction  an all-reduce / reduce-scatter of a parameter's shape
     parameter gather    an all-gather of a parameter's shape
-    expert all-to-all   any all-to-all (the expert strategies' exchange of buffers)
+    expert all-to-all   an explicit `jax.lax.all_to_all` (the expert strategies' exchange)
     statistics          at most `statistic_size` elements (losses, aux losses, expert loads)
-    other               anything else: activations or routing arrays crossing devices
+    MoE layer arrays    anything else from an operation of a MoE layer (its op_name has
+                        "/moe/"): routing arrays, tokens or expert buffers crossing devices
+    other arrays        anything else: activations the XLA partitioner moves (e.g. under fsdp
+                        it may gather a dense layer's input rather than its weight)
 
 A parameter's shape counts whole, as one device holds it, or anything between (each dimension
 whole or split as in its sharding: e.g. an expert stack gathered over 'data' and still split
@@ -81,6 +84,14 @@ class Collective:
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
     group_size: int
     line: str
+
+    @property
+    def op_name(self) -> str:
+        """The jax operation the collective came from (its metadata's op_name; "" if none): an
+        explicit `jax.lax.all_to_all` ends in "all_to_all", a collective the XLA partitioner
+        inserted names the operation whose operands it moved."""
+        match = re.search(r'op_name="([^"]*)"', self.line)
+        return match.group(1) if match else ""
 
     @property
     def result_bytes(self) -> int:
@@ -150,7 +161,14 @@ def bytes_sent_per_device(hlo_text: str, num_devices: int) -> dict[str, float]:
     return total
 
 
-ROLES = ("gradient reduction", "parameter gather", "expert all-to-all", "statistics", "other")
+ROLES = (
+    "gradient reduction",
+    "parameter gather",
+    "expert all-to-all",
+    "statistics",
+    "MoE layer arrays",
+    "other arrays",
+)
 
 
 def canonical_shape(dims: Iterable[int]) -> tuple[int, ...]:
@@ -185,9 +203,11 @@ class ParamShapes:
         return canonical_shape(dims) in self.shapes
 
 
-def array_role(kind: str, dims: tuple[int, ...], params: ParamShapes, statistic_size: int) -> str:
-    """Which of `ROLES` one array of a collective of `kind` plays."""
-    if kind == "all-to-all":
+def array_role(
+    kind: str, dims: tuple[int, ...], params: ParamShapes, statistic_size: int, op_name: str = ""
+) -> str:
+    """Which of `ROLES` one array of a collective of `kind` from operation `op_name` plays."""
+    if kind == "all-to-all" and op_name.endswith("all_to_all"):
         return "expert all-to-all"
     if math.prod(dims) <= statistic_size:
         return "statistics"
@@ -196,7 +216,7 @@ def array_role(kind: str, dims: tuple[int, ...], params: ParamShapes, statistic_
             return "gradient reduction"
         if kind == "all-gather":
             return "parameter gather"
-    return "other"
+    return "MoE layer arrays" if "/moe/" in op_name else "other arrays"
 
 
 def bytes_sent_by_role(
@@ -207,5 +227,5 @@ def bytes_sent_by_role(
     total = dict.fromkeys(ROLES, 0.0)
     for c in collectives(hlo_text, num_devices):
         for (_, dims), sent in zip(c.shapes, c.bytes_sent_per_array(), strict=True):
-            total[array_role(c.kind, dims, params, statistic_size)] += sent
+            total[array_role(c.kind, dims, params, statistic_size, c.op_name)] += sent
     return total
