@@ -290,6 +290,7 @@ RULES = [
     ),
     (["optimizer.name=adamx"], {}, "optimizer.name"),
     (["optimizer.mu_dtype=float16"], {}, "optimizer.mu_dtype"),
+    (["optimizer.nu_dtype=float16"], {}, "optimizer.nu_dtype"),
     (["optimizer.end_learning_rate=1.0"], {}, "optimizer.end_learning_rate"),  # above the peak
     (["num_epochs=-1"], {}, "num_epochs"),
     (["num_epochs=2"], {}, "num_steps"),  # num_steps must then be 0

@@ -85,6 +85,94 @@ def test_adam_first_moment_in_bfloat16():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, expected)
 
 
+def _adam(state):
+    """The ScaleByAdamState inside an optimizer state."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    return next(s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_float32_params_get_optax_adam_bit_for_bit(name):
+    """The default second moment (float32) with float32 params: optax's own adam / adamw, the
+    same state (structure and dtypes: checkpoints from before optimizer.nu_dtype resume) and
+    the same updates to the bit, over steps of random gradients."""
+    cfg = _cfg(name=name, weight_decay=0.1, warmup_steps=0, schedule="constant")
+    schedule = optim.make_schedule(cfg, 100)
+    mask = optim.decay_mask("matrices", PARAMS)
+    if name == "adam":
+        reference = optax.chain(optax.adam(schedule))  # make_optimizer's chain, of one part
+    else:
+        reference = optax.chain(optax.adamw(schedule, weight_decay=0.1, mask=mask))
+    ours = optim.make_optimizer(cfg, 100, PARAMS)
+    state, expected_state = ours.init(PARAMS), reference.init(PARAMS)
+    assert jax.tree.structure(state) == jax.tree.structure(expected_state)
+    rs = np.random.RandomState(0)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rs.normal(size=p.shape), p.dtype), PARAMS)
+        updates, state = jax.jit(ours.update)(grads, state, PARAMS)
+        expected, expected_state = jax.jit(reference.update)(grads, expected_state, PARAMS)
+        got, want = jax.tree.leaves((updates, state)), jax.tree.leaves((expected, expected_state))
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_params_keep_a_float32_second_moment_and_get_bfloat16_updates():
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+    grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), GRADS)
+    cfg = _cfg(name="adamw", weight_decay=0.1, learning_rate=0.1, warmup_steps=0)
+    cfg.schedule = "constant"
+    new, state = _update(cfg, params=params, grads=grads, steps=2)
+    adam = _adam(state)
+    assert {x.dtype for x in jax.tree.leaves((new, adam.mu))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    # The maths of float32 params, to bfloat16's resolution: each of the 2 steps rounds the
+    # params (and the update) to 8 significant bits.
+    expected, _ = _update(cfg, steps=2)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2 * 2**-8),
+        new,
+        expected,
+    )
+    tx = optim.make_optimizer(cfg, 100, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("params_dtype", [jnp.float32, jnp.bfloat16])
+def test_nu_dtype_bfloat16_stores_the_second_moment_in_bfloat16(params_dtype):
+    params = jax.tree.map(lambda p: p.astype(params_dtype), PARAMS)
+    grads = jax.tree.map(lambda g: g.astype(params_dtype), GRADS)
+    cfg = _cfg(name="adam", nu_dtype="bfloat16", warmup_steps=0, schedule="constant")
+    new, state = _update(cfg, params=params, grads=grads)
+    adam = _adam(state)
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves((new, adam.mu))} == {jnp.dtype(params_dtype)}
+    # mu_dtype still applies beside it.
+    cfg.mu_dtype = "bfloat16"
+    _, state = _update(cfg, params=params, grads=grads)
+    assert {x.dtype for x in jax.tree.leaves(_adam(state).mu)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_a_bfloat16_second_moment_never_decays():
+    """Why nu defaults to float32: with b2=0.999, b2 * nu moves by 0.1%, under bfloat16's
+    half-ulp (2^-9 to 2^-8 of the value), so it rounds back to nu: one large gradient and nu
+    stays there (smaller steps ever after); float32 decays it as b2^t."""
+    big = jax.tree.map(jnp.ones_like, GRADS)
+    zero = jax.tree.map(jnp.zeros_like, GRADS)
+    nus = {}
+    for nu_dtype in ("", "bfloat16"):
+        cfg = _cfg(name="adam", nu_dtype=nu_dtype, warmup_steps=0, schedule="constant")
+        tx = optim.make_optimizer(cfg, 1000, PARAMS)
+        update = jax.jit(tx.update)
+        _, state = update(big, tx.init(PARAMS), PARAMS)
+        for _ in range(100):
+            _, state = update(zero, state, PARAMS)
+        nus[nu_dtype] = float(_adam(state).nu["head"]["kernel"][0, 0])
+    assert nus[""] == pytest.approx(1e-3 * 0.999**100, rel=1e-4)  # 9.05e-4
+    assert nus["bfloat16"] == float(jnp.bfloat16(1e-3))  # the first step's, unchanged
+
+
 def test_sgd_step_is_minus_lr_times_grad():
     cfg = _cfg(name="sgd", momentum=0.0, warmup_steps=0, schedule="constant", learning_rate=0.1)
     params, _ = _update(cfg)

@@ -3,6 +3,9 @@
     tx = make_optimizer(config.optimizer, num_steps, params)
     clip (global norm) -> adam / adamw / sgd-momentum with the schedule -> per-param multipliers
 
+Adam's first moment is kept in the params' dtype or `mu_dtype`, its second in `nu_dtype`
+(float32 by default, whatever the params' dtype).
+
 Parameters are addressed by their path "block_1/moe/experts/w_in": `frozen` (a regex) marks
 params that never change (no optimizer state either), `lr_multipliers` ((regex, m), ...) scales
 the update of matching params (first match wins; m=0 freezes too), and `weight_decay_on` (a
@@ -116,15 +119,48 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _second_moment_in(
+    dtype: jnp.dtype, adam: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """`adam` (optax.adam or adamw) with its second moment `nu` stored in `dtype`, whatever the
+    params' dtype (optax keeps it in theirs). Each update computes in float32 on a float32 copy
+    of the gradients; the state then keeps the dtypes `init` gave it (`mu`: the params' or
+    mu_dtype) and the updates come out in the gradients' dtype, the params'. Float32 params and
+    a float32 `nu`: optax's adam, bit for bit (every cast is to the dtype already there)."""
+
+    def is_adam(state):
+        return isinstance(state, optax.ScaleByAdamState)
+
+    def cast_nu(state):
+        if not is_adam(state):
+            return state
+        return state._replace(nu=jax.tree.map(lambda v: v.astype(dtype), state.nu))
+
+    def init(params):
+        return jax.tree.map(cast_nu, adam.init(params), is_leaf=is_adam)
+
+    def update(grads, state, params=None):
+        wide = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        updates, new_state = adam.update(wide, state, params)
+        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+        return jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads), new_state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: Any, num_steps: int, params: Any) -> optax.GradientTransformation:
     """The optax transformation for `cfg` (config.optimizer) and the params' tree."""
     schedule = make_schedule(cfg, num_steps)
     decay = decay_mask(cfg.weight_decay_on, params)
-    # Adam's first moment in bfloat16 halves its memory (the V-MoE release's option); the
-    # second moment stays in the params' dtype. Configs saved before the field: "".
+    # Adam's first moment: "" the params' dtype, or bfloat16 to halve its memory (the V-MoE
+    # release's option). Its second moment: float32 by default whatever the params' dtype (in
+    # bfloat16, b2=0.999 moves it by less than its resolution: it would grow but never decay).
+    # Configs saved before either field: "".
     mu_dtype = config_get(cfg, "mu_dtype", "") or None
+    nu_dtype = jnp.dtype(config_get(cfg, "nu_dtype", "") or jnp.float32)
     if cfg.name == "adam":
         base = optax.adam(schedule, b1=float(cfg.b1), b2=float(cfg.b2), mu_dtype=mu_dtype)
+        base = _second_moment_in(nu_dtype, base)
     elif cfg.name == "adamw":
         base = optax.adamw(
             schedule,
@@ -134,6 +170,7 @@ def make_optimizer(cfg: Any, num_steps: int, params: Any) -> optax.GradientTrans
             weight_decay=float(cfg.weight_decay),
             mask=decay,
         )
+        base = _second_moment_in(nu_dtype, base)
     elif cfg.name == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(float(cfg.weight_decay), mask=decay),

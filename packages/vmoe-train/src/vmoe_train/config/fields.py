@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16")
 DATA_CACHE = {"auto": None, "always": True, "never": False}  # -> vmoe_data pipelines' `cache`
 DISPATCH_DTYPES = ("", *DTYPES)  # "" = the compute dtype
 MU_DTYPES = ("", *DTYPES)  # "" = the params' dtype
+NU_DTYPES = ("", *DTYPES)  # "" = float32, whatever the params' dtype
 EXPERT_INITS = ("independent", "shared")
 CLASSIFIERS = ("token", "gap")
 REMAT = ("none", "block", "moe", "dots")  # vmoe_layers.REMAT (a test keeps them equal)

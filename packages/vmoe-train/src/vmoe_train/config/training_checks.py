@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 from vmoe_train.config.checker import MISSING, Checker
-from vmoe_train.config.fields import KEEP_BEST_METRICS, MU_DTYPES, OPTIMIZERS, SCHEDULES
+from vmoe_train.config.fields import (
+    KEEP_BEST_METRICS,
+    MU_DTYPES,
+    NU_DTYPES,
+    OPTIMIZERS,
+    SCHEDULES,
+)
 
 
 def check_distributed(checker: Checker, num_processes: int | None) -> int | None:
@@ -44,6 +50,7 @@ def check_optimizer(checker: Checker) -> None:
     if end is not MISSING and peak is not MISSING and end > peak:
         checker.add("optimizer.end_learning_rate", f"must be < 0 (unset) or <= {peak=}", end)
     checker.choice("optimizer.mu_dtype", MU_DTYPES, "first-moment dtype")
+    checker.choice("optimizer.nu_dtype", NU_DTYPES, "second-moment dtype")
     checker.int_("optimizer.microsteps", 1)
     warmup = checker.int_("optimizer.warmup_steps", 0)
     steps = checker.get("num_steps")

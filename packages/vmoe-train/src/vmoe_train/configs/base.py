@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
     # >= 0: where cosine and linear decay end (the V-MoE release: 1e-5); < 0: as above.
     c.optimizer.end_learning_rate = -1.0
     c.optimizer.mu_dtype = ""  # Adam's first moment: "" (the params' dtype), "float32", "bfloat16"
+    # Adam's second moment: "" (float32, whatever the params' dtype), "float32", "bfloat16".
+    c.optimizer.nu_dtype = ""
     c.optimizer.frozen = ""  # regex on "block_0/attention/..." paths: these params never move
     c.optimizer.lr_multipliers = ()  # ((regex, multiplier), ...): first match wins
     # Gradient accumulation: each step's batch in n microbatches, one update with their mean
