@@ -30,7 +30,10 @@ def test_load_run_reads_a_converted_run_and_computes_what_its_parameters_compute
     # as load_run places them, so that it compiles once).
     arrays = read_checkpoint(tmp_path / "original/ckpt")
     arch = infer_architecture({path: a.shape for path, a in arrays.items()})
-    assert run.model == build_model(run.config, num_classes=arch.num_classes, group_size=8 * 17)
+    exchange = run.setup.strategy.exchange  # the run's strategy's (each device routes its own)
+    assert run.model == build_model(
+        run.config, num_classes=arch.num_classes, group_size=8 * 17, exchange=exchange
+    )
     apply = jax.jit(run.model.apply)
     logits = apply({"params": run.params}, images).logits
     expected = apply({"params": vl.shard_params(run.setup.strategy, params)}, images).logits
