@@ -205,13 +205,12 @@ class Cache:
 
         self.path = pathlib.Path(path)
         self.points = json.loads(self.path.read_text()) if self.path.exists() else {}
-        for key, point in list(self.points.items()):
-            if "other" in point["by_role"]:  # the roles before MoE layer / other arrays
-                if key.split("|")[4] != "1":
-                    del self.points[key]  # measure again
-                    continue
-                roles = point["by_role"]
-                point["by_role"] = {role: roles.get(role, 0.0) for role in ROLES}
+        for key, point in self.points.items():
+            if set(point["by_role"]) != set(ROLES):
+                raise ValueError(
+                    f"{self.path}: point {key} has roles {sorted(point['by_role'])}, not "
+                    f"vmoe_layers.comm.ROLES {list(ROLES)}: measure it again (delete it)"
+                )
 
     def get(self, point: Point) -> dict:
         if point.key not in self.points:
