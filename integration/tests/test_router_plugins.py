@@ -57,8 +57,10 @@ def test_router_under_strategy_equals_one_device_or_refuses_clearly(
 
 @pytest.mark.parametrize("dispatch_path", ["index", "einsum"])
 def test_dropless_refuses_any_exchange_on_either_dispatch_path(dispatch_path):
-    """Also where the einsum path would turn its blocks into capacity-S buffers: a dropless
-    decision's statistics are over the whole batch, so no exchange may split its groups."""
+    """Also where the einsum path would turn its blocks into capacity-S buffers: an exchange
+    whose `run_experts` is not the local one moves buffers between devices, and a dropless
+    decision's blocks vary in number with the load (`PerShardExchange`, which runs the experts
+    where the tokens are, is allowed: the data and fsdp rows above)."""
     import jax
     import jax.numpy as jnp
 
