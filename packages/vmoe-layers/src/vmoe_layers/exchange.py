@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
@@ -85,9 +85,6 @@ class _ShardMapExchange:
 
     mesh: Mesh
     batch_axes: tuple[str, ...]
-    # Whether groups that do not split evenly over the batch devices may be routed as one
-    # program instead (every expert is on every device) rather than refused.
-    routes_anywhere: bool = False
 
     def _check_axes(self, *axes: str) -> None:
         for axis in axes:
@@ -121,9 +118,10 @@ class _ShardMapExchange:
     ) -> tuple[Array, Any]:
         self._check_experts(expert_params)
         g, b = x_gsd.shape[0], self.num_batch_shards
-        if g % b and self.routes_anywhere:
-            # Groups straddle devices (e.g. an evaluation batch): one program over every group,
-            # the XLA partitioner moving what it must. The same result, with more traffic.
+        if g % b and self.run_experts is run_local_experts:
+            # Groups straddle devices (e.g. an evaluation batch) and every expert is on every
+            # device: one program over every group, the XLA partitioner moving what it must.
+            # The same result, with more traffic.
             return run_local(moe_fn, router_params, expert_params, x_gsd, keys_g)
         if g % b:
             raise ValueError(
@@ -166,7 +164,6 @@ class PerShardExchange(_ShardMapExchange):
 
     mesh: Mesh
     batch_axes: tuple[str, ...] = ("data",)
-    routes_anywhere: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self._check_axes(*self.batch_axes)
