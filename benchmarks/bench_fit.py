@@ -2,7 +2,8 @@
 
     python benchmarks/bench_fit.py [--models V-MoE-S/32,V-MoE-B/16,V-MoE-L/16,V-MoE-H/14]
         [--devices 8,64,256] [--settings expert_fsdp/block/bf16,...] [--fewest V-MoE-H/14]
-        [--planner tpu|cpu] [--cache bench-results/fit-points.json]
+        [--fewest-settings expert_fsdp/block/bf16,...] [--largest] [--planner tpu|cpu]
+        [--cache benchmarks/fit-points.json]
 
 Compiles (never runs) one Adam training step (loss, gradients, Adam update; params and
 optimizer state donated) of each model (every-2, E=32, K=2, C=1.05, 224x224, bfloat16 compute,
@@ -29,11 +30,14 @@ difference). The largest batch per device that fits is compiled, not extrapolate
 from the per-image slope between 4 and 8 images per device, then planned at that batch and
 stepped down until it fits (the plan is convex in the batch: at a small batch the params'
 state, not the activations, may set the peak). "Fewest devices": for a model, the first n of
-1, 2, 4, ... whose plan has room for one image per device, under each of the leanest settings.
+1, 2, 4, ... whose plan has room for one image per device, under each of the leanest settings,
+with its largest batch. The other rows (the grid) give the largest batch only with --largest.
 
 Settings: strategy/remat/dtype, with dtype "f32" (params, gradients and Adam moments float32:
-16 bytes a param) or "bf16" (all of them bfloat16, no float32 master copy: 8 bytes a param; see
-vmoe-train's `model.param_dtype`). Meshes: data (n,), fsdp (1, n), expert and expert_fsdp
+16 bytes a param), "bf16-nu32" (params, gradients and Adam's first moment bfloat16, its second
+float32: 10 bytes a param, vmoe-train's default for `model.param_dtype=bfloat16`) or "bf16" (all
+of them bfloat16, no float32 master copy: 8 bytes a param, `optimizer.nu_dtype=bfloat16`).
+Meshes: data (n,), fsdp (1, n), expert and expert_fsdp
 (n/X, X) with X = min(n, 8) devices on the expert axis.
 
 Compiled points are cached in `--cache` (default benchmarks/fit-points.json, kept in the repo:
@@ -89,6 +93,20 @@ class Point:
         return "|".join(str(v) for v in dataclasses.astuple(self))
 
 
+DTYPES = ("f32", "bf16-nu32", "bf16")
+STRATEGIES = ("data", "fsdp", "expert", "expert_fsdp")
+
+
+def check_setting(setting: str) -> None:
+    """A clear error for a setting that is not strategy/remat/dtype of known values."""
+    parts = setting.split("/")
+    if len(parts) != 3 or parts[0] not in STRATEGIES or parts[2] not in DTYPES:
+        raise SystemExit(
+            f"setting {setting!r}: expected strategy/remat/dtype with strategy in {STRATEGIES}, "
+            f"dtype in {DTYPES} (remat: vmoe_layers' model.remat values)"
+        )
+
+
 def mesh_shape(strategy: str, n: int) -> tuple[int, ...]:
     if strategy == "data":
         return (n,)
@@ -133,7 +151,7 @@ def measure(point: Point) -> dict:
         mesh_shape=mesh_shape(point.strategy, n),
         devices=compile_devices(point.planner, n),
     )
-    param_dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[point.dtype]
+    param_dtype = jnp.float32 if point.dtype == "f32" else jnp.bfloat16
     probe = vl.create_model(point.model, num_classes=CLASSES, num_experts=NUM_EXPERTS)
     tokens = (IMAGE // probe.patch_size) ** 2 + (probe.classifier == "token")
     model = vl.create_model(
@@ -151,6 +169,18 @@ def measure(point: Point) -> dict:
     param_shardings = vl.param_shardings(strategy, params)
     optimizer = optax.adam(1e-3)
     state_shapes = jax.eval_shape(optimizer.init, params)
+    if point.dtype == "bf16-nu32":
+        # vmoe-train's default for bfloat16 params: Adam's second moment stays float32 (optax
+        # keeps it in the params' dtype; its update then computes in float32 and keeps it so).
+        state_shapes = jax.tree.map(
+            lambda s: (
+                s._replace(nu=jax.tree.map(lambda v: v.update(dtype=jnp.float32), s.nu))
+                if isinstance(s, optax.ScaleByAdamState)
+                else s
+            ),
+            state_shapes,
+            is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState),
+        )
     # Adam's moments are laid out as their params; its step count is replicated.
     state_shardings = optax.tree_map_params(
         optimizer,
@@ -267,15 +297,19 @@ def largest_batch(cache: Cache, planner: str, model: str, setting: str, n: int) 
     return guess if full_memory(cache, planner, model, setting, n, guess) <= BUDGET else 0
 
 
-def plan(cache: Cache, planner: str, model: str, setting: str, n: int) -> dict:
-    """Full-depth planned memory at BATCHES[0] images per device, its per-image slope, the
-    largest batch per device that fits in BUDGET (compiled), and bytes sent by role."""
+def plan(cache: Cache, planner: str, model: str, setting: str, n: int, largest: bool) -> dict:
+    """Full-depth planned memory at BATCHES[0] images per device and bytes sent by role; with
+    `largest`, also the per-image slope and the largest batch per device that fits in BUDGET
+    (compiled: several more programs)."""
     strategy, remat, dtype = setting.split("/")
     depth = full_depth(model)
     b1, b2 = BATCHES
     low, high = (cache.get(Point(model, strategy, remat, dtype, n, d, b1, planner)) for d in DEPTHS)
     memory = full_memory(cache, planner, model, setting, n, b1)
-    per_image = (full_memory(cache, planner, model, setting, n, b2) - memory) / (b2 - b1)
+    per_image = batch = None
+    if largest:
+        per_image = (full_memory(cache, planner, model, setting, n, b2) - memory) / (b2 - b1)
+        batch = largest_batch(cache, planner, model, setting, n)
     roles = {
         role: along_depth(low["by_role"][role], high["by_role"][role], depth)
         for role in low["by_role"]
@@ -288,7 +322,7 @@ def plan(cache: Cache, planner: str, model: str, setting: str, n: int) -> dict:
         "params": along_depth(low["params"], high["params"], depth),
         "memory": memory,
         "per_image": per_image,
-        "largest_batch": largest_batch(cache, planner, model, setting, n),
+        "largest_batch": batch,
         "by_role": roles,
     }
 
@@ -303,10 +337,13 @@ def print_rows(rows: list[dict]) -> None:
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
         roles = r["by_role"]
+        measured = r["per_image"] is not None
+        per_image = f"{r['per_image'] / 1e9:,.3f}" if measured else "-"
+        batch = f"{r['largest_batch']:,}" if measured else "-"
         print(
             f"| {r['model']} | {r['setting']} | {r['devices']} | {r['mesh']} | "
-            f"{r['params'] / 1e9:.2f} | {r['memory'] / 1e9:,.2f} | {r['per_image'] / 1e9:,.3f} | "
-            f"{r['largest_batch']:,} | {roles['gradient reduction'] / 1e6:,.0f} | "
+            f"{r['params'] / 1e9:.2f} | {r['memory'] / 1e9:,.2f} | {per_image} | {batch} | "
+            f"{roles['gradient reduction'] / 1e6:,.0f} | "
             f"{roles['parameter gather'] / 1e6:,.0f} | {roles['expert all-to-all'] / 1e6:,.0f} | "
             f"{roles['MoE layer arrays'] / 1e6:,.0f} | {roles['other arrays'] / 1e6:,.0f} |",
             flush=True,
@@ -361,15 +398,22 @@ def main() -> None:
     parser.add_argument("--devices", default="64")
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS))
     parser.add_argument("--fewest", default="V-MoE-H/14", help="models to find the fewest devices")
+    parser.add_argument("--fewest-settings", default=",".join(FEWEST_SETTINGS))
     parser.add_argument("--planner", choices=("tpu", "cpu"), default="tpu")
     parser.add_argument("--cache", default="benchmarks/fit-points.json")
     parser.add_argument("--json", default="bench-results/fit.json")
+    parser.add_argument(
+        "--largest", action="store_true", help="also the largest batch of every row (compiles)"
+    )
     parser.add_argument("--validate", default="", help="model/strategy/remat/dtype/n: full depth")
     parser.add_argument(
         "--planner-check", action="store_true", help="only: which planner honours remat"
     )
     args = parser.parse_args()
     counts = [int(d) for d in args.devices.split(",")]
+    for setting in [*args.settings.split(","), *args.fewest_settings.split(",")]:
+        if setting:
+            check_setting(setting)
     if args.planner == "cpu":
         most = max([*counts, *FEWEST_CANDIDATES])
         os.environ["XLA_FLAGS"] = (
@@ -387,22 +431,22 @@ def main() -> None:
     for model in [m for m in args.models.split(",") if m]:
         for setting in [s for s in args.settings.split(",") if s]:
             for n in counts:
-                rows.append(plan(cache, args.planner, model, setting, n))
+                rows.append(plan(cache, args.planner, model, setting, n, args.largest))
                 print_rows(rows[-1:])
     fewest = []
     for model in [m for m in args.fewest.split(",") if m]:
-        for setting in FEWEST_SETTINGS:
+        for setting in [s for s in args.fewest_settings.split(",") if s]:
             for n in FEWEST_CANDIDATES:
                 one_image = full_memory(cache, args.planner, model, setting, n, 1)
                 print(f"{model} {setting} n={n}: {one_image / 1e9:.2f} GB at 1 image/device")
                 if one_image <= BUDGET:
-                    fewest.append(plan(cache, args.planner, model, setting, n))
+                    fewest.append(plan(cache, args.planner, model, setting, n, largest=True))
                     print_rows(fewest[-1:])
                     break
     if args.validate:
         model, strategy, remat, dtype, n = args.validate.split("/")
         n = int(n)
-        row = plan(cache, args.planner, model, f"{strategy}/{remat}/{dtype}", n)
+        row = plan(cache, args.planner, model, f"{strategy}/{remat}/{dtype}", n, largest=False)
         full = cache.get(
             Point(model, strategy, remat, dtype, n, full_depth(model), BATCHES[0], args.planner)
         )
