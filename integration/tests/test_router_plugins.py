@@ -18,7 +18,10 @@ PLUGIN_ROUTERS = ("expert_choice", "dropless", "soft")
 
 @pytest.fixture(scope="module")
 def eight_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+    }
     result = subprocess.run(
         [sys.executable, str(HERE / "router_sharding_worker.py")],
         capture_output=True,

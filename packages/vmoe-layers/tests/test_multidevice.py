@@ -41,7 +41,7 @@ def _run_script(script: str, *args: str, env=None, timeout=600) -> subprocess.Co
 
 
 def _eight_device_report(*args: str) -> dict:
-    flags = "--xla_force_host_platform_device_count=8"
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     result = _run_script("multidevice_worker.py", *args, env={"XLA_FLAGS": flags})
     return json.loads(result.stdout.strip().splitlines()[-1])
 

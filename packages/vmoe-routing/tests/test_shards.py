@@ -88,7 +88,10 @@ print(float(out["loss"]), float(out["nested"]["sim_max"]), float(out["nested"]["
 def test_combining_over_four_real_shards(tmp_path):
     """Devices hold different values: means average, *_max / *_min take the extremes (and a
     name merely containing _max is a mean)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+    }
     result = subprocess.run(
         [sys.executable, "-c", COMBINE_ON_FOUR_DEVICES],
         capture_output=True,

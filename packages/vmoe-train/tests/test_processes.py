@@ -11,6 +11,8 @@ from train_runs import losses, run, two_processes
 
 import vmoe_train
 
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
+
 pytestmark = pytest.mark.slow
 
 
@@ -91,7 +93,7 @@ def test_expert_strategy_on_8_devices_follows_one_device(tmp_path):
         *common,
         "--set", "sharding.strategy=expert",
         "--set", "sharding.mesh_shape=(1, 8)",
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"},
     )  # fmt: skip
     one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
     assert sorted(one) == sorted(eight) == [2, 4, 6]
