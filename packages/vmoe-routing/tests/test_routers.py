@@ -35,6 +35,37 @@ def test_combine_weights_are_the_raw_softmax_of_kept_choices(cls):
             assert w == pytest.approx(gates[g, t, e] if v else 0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("cls", [TopKRouter, BprRouter])
+def test_normalized_weights_are_the_chosen_gates_over_their_sum_with_the_same_drops(cls):
+    raw = cls(num_experts=6, k=2, capacity_factor=0.5)
+    normalized = raw.replace(normalize_weights=True)
+    params = raw.init(jax.random.key(0), 5)
+    x = jax.random.normal(jax.random.key(1), (3, 10, 5))
+    a, _ = routed(raw, params, x)
+    b, _ = routed(normalized, params, x)
+    # The same choices are kept (BPR's priority is the raw top-1 gate either way) ...
+    for name in ("token", "expert", "slot", "valid"):
+        np.testing.assert_array_equal(a[name], b[name])
+    # ... and each kept choice weighs its gate / (the sum of the token's two chosen gates).
+    gates = np.asarray(jax.nn.softmax(jnp.einsum("gsd,de->gse", x, params["gate"])))
+    top2_sum = np.sort(gates, axis=-1)[..., -2:].sum(-1)
+    for g in range(3):
+        for t, e, w, v in zip(
+            b["token"][g], b["expert"][g], b["weight"][g], b["valid"][g], strict=True
+        ):
+            expected = gates[g, t, e] / top2_sum[g, t] if v else 0.0
+            assert w == pytest.approx(expected, abs=1e-6)
+
+
+def test_normalized_weights_of_a_token_with_no_drop_sum_to_one():
+    router = TopKRouter(num_experts=4, k=3, capacity_factor=4.0, normalize_weights=True)
+    params = router.init(jax.random.key(0), 8)
+    r = router(params, jax.random.normal(jax.random.key(1), (2, 6, 8)))
+    per_token = np.zeros((2, 6))
+    np.add.at(per_token, (np.arange(2)[:, None], np.asarray(r.token)), np.asarray(r.weight))
+    np.testing.assert_allclose(per_token, 1.0, atol=1e-6)
+
+
 def test_noise_has_std_noise_std_over_num_experts():
     # Zero gate: logits are pure noise n1, n2 ~ N(0, s²) with s = noise_std / E. The top-1 weight
     # is sigmoid(|n1 - n2|), so logit(w)² has mean E[(n1 - n2)²] = 2 s².
@@ -207,6 +238,7 @@ def test_built_ins_satisfy_the_router_protocol():
         (dict(num_experts=4, priority_score="min"), "priority_score='min' must be one of"),
         (dict(num_experts=4, k=1, hidden=3), r"unknown option\(s\) \['hidden'\] for router 'bpr'"),
         (dict(num_experts=4, noise_std=True), "noise_std=True must be a finite number >= 0"),
+        (dict(num_experts=4, normalize_weights="yes"), "normalize_weights='yes' must be True or"),
         (dict(num_experts=4, capacity_factor=float("nan")), "capacity_factor=nan must be a finite"),
         (
             dict(num_experts=4, capacity_multiple_of=4.0),

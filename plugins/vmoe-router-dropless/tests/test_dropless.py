@@ -140,6 +140,20 @@ def test_equals_top_k_when_its_capacity_drops_nothing():
         np.testing.assert_allclose(u, v, atol=1e-5)
 
 
+def test_normalized_weights_make_every_tokens_weights_sum_to_one():
+    x, params, _ = _inputs(4)
+    raw = DroplessRouter(num_experts=E, k=2, block_size=3)
+    routing = raw.replace(normalize_weights=True)(params, x)
+    per_token = np.zeros(G * S)
+    np.add.at(per_token, np.asarray(routing.token), np.asarray(routing.weight))
+    np.testing.assert_allclose(per_token, 1.0, atol=1e-6)
+    # The raw gates of the same choices, over their sum.
+    expert, weight, _, _ = raw.gating.choose(params, x)
+    expected = (weight / jnp.sum(weight, -1, keepdims=True)).reshape(-1)
+    np.testing.assert_allclose(np.asarray(routing.weight), expected, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(routing.expert), np.asarray(expert).reshape(-1))
+
+
 def test_to_routing_is_the_same_decision_at_capacity_s():
     router = DroplessRouter(num_experts=E, k=2, block_size=4)
     x, params, w_edd = _inputs(4)

@@ -15,7 +15,8 @@ router object can be reused, compared, hashed and changed with `router.replace(k
 Gating (V-MoE, Section 2.1): logits = x @ W; during training Gaussian noise of std
 noise_std / E is added to the logits (group g's noise drawn from its own key, see
 `vmoe_routing.shards`); gates = softmax(noisy logits). Each token picks its
-top-K gates; the combine weights are those raw softmax values (not renormalised over the K).
+top-K gates; the combine weights are those raw softmax values (not renormalised over the K), or,
+with `normalize_weights=True`, the K gates divided by their sum (Mixtral, DeepSeek).
 The importance loss uses the clean softmax; the load loss measures how likely each expert
 would still be picked if the noise were drawn again.
 """
@@ -187,6 +188,12 @@ class TopKRouter(TokenChoiceRouter):
       gate_dtype: dtype of the gate matmul (softmax and losses always run in float32).
       importance_loss_weight, load_loss_weight, gshard_loss_weight, z_loss_weight: the
         auxiliary losses' weights; a loss with weight 0 is not computed.
+      normalize_weights: False (V-MoE and its release): a token's combine weights are its K
+        raw softmax gates, summing to less than 1 for K < E. True: the K gates divided by their
+        sum, so each token's weights sum to 1 before any drop (Mixtral, DeepSeek); BPR's
+        priority and the aux losses still use the raw gates. With it, a V-MoE upcycled from a
+        dense ViT (every expert a copy of the block's MLP) computes at step 0 exactly what the
+        dense model does wherever no choice is dropped.
     """
 
     name: ClassVar[str] = "top_k"
@@ -197,9 +204,12 @@ class TopKRouter(TokenChoiceRouter):
     load_loss_weight: float = 0.005
     gshard_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
+    normalize_weights: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        normalize = checks.check_bool("normalize_weights", self.normalize_weights)
+        object.__setattr__(self, "normalize_weights", normalize)
         scales = ("noise_std", *(f"{f}_loss_weight" for f in ("importance", "load", "gshard", "z")))
         for field in scales:
             value = checks.check_number(field, getattr(self, field), at_least=0)
@@ -236,12 +246,19 @@ class TopKRouter(TokenChoiceRouter):
         )
         return self.assign(
             expert_gsk,
-            weight_gsk,
+            self.combine_weights(weight_gsk),
             deterministic=deterministic,
             priority_gs=self.priority(weight_gsk),
             aux_loss=aux_loss,
             aux_losses=aux,
         )
+
+    def combine_weights(self, weight_gsk: Array) -> Array:
+        """The combine weights [G, S, K] of the raw top-K gates `weight_gsk` (from `choose`):
+        themselves, or divided by their sum with `normalize_weights`."""
+        if not self.normalize_weights:
+            return weight_gsk
+        return weight_gsk / jnp.sum(weight_gsk, axis=-1, keepdims=True)
 
     def choose(
         self,

@@ -99,6 +99,7 @@ _GATING_FIELDS = (
     "load_loss_weight",
     "gshard_loss_weight",
     "z_loss_weight",
+    "normalize_weights",
 )
 
 
@@ -110,8 +111,9 @@ class DroplessRouter:
       num_experts: E.
       k: experts per token, 1 <= k <= E.
       noise_std, gate_dtype, importance_loss_weight, load_loss_weight, gshard_loss_weight,
-        z_loss_weight: the gating and its auxiliary losses, as in `vmoe_routing.TopKRouter`
-        (which computes them: this router holds one).
+        z_loss_weight, normalize_weights: the gating, its auxiliary losses and combine weights,
+        as in `vmoe_routing.TopKRouter` (which computes them: this router holds one). Nothing
+        is dropped here, so with normalize_weights every token's weights sum to 1.
       block_size: b, rows per expert block; padding is at most E*(b-1) rows, the per-block
         parameter copies B <= M/b + E.
     """
@@ -126,6 +128,7 @@ class DroplessRouter:
     load_loss_weight: float = 0.005
     gshard_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
+    normalize_weights: bool = False
     block_size: int = 128
 
     def __post_init__(self) -> None:
@@ -167,7 +170,7 @@ class DroplessRouter:
             token=token_m,
             row=row_m,
             expert=expert_m,
-            weight=weight_gsk.reshape(-1),
+            weight=self.gating.combine_weights(weight_gsk).reshape(-1),
             block_expert=block_expert,
             num_groups=g,
             group_size=s,
