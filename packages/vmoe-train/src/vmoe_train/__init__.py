@@ -5,6 +5,8 @@
 
 Or compose your own loop from the parts: `create_train_state`, `make_train_step`,
 `make_eval_step` (pure functions), `make_optimizer`, `Checkpointer`, callbacks.
+`apply_rules` (vmoe_train.init_rules): a new model's parameters from another checkpoint's by
+ordered (regex, template, transform) rules; `upcycle_rules` for a V-MoE from its dense twin.
 `tune_cpu_malloc()` (vmoe_train.host): have glibc keep freed memory for reuse in CPU training
 loops; opt-in, call it first thing in a script.
 """
@@ -44,6 +46,15 @@ from vmoe_train.config import (
 )
 from vmoe_train.finetune import finetune_params, resize_pos_embedding
 from vmoe_train.host import tune_cpu_malloc
+from vmoe_train.init_rules import (
+    UPCYCLE_KEEP_FRESH,
+    InitRulesError,
+    Rule,
+    apply_rules,
+    available_transforms,
+    parse_rules,
+    upcycle_rules,
+)
 from vmoe_train.losses import classification_loss, top1_correct
 from vmoe_train.metric_writers import JsonlWriter, TensorBoardWriter
 from vmoe_train.optim import make_optimizer, make_schedule
@@ -57,24 +68,29 @@ _callbacks.register()
 
 __all__ = [
     "CALLBACKS",
+    "UPCYCLE_KEEP_FRESH",
     "Callback",
     "CheckpointError",
     "CheckpointUnavailableError",
     "CheckpointWarning",
     "Checkpointer",
     "ConfigError",
+    "InitRulesError",
     "JsonlLogger",
     "JsonlWriter",
     "Profiler",
     "ProgressBar",
     "Restored",
+    "Rule",
     "RunInfo",
     "TensorBoardLogger",
     "TensorBoardWriter",
     "TrainState",
     "__version__",
     "apply_overrides",
+    "apply_rules",
     "available_callbacks",
+    "available_transforms",
     "check_config",
     "classification_loss",
     "create_train_state",
@@ -86,6 +102,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "parse_rules",
     "read_config",
     "resize_pos_embedding",
     "restore_params",
@@ -93,5 +110,6 @@ __all__ = [
     "top1_correct",
     "train",
     "tune_cpu_malloc",
+    "upcycle_rules",
     "validate_config",
 ]

@@ -1,4 +1,5 @@
-"""The built-in training callbacks, registered through the same hook as third-party plugins."""
+"""The built-in training callbacks and init transforms, registered through the same hooks as
+third-party plugins."""
 
 from __future__ import annotations
 
@@ -16,4 +17,16 @@ def vmoe_train_callbacks():
         "jsonl": callbacks.JsonlLogger.from_run,
         "tensorboard": callbacks.TensorBoardLogger.from_run,
         "profile": callbacks.Profiler.from_run,
+    }
+
+
+@hookimpl
+def vmoe_train_init_transforms():
+    from vmoe_train import init_rules  # at call time, as above
+
+    return {
+        "copy": init_rules.copy_array,
+        "tile": init_rules.tile_experts,
+        "zoom": init_rules.zoom_pos_embedding,
+        "drop": init_rules.drop_source,
     }

@@ -1,4 +1,5 @@
-"""Hooks owned by vmoe-train. This module is the reference for writing a callback plugin."""
+"""Hooks owned by vmoe-train: training callbacks and initialisation transforms. This module is the
+reference for writing a plugin of either kind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from vmoe_plugins import hookspec
 
 if TYPE_CHECKING:  # no import at run time: vmoe_train.callbacks adds this module at its import
     from vmoe_train.callbacks import Callback, RunInfo
+    from vmoe_train.init_rules import Transform
 
 
 @hookspec
@@ -48,5 +50,41 @@ def vmoe_train_callbacks() -> Mapping[str, Callable[[RunInfo], Callback]]:
             return {"print_loss": PrintLoss}
 
     and `config.log.callbacks = ("progress", "print_loss")`.
+    """
+    raise NotImplementedError  # a hookspec has no body; pluggy calls the implementations
+
+
+@hookspec
+def vmoe_train_init_transforms() -> Mapping[str, Transform]:
+    r"""Array transforms for initialisation rules (`vmoe_train.init_rules`), by name.
+
+    Called when `vmoe_train.init_rules.apply_rules` looks up its rules' transform names (before
+    any array is read), and by `vmoe_train.available_transforms()`; not per array. Every
+    implementation's mapping is merged; a name returned by two plugins is an error naming both.
+    The built-ins ("copy", "tile", "zoom", "drop") come through this same hook.
+
+    Returns:
+      name -> transform. `transform(x, target_shape, target_dtype)` gets one matched source
+      array (host NumPy, as loaded), the target parameter's shape (a tuple of ints) and dtype,
+      and returns the target's array, on the host (pure NumPy: the caller places the results).
+      The result is cast to the dtype and must have the shape. For a source it cannot turn into
+      that shape, raise ValueError saying what was wrong and what is allowed: it is reported
+      with the rule, the source and the target paths, among every other problem of the call,
+      in one `InitRulesError`; any other exception propagates with a note naming the rule.
+
+    Example::
+
+        def transpose(x, target_shape, target_dtype):
+            if x.shape[::-1] != target_shape:
+                raise ValueError(f"transpose turns {x.shape} into {x.shape[::-1]}")
+            return x.T
+
+
+        @vmoe_plugins.hookimpl
+        def vmoe_train_init_transforms():
+            return {"transpose": transpose}
+
+    and the rule `(r"(.*)/kernel", r"\1/kernel", "transpose")` (a checkpoint of [out, in]
+    kernels).
     """
     raise NotImplementedError  # a hookspec has no body; pluggy calls the implementations

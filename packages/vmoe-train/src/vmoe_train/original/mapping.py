@@ -28,7 +28,7 @@ V-MoE ones. Only the `mlp` expert type has original names.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -157,15 +157,22 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def original_names(expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Our {path: shape} as {original path: shape}; a ValueError names paths without one."""
-    renamed = {path: to_original(path) for path in expected_shapes}
+def rename_all(
+    paths: Iterable[str], rename: Callable[[str], str | None], layout: str
+) -> dict[str, str]:
+    """{path: rename(path)} for every path; a ValueError names every path without a name in
+    `layout` (rename gave None), e.g. layout="the original V-MoE layout (only ...)"."""
+    renamed = {path: rename(path) for path in paths}
     unnamed = sorted(path for path, name in renamed.items() if name is None)
     if unnamed:
-        raise ValueError(
-            f"{len(unnamed)} parameter(s) have no name in the original V-MoE layout (only the "
-            f"ViT MLP, `mlp`, experts do): {unnamed}"
-        )
+        raise ValueError(f"{len(unnamed)} parameter(s) have no name in {layout}: {unnamed}")
+    return {path: name for path, name in renamed.items() if name is not None}
+
+
+def original_names(expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Our {path: shape} as {original path: shape}; a ValueError names paths without one."""
+    layout = "the original V-MoE layout (only the ViT MLP, `mlp`, experts do)"
+    renamed = rename_all(expected_shapes, to_original, layout)
     return {renamed[path]: tuple(shape) for path, shape in expected_shapes.items()}
 
 
