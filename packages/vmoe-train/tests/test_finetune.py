@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bilinear_reference import bilinear_by_hand
 
 import vmoe_layers as vl
 from vmoe_train.finetune import finetune_params, resize_pos_embedding
@@ -21,23 +22,8 @@ def _sample_positions(old_side, new_side):
 
 
 def _bilinear_by_hand(grid, new_side):
-    """[n, n, D] -> [m, m, D], m >= n: each output cell the weighted mean of the 4 old cells
-    around its sample position, one loop per cell."""
-    n = grid.shape[0]
-    pos = _sample_positions(n, new_side)
-    out = np.zeros((new_side, new_side, grid.shape[-1]))
-    for i, y in enumerate(pos):
-        for j, x in enumerate(pos):
-            y0, x0 = int(np.floor(y)), int(np.floor(x))
-            y1, x1 = min(y0 + 1, n - 1), min(x0 + 1, n - 1)
-            dy, dx = y - y0, x - x0
-            out[i, j] = (
-                (1 - dy) * (1 - dx) * grid[y0, x0]
-                + (1 - dy) * dx * grid[y0, x1]
-                + dy * (1 - dx) * grid[y1, x0]
-                + dy * dx * grid[y1, x1]
-            )
-    return out
+    """[n, n, D] -> [m, m, D], m >= n, sampled at half-pixel centres."""
+    return bilinear_by_hand(grid, _sample_positions(grid.shape[0], new_side))
 
 
 def test_new_class_count_and_resolution():
