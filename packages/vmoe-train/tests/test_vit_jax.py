@@ -22,8 +22,11 @@ import numpy as np
 import pytest
 
 import vmoe_layers as vl
+import vmoe_train
+from vmoe_train import vit_jax
 from vmoe_train.finetune import finetune_params
 from vmoe_train.mismatch import TreeMismatchError
+from vmoe_train.original import convert
 from vmoe_train.vit_jax import load_npz, params_to_vit_jax, save_npz, vit_jax_to_params
 
 IMAGE, PATCH, CHANNELS, HIDDEN, LAYERS, HEADS, MLP, CLASSES = 32, 8, 3, 16, 2, 2, 32, 10
@@ -245,3 +248,17 @@ def test_a_vmoe_has_no_vit_jax_layout():
     _, target = _model(moe=vl.MoeConfig(num_experts=2, layers=(1,)))
     with pytest.raises(ValueError, match=r"no name in a vit_jax checkpoint.*block_1/moe/"):
         vit_jax_to_params(vit_jax_arrays(np.random.default_rng(0)), target)
+
+
+def test_convert_writes_a_run_of_a_vit_jax_file_bit_for_bit(tmp_path):
+    # The default config's digits: 8x8x1 images; the model is read from the file's shapes.
+    model = vl.create_model("ViT-Nano/4", num_classes=10)
+    params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))["params"]
+    vit_jax.save_npz(tmp_path / "vit.npz", vit_jax.params_to_vit_jax(params))
+    converted = convert(tmp_path / "vit.npz", tmp_path / "run")
+    assert converted.config.model.name == "ViT" and converted.config.model.hidden_size == 32
+    restored = vmoe_train.restore_params(tmp_path / "run" / "checkpoints")
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(restored), strict=True
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))

@@ -59,21 +59,24 @@ options:
 
 The config is validated before anything compiles, every problem at once (exit status 2).
 
-  {PROG} convert CHECKPOINT ...   convert an original V-MoE checkpoint (see {PROG} convert -h)
+  {PROG} convert CHECKPOINT ...   convert an original V-MoE checkpoint or a vit_jax .npz file
+                                  (see {PROG} convert -h)
   {PROG} export RUN PREFIX ...    write a run's parameters as one (see {PROG} export -h)
 """
 CONVERT_USAGE = f"""\
 usage: {PROG} convert CHECKPOINT --workdir=DIR [--config=NAME|PATH] [--config.FIELD=VALUE ...]
 
 Converts a checkpoint of the original V-MoE release (CHECKPOINT: its prefix, or its .index file,
-with the .data-nnnnn-of-mmmmm shards beside it) into a run every vmoe tool reads: an orbax
-checkpoint DIR/checkpoints/0 with the parameters and a config. The config is --config (default:
-{DEFAULT_CONFIG}) with its model taken from the checkpoint, any size (model.name=V-MoE with
-model.patch_size, hidden_size, num_layers, num_heads, mlp_dim), and the release's routing settings
-(K=2, capacity multiple of 4, evaluation capacity factor 4.0, groups of 8 images, bfloat16
-dispatch), then the --config.FIELD overrides. Its dataset must have the head's classes and its
-pp the checkpoint's image size (every mismatch is reported, by path, at once); model fields
-given explicitly (sizes set in --config, any model override) must agree with the checkpoint.
+with the .data-nnnnn-of-mmmmm shards beside it), or a dense ViT of google-research/
+vision_transformer (CHECKPOINT: its .npz file; the model is then model.name=ViT), into a run
+every vmoe tool reads: an orbax checkpoint DIR/checkpoints/0 with the parameters and a config.
+The config is --config (default: {DEFAULT_CONFIG}) with its model taken from the checkpoint,
+any size (model.name=V-MoE with model.patch_size, hidden_size, num_layers, num_heads, mlp_dim),
+and the release's routing settings (K=2, capacity multiple of 4, evaluation capacity factor
+4.0, groups of 8 images, bfloat16 dispatch), then the --config.FIELD overrides. Its dataset
+must have the head's classes and its pp the checkpoint's image size (every mismatch is
+reported, by path, at once); model fields given explicitly (sizes set in --config, any model
+override) must agree with the checkpoint.
 
   vmoe-eval all DIR                                      evaluate it
   {PROG} --config=... --config.finetune.init_from=DIR    fine-tune from it

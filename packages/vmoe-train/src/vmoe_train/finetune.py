@@ -75,7 +75,7 @@ def restore_target(fresh: Any, *, new_head: bool = True) -> Callable[[Any], Any]
     return target
 
 
-def _place(host: Any, like: Any) -> Any:
+def place(host: Any, like: Any) -> Any:
     """`host` (numpy) laid out as `like` (a jax.Array: its sharding; each process puts only its
     own slices), in `like`'s dtype."""
     host = np.asarray(host, dtype=like.dtype)
@@ -108,10 +108,10 @@ def finetune_params(
             if isinstance(old, jax.Array) and isinstance(value, jax.Array):  # laid out already
                 out[path] = old if old.dtype == value.dtype else old.astype(value.dtype)
             else:
-                out[path] = _place(old, value)
+                out[path] = place(old, value)
         elif path.endswith(POS_EMBEDDING):
             resized = resize_pos_embedding(old, np.shape(value), has_class_token)
-            out[path] = _place(resized, value)
+            out[path] = place(resized, value)
         elif path.startswith(HEAD_PREFIX):
             out[path] = value  # a new class count: the head starts fresh
         else:

@@ -91,6 +91,7 @@ TRANSFORMS: vmoe_plugins.Registry[np.ndarray] = vmoe_plugins.Registry(
 
 DROP = "drop"
 UNMATCHED = ("error", "init")
+POS_EMBEDDING = "pos_embedding"
 # The routers of an upcycled V-MoE: not in the dense checkpoint, they start fresh.
 UPCYCLE_KEEP_FRESH = r"block_\d+/moe/router/.*"
 
@@ -388,8 +389,9 @@ def upcycle_rules(moe_blocks: Iterable[int]) -> tuple[Rule, ...]:
     The twin has the same sizes and names with a dense MLP in every block
     (`vmoe_layers.create_model("ViT-Mu/2")` for "V-MoE-Mu/2", or the V-MoE name with
     `moe_layers=()`). In each MoE block i every expert starts as block i's MLP
-    (block_i/mlp/<p> [...] --tile--> block_i/moe/experts/<p> [E, ...]); every other parameter is
-    copied. The routers are not in the checkpoint: apply with `keep_fresh=UPCYCLE_KEEP_FRESH`
+    (block_i/mlp/<p> [...] --tile--> block_i/moe/experts/<p> [E, ...]); the position embeddings
+    are zoomed (to a new resolution, or the same values at the same one); every other parameter
+    is copied. The routers are not in the checkpoint: apply with `keep_fresh=UPCYCLE_KEEP_FRESH`
     (which router init keeps step 0 exact: the module docstring). For a new head, put
     `Rule("head/.*", "", "drop")` first and keep "head/.*" fresh too.
 
@@ -398,4 +400,4 @@ def upcycle_rules(moe_blocks: Iterable[int]) -> tuple[Rule, ...]:
     """
     blocks = sorted({vmoe_plugins.check_int("moe block", block, low=0) for block in moe_blocks})
     tiled = [Rule(rf"block_{i}/mlp/(.+)", rf"block_{i}/moe/experts/\1", "tile") for i in blocks]
-    return (*tiled, Rule(r"(.+)", r"\1"))
+    return (*tiled, Rule(POS_EMBEDDING, POS_EMBEDDING, "zoom"), Rule(r"(.+)", r"\1"))

@@ -28,10 +28,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from flax import traverse_util
 
 import vmoe_data
 import vmoe_layers as vl
-from vmoe_train import checkpoints, finetune, resume, steps
+from vmoe_train import checkpoints, finetune, init_from, resume, steps
 from vmoe_train import config as config_lib
 from vmoe_train.callbacks import Callback, RunInfo, callback_names, make_callbacks
 from vmoe_train.configs.base import base_config
@@ -101,6 +102,39 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
         if notes:
             how += " with changed settings: " + "; ".join(notes)
         return restored.state, restored.data_state, restored.step, how
+    if config.finetune.init_from and (
+        init_from.uses_rules(config.finetune) or init_from.is_npz(config.finetune.init_from)
+    ):
+        # Rules (upcycling) or a vit_jax file: the source is read whole on the host and mapped.
+        init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+        model = steps.init_model(setup.model)
+        fresh = vl.init_sharded(setup.strategy, model, init_rng, setup.sample_images)
+        step = None if config.finetune.step < 0 else int(config.finetune.step)
+        source_name = config.finetune.init_from
+        source = init_from.read_source(source_name, step)
+        if init_from.uses_rules(config.finetune):
+            rules, keep_fresh, unmatched = init_from.rules_of(
+                config.finetune, setup.model.moe_blocks(), fresh
+            )
+            params = init_from.params_by_rules(
+                fresh,
+                source,
+                rules,
+                keep_fresh=keep_fresh,
+                unmatched=unmatched,
+                expert_noise=float(config_lib.config_get(config, "finetune.upcycle_noise", 0.0)),
+                seed=int(config.seed),
+            )
+        else:
+            params = finetune.finetune_params(
+                fresh,
+                traverse_util.unflatten_dict(source, sep="/"),
+                new_head=bool(config.finetune.new_head),
+                has_class_token=setup.model.classifier == "token",
+            )
+        state = steps.state_from_params(params, setup.optimizer, train_rng)
+        upcycled = config_lib.config_get(config, "finetune.upcycle", False)
+        return state, None, 0, f"{'upcycled' if upcycled else 'fine-tuning'} from {source_name}"
     if config.finetune.init_from:
         source = checkpoints.locate(config.finetune.init_from)
         step = source.step if config.finetune.step < 0 else int(config.finetune.step)

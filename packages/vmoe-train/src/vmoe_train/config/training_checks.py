@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 from vmoe_train.config.checker import MISSING, Checker
 from vmoe_train.config.fields import (
     KEEP_BEST_METRICS,
@@ -128,11 +130,23 @@ def _dotted(tree: dict, prefix: str = "") -> list[str]:
 
 def check_finetune(checker: Checker) -> None:
     step = checker.int_("finetune.step", -1)
+    _check_init_rules(checker)
     path = checker.get("finetune.init_from")
     if path is MISSING or path == "":
+        for name in ("upcycle", "init_rules"):
+            value = checker.get(f"finetune.{name}")
+            if value not in (MISSING, False, ()):
+                checker.add(f"finetune.{name}", "needs finetune.init_from (the source)", value)
         return
     from vmoe_train import checkpoints  # the one discovery path (trainer, vmoe-eval, CLIs)
+    from vmoe_train.init_from import is_npz
 
+    if is_npz(path):  # a vit_jax file: read whole, no steps
+        if not pathlib.Path(path).expanduser().is_file():
+            checker.add("finetune.init_from", "names a .npz file that does not exist", path)
+        if step is not MISSING and step != -1:
+            checker.add("finetune.step", "must be -1 with a .npz file (it has no steps)", step)
+        return
     try:
         location = checkpoints.locate(path)
     except FileNotFoundError as error:
@@ -152,3 +166,30 @@ def check_finetune(checker: Checker) -> None:
         checker.add("finetune.init_from", "has no complete checkpoint", path)
     elif step is not MISSING and step != -1 and step not in complete:
         checker.add("finetune.step", f"is not saved in finetune.init_from; steps: {complete}", step)
+
+
+def _check_init_rules(checker: Checker) -> None:
+    """finetune.init_rules, upcycle, upcycle_noise, keep_fresh, unmatched (configs saved before
+    them: absent, read as the defaults)."""
+    from vmoe_train import init_rules
+
+    rules = checker.get("finetune.init_rules")
+    if rules not in (MISSING, ()):
+        try:
+            init_rules.parse_rules(tuple(rules) if isinstance(rules, list) else rules)
+        except ValueError as error:
+            checker.add("finetune.init_rules", str(error), rules)
+    upcycle = checker.get("finetune.upcycle")
+    if upcycle not in (MISSING, True, False):
+        checker.add("finetune.upcycle", "must be True or False", upcycle)
+    elif upcycle is True and rules not in (MISSING, ()):
+        checker.add(
+            "finetune.upcycle", "takes its own rules: leave finetune.init_rules empty", upcycle
+        )
+    if checker.get("finetune.upcycle_noise") is not MISSING:
+        checker.number("finetune.upcycle_noise", 0)
+    keep = checker.get("finetune.keep_fresh")
+    if keep not in (MISSING, ""):
+        checker.regex("finetune.keep_fresh", keep)
+    if checker.get("finetune.unmatched") is not MISSING:
+        checker.choice("finetune.unmatched", init_rules.UNMATCHED, "unmatched policy")

@@ -144,6 +144,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.init_from = ""  # a run dir or checkpoint dir to start from ("" = from scratch)
     c.finetune.step = -1  # its step to load; -1 = the latest
     c.finetune.new_head = True  # re-initialise the head (a new class count)
+    # Initialisation rules (vmoe_train.init_rules): ((source regex, target template[, transform]),
+    # ...), first match wins; transforms "copy", "tile", "zoom", "drop" or a plugin's. () = every
+    # param of the same path and shape, position embeddings resized, the head by new_head.
+    c.finetune.init_rules = ()
+    # Sparse upcycling: init_from is the dense twin of this V-MoE (a run or a vit_jax .npz);
+    # every expert starts as its block's MLP, the routers fresh (instead of init_rules).
+    c.finetune.upcycle = False
+    c.finetune.upcycle_noise = 0.0  # >0: Gaussian noise (x the array's std) on each expert copy
+    c.finetune.keep_fresh = ""  # with rules: regex of params that start fresh on purpose
+    c.finetune.unmatched = "error"  # with rules: a param no rule produces is "error" or "init"
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""  # "host:port": call jax.distributed.initialize

@@ -173,12 +173,15 @@ def moe_layers_spec(arch: Architecture) -> str | tuple[int, ...]:
 def model_fields(arch: Architecture) -> dict[str, Any]:
     """The config's `model` fields for `arch`, sizes given one by one (any consistent size, not
     only the presets'): {"name": "V-MoE", "patch_size": P, "hidden_size": D, ..., "moe": {...}},
-    with the release's MoE settings."""
+    with the release's MoE settings; "ViT" for a dense checkpoint (its unused `moe` section
+    valid: one expert, k=1)."""
     moe = {**RELEASE_MOE, "router_options": dict(RELEASE_ROUTER_OPTIONS)}
     moe["num_experts"] = arch.num_experts or 1
     moe["layers"] = moe_layers_spec(arch)
+    if not arch.num_experts:  # a dense ViT (e.g. a vit_jax file): its `moe` section is unused
+        moe["router_options"]["k"] = 1
     return {
-        "name": "V-MoE",
+        "name": "V-MoE" if arch.num_experts else "ViT",
         **{field: getattr(arch, field) for field in MODEL_SIZE_FIELDS},
         "classifier": arch.classifier,
         "representation_size": arch.representation_size or 0,

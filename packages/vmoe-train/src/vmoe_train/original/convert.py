@@ -1,4 +1,5 @@
-"""Convert an original V-MoE checkpoint into a vmoe-train run (`export` goes back).
+"""Convert an original V-MoE checkpoint, or a dense ViT of google-research/vision_transformer
+(a vit_jax .npz file), into a vmoe-train run (`export` goes back to the original format).
 
     converted = convert("ckpts/vmoe_s32_last2_ilsvrc2012", "runs/s32",
                         config=load_config("vmoe_s32_last2_i1k"))
@@ -48,6 +49,7 @@ from vmoe_train.original.mapping import (
     flatten,
     original_names,
     params_from_original,
+    to_original,
 )
 
 PARAMS = "params"
@@ -70,6 +72,17 @@ class Converted:
     architecture: Architecture
     num_arrays: int
     skipped: tuple[str, ...]
+
+
+def _read_arrays(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """{original path: array} and the skipped non-parameters of an original checkpoint, or of a
+    vit_jax .npz file (a dense ViT: its names are the original's dense parts, renamed)."""
+    if str(checkpoint).endswith(".npz"):
+        from vmoe_train import vit_jax
+
+        ours = flatten(vit_jax.vit_jax_to_params(vit_jax.load_npz(checkpoint)))
+        return {to_original(path): array for path, array in ours.items()}, ()
+    return parameters_only(read_checkpoint(checkpoint))
 
 
 def parameters_only(arrays: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -168,7 +181,7 @@ def convert(
         raise FileExistsError(
             f"{str(directory)!r} already holds checkpoints; convert into a new workdir"
         )
-    arrays, skipped = parameters_only(read_checkpoint(checkpoint))
+    arrays, skipped = _read_arrays(checkpoint)
     shapes = {path: tuple(np.shape(a)) for path, a in arrays.items()}
     arch = infer_architecture(shapes)
     base = config if config is not None else config_lib.load_config(config_lib.DEFAULT_CONFIG)
