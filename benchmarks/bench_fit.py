@@ -72,6 +72,10 @@ DEFAULT_SETTINGS = (
     "expert_fsdp/block/bf16",
 )
 FEWEST_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The largest batch searched: a plan that fits at this many images per device is reported as
+# ">= BATCH_CAP" (small models on one device would fit >10,000 images of 224 px, and compiling
+# such a batch takes many minutes on 2 cores; no one trains with it).
+BATCH_CAP = 1024
 FEWEST_SETTINGS = ("expert_fsdp/block/bf16", "expert_fsdp/block/f32", "expert_fsdp/none/bf16")
 
 
@@ -227,10 +231,15 @@ def measure(point: Point) -> dict:
     }
 
 
+class NotCompiled(KeyError):
+    """A point the cache lacks, asked for with compiling off (`--cached-only`)."""
+
+
 class Cache:
     """Compiled points on disk: measure each once, resume an interrupted run."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, compile_missing: bool = True):
+        self.compile_missing = compile_missing
         from vmoe_layers.comm import ROLES  # jax is imported once the planner is chosen
 
         self.path = pathlib.Path(path)
@@ -244,6 +253,8 @@ class Cache:
 
     def get(self, point: Point) -> dict:
         if point.key not in self.points:
+            if not self.compile_missing:
+                raise NotCompiled(point.key)
             result = measure(point)
             print(
                 f"  compiled {point.key}: {result['memory'] / 2**20:,.0f} MiB "
@@ -282,13 +293,14 @@ def largest_batch(cache: Cache, planner: str, model: str, setting: str, n: int) 
     """The most images per device whose full-depth plan fits in BUDGET: predicted from the
     per-image slope between BATCHES, then compiled at that batch and stepped down until it
     fits (the plan is convex in the batch: a small batch can sit where the params' state, not
-    the activations, sets the peak, so a prediction alone could overshoot)."""
+    the activations, sets the peak, so a prediction alone could overshoot). At most BATCH_CAP."""
     b1, b2 = BATCHES
     m1, m2 = (full_memory(cache, planner, model, setting, n, b) for b in BATCHES)
     per_image = (m2 - m1) / (b2 - b1)
     if full_memory(cache, planner, model, setting, n, 1) > BUDGET:
         return 0
-    guess = max(1, math.floor(b1 + (BUDGET - m1) / per_image)) if per_image > 0 else b2
+    guess = max(1, math.floor(b1 + (BUDGET - m1) / per_image)) if per_image > 0 else BATCH_CAP
+    guess = min(guess, BATCH_CAP)
     for _ in range(4):
         memory = full_memory(cache, planner, model, setting, n, guess)
         if memory <= BUDGET or guess == 1:
@@ -340,6 +352,8 @@ def print_rows(rows: list[dict]) -> None:
         measured = r["per_image"] is not None
         per_image = f"{r['per_image'] / 1e9:,.3f}" if measured else "-"
         batch = f"{r['largest_batch']:,}" if measured else "-"
+        if measured and r["largest_batch"] >= BATCH_CAP:
+            batch = f">= {BATCH_CAP:,}"
         print(
             f"| {r['model']} | {r['setting']} | {r['devices']} | {r['mesh']} | "
             f"{r['params'] / 1e9:.2f} | {r['memory'] / 1e9:,.2f} | {per_image} | {batch} | "
@@ -348,6 +362,71 @@ def print_rows(rows: list[dict]) -> None:
             f"{roles['MoE layer arrays'] / 1e6:,.0f} | {roles['other arrays'] / 1e6:,.0f} |",
             flush=True,
         )
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Top: MB sent per device per step against devices, a line per strategy (solid: every
+    role; dotted: gradient reduction alone), a panel per model measured on several device
+    counts. Bottom: planned memory per device at BATCHES[0] images per device, a bar per
+    setting, grouped by model, at the most devices measured for every model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    swept = [m for m in models if len({r["devices"] for r in rows if r["model"] == m}) > 1]
+    fig = plt.figure(figsize=(6 * max(len(swept), 2), 9))
+    grid = fig.add_gridspec(2, max(len(swept), 1))
+    for column, model in enumerate(swept):
+        ax = fig.add_subplot(grid[0, column])
+        for strategy in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
+            mine = sorted(
+                (r for r in rows if r["model"] == model and r["setting"] == strategy),
+                key=lambda r: r["devices"],
+            )
+            if len(mine) < 2:
+                continue
+            n = [r["devices"] for r in mine]
+            line = ax.plot(n, [sum(r["by_role"].values()) / 1e6 for r in mine], "o-")[0]
+            line.set_label(strategy)
+            grads = [r["by_role"]["gradient reduction"] / 1e6 for r in mine]
+            ax.plot(n, grads, ":", color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel(f"devices ({BATCHES[0]} images per device)")
+        ax.set_ylabel("MB sent per device per step (dotted: gradients)")
+        ax.set_title(f"{model}, XLA:TPU plan")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    common = max(
+        (
+            n
+            for n in {r["devices"] for r in rows}
+            if all(any(r["devices"] == n and r["model"] == m for r in rows) for m in models)
+        ),
+        default=None,
+    )
+    ax = fig.add_subplot(grid[1, :])
+    if common is not None:
+        at = [r for r in rows if r["devices"] == common]
+        settings = list(dict.fromkeys(r["setting"] for r in at))
+        width = 0.8 / len(settings)
+        for i, setting in enumerate(settings):
+            xs = [models.index(r["model"]) + i * width for r in at if r["setting"] == setting]
+            gb = [r["memory"] / 1e9 for r in at if r["setting"] == setting]
+            ax.bar(xs, gb, width, label=setting)
+        ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], models)
+        ax.axhline(BUDGET / 1e9, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"planned GB per device ({BATCHES[0]} images per device)")
+        ax.set_title(f"Planned memory per device on {common} devices (dashed: 80 GB)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def planner_check(planner_names: tuple[str, ...] = ("cpu", "tpu")) -> list[dict]:
@@ -403,6 +482,10 @@ def main() -> None:
     parser.add_argument("--cache", default="benchmarks/fit-points.json")
     parser.add_argument("--json", default="bench-results/fit.json")
     parser.add_argument(
+        "--cached-only", action="store_true", help="compile nothing: rows of cached points only"
+    )
+    parser.add_argument("--png", default="", help="plot the rows here, e.g. benchmarks/fit.png")
+    parser.add_argument(
         "--largest", action="store_true", help="also the largest batch of every row (compiles)"
     )
     parser.add_argument("--validate", default="", help="model/strategy/remat/dtype/n: full depth")
@@ -426,21 +509,33 @@ def main() -> None:
     if args.planner_check:
         planner_check(("cpu", "tpu") if args.planner == "tpu" else ("cpu",))
         return
-    cache = Cache(args.cache)
+    cache = Cache(args.cache, compile_missing=not args.cached_only)
     rows = []
     for model in [m for m in args.models.split(",") if m]:
         for setting in [s for s in args.settings.split(",") if s]:
             for n in counts:
-                rows.append(plan(cache, args.planner, model, setting, n, args.largest))
+                try:
+                    rows.append(plan(cache, args.planner, model, setting, n, args.largest))
+                except NotCompiled as missing:
+                    print(f"{model} {setting} n={n}: not compiled yet ({missing})")
+                    continue
                 print_rows(rows[-1:])
     fewest = []
     for model in [m for m in args.fewest.split(",") if m]:
         for setting in [s for s in args.fewest_settings.split(",") if s]:
             for n in FEWEST_CANDIDATES:
-                one_image = full_memory(cache, args.planner, model, setting, n, 1)
+                try:
+                    one_image = full_memory(cache, args.planner, model, setting, n, 1)
+                except NotCompiled as missing:
+                    print(f"{model} {setting} n={n}: not compiled yet ({missing})")
+                    break
                 print(f"{model} {setting} n={n}: {one_image / 1e9:.2f} GB at 1 image/device")
                 if one_image <= BUDGET:
-                    fewest.append(plan(cache, args.planner, model, setting, n, largest=True))
+                    try:
+                        fewest.append(plan(cache, args.planner, model, setting, n, largest=True))
+                    except NotCompiled as missing:
+                        print(f"{model} {setting} n={n}: largest batch not compiled ({missing})")
+                        break
                     print_rows(fewest[-1:])
                     break
     if args.validate:
@@ -459,6 +554,8 @@ def main() -> None:
     print_rows(rows)
     print("\nFewest 80 GB devices (first n with room for one image per device):")
     print_rows(fewest)
+    if args.png:
+        plot(rows, args.png)
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(
         json.dumps({"planner": args.planner, "rows": rows, "fewest": fewest}, indent=1)
