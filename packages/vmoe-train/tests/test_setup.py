@@ -71,7 +71,8 @@ def test_a_preset_changes_field_by_field_and_a_family_alone_takes_every_size():
     model = setup_lib.build_model(config, num_classes=10)
     assert model.hidden_size == 24 and model.moe.num_experts == 4 and model.moe_blocks() == (1,)
     assert setup_lib.build_model(vmoe("model.name=ViT", *given), num_classes=10).moe is None
-    with pytest.raises(ValueError, match=r"missing: model\.patch_size, model\.num_heads$"):
+    missing = r"missing \(integers >= 1\): model\.patch_size, model\.num_heads; or name a"
+    with pytest.raises(ValueError, match=missing):
         setup_lib.model_sizes(vmoe("model.name=V-MoE", *given[1:3], given[4]).model)
 
 

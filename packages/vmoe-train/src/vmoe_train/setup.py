@@ -29,6 +29,7 @@ import vmoe_layers as vl
 from vmoe_train import optim, steps
 from vmoe_train.config import DATA_CACHE, MODEL_FAMILIES, MODEL_SIZE_FIELDS, config_get
 from vmoe_train.config.fields import resolve_pp
+from vmoe_train.config.model_checks import resolve_sizes
 from vmoe_train.config.overrides import deep_tuple
 from vmoe_train.state import TrainState
 
@@ -334,16 +335,10 @@ def model_sizes(model_config: Any) -> dict[str, int]:
     size fields existed read as 0: the preset's sizes."""
     name = str(model_config.name)
     given = {f: int(config_get(model_config, f, 0) or 0) for f in MODEL_SIZE_FIELDS}
-    if name in MODEL_FAMILIES:
-        missing = [f"model.{f}" for f, size in given.items() if size <= 0]
-        if missing:
-            raise ValueError(
-                f"model.name={name!r} names no preset, so every size must be given (> 0); "
-                f"missing: {', '.join(missing)}"
-            )
-        return given
-    preset = vl.create_model(name, num_classes=None)  # a ValueError names the allowed names
-    return {f: size if size > 0 else int(getattr(preset, f)) for f, size in given.items()}
+    try:
+        return resolve_sizes(name, given)
+    except ValueError as error:
+        raise ValueError(f"model.name={name!r}: {error}") from None
 
 
 def _vision_transformer(

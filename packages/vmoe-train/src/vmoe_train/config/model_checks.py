@@ -28,38 +28,47 @@ def _is_moe(checker: Checker) -> bool:
     return isinstance(name, str) and model_family(name) == "V-MoE"
 
 
-def _check_sizes(checker: Checker) -> dict[str, int] | None:
-    """The model's sizes (`setup.model_sizes`: the preset's, replaced field by field, or every
-    field for a family alone), or None where a problem was reported."""
+def resolve_sizes(name: str, given: dict[str, int]) -> dict[str, int]:
+    """{field: size} of `MODEL_SIZE_FIELDS` for the model `name` and the config's size fields
+    `given` (0 = unset): the preset's sizes, each replaced by a given one; for a family alone
+    ("ViT", "V-MoE") the given sizes, which must then all be set. `vmoe_train.setup.model_sizes`
+    and the config check both read sizes here.
+
+    Raises:
+      ValueError: a family alone with unset sizes, or a name that is no preset (the message
+        says what is allowed; the caller names the field).
+    """
     import vmoe_layers
 
+    if name in MODEL_FAMILIES:
+        missing = [f"model.{f}" for f, size in given.items() if size <= 0]
+        if missing:
+            raise ValueError(
+                f"names no preset, so every size must be given; missing (integers >= 1): "
+                f"{', '.join(missing)}; or name a preset, e.g. {name}-S/32"
+            )
+        return dict(given)
+    try:
+        preset = vmoe_layers.create_model(name, num_classes=None)
+    except ValueError as error:
+        raise ValueError(
+            f"{error_message(error)}; or a family alone {list(MODEL_FAMILIES)} with every "
+            f"size field set ({', '.join(f'model.{f}' for f in MODEL_SIZE_FIELDS)})"
+        ) from None
+    return {f: size if size > 0 else int(getattr(preset, f)) for f, size in given.items()}
+
+
+def _check_sizes(checker: Checker) -> dict[str, int] | None:
+    """The model's sizes (`resolve_sizes`), or None where a problem was reported."""
     name = checker.get("model.name")
     given = {f: checker.get(f"model.{f}") for f in MODEL_SIZE_FIELDS}  # ints >= 0 if not MISSING
     if name is MISSING or MISSING in given.values():
         return None
-    if name in MODEL_FAMILIES:
-        missing = [f"model.{f}" for f, size in given.items() if size == 0]
-        if missing:
-            checker.add(
-                "model.name",
-                f"names no preset, so every size must be given; missing (integers >= 1): "
-                f"{', '.join(missing)}; or name a preset, e.g. {name}-S/32",
-                name,
-            )
-            return None
-        sizes = dict(given)
-    else:
-        try:
-            preset = vmoe_layers.create_model(name, num_classes=None)
-        except ValueError as error:
-            checker.add(
-                "model.name",
-                f"{error_message(error)}; or a family alone {list(MODEL_FAMILIES)} with every "
-                f"size field set ({', '.join(f'model.{f}' for f in MODEL_SIZE_FIELDS)})",
-                name,
-            )
-            return None
-        sizes = {f: size or int(getattr(preset, f)) for f, size in given.items()}
+    try:
+        sizes = resolve_sizes(name, given)
+    except ValueError as error:
+        checker.add("model.name", str(error), name)
+        return None
     hidden, heads = sizes["hidden_size"], sizes["num_heads"]
     if hidden % heads:
         whose = "" if given["num_heads"] else f" (the preset {name}'s; set model.num_heads)"
