@@ -14,6 +14,7 @@ STEPS = 2000  # about a minute each on 2 cores; digits_vmoe's own 6,000 reach ~9
 CAPACITY_FACTORS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5)
 SHOTS = (1, 5, 10)  # few-shot linear transfer (claims b and e)
 FINETUNE_SCALE = 0.25  # claim e: fine-tuning (and its from-scratch baseline) train STEPS / 4
+UPCYCLE_SCALE = 0.5  # claim g: T = U = STEPS / 2 (dense, then continued); from scratch: STEPS
 
 # What each run is evaluated on: "accuracy" (test), "sweep" (capacity x K, vanilla and BPR
 # filling), "routing" (expert-class/position statistics), "fewshot" (linear transfer on the
@@ -27,7 +28,9 @@ class Training:
 
     `classes` "first" / "second" trains on the first / second half of the dataset's classes
     (relabelled from 0, the pp's onehot depth set to match); `parent` names the training whose
-    run of the same seed this one fine-tunes from (a new head); the run trains
+    run of the same seed this one fine-tunes from (`finetune.init_from`: a new head unless the
+    overrides set `finetune.new_head=False`; a new optimizer and learning-rate schedule, warmup
+    and cosine over this run's own steps); the run trains
     round(steps * steps_scale) steps, or, with `equal_time` = (twin, reference), as many steps
     as fit in the reference run's training-loop time at the twin's speed: steps times the ratio
     of the two runs' median training throughput (same seed, both trained at `steps`)."""
@@ -52,6 +55,10 @@ _NO_AUX = (
     "model.moe.router_options.importance_loss_weight=0.0",
     "model.moe.router_options.load_loss_weight=0.0",
 )
+
+# Claim g's dense model: the twin with the experts' MLP width (128, not the FLOP-matched 192),
+# so that every expert can start as a copy of its block's MLP.
+_UPCYCLE_DENSE = ("model.mlp_dim=128",)
 
 TRAININGS = {
     t.name: t
@@ -147,6 +154,34 @@ TRAININGS = {
             steps_scale=FINETUNE_SCALE,
             classes="second",
         ),
+        Training(
+            "vit_upcycle_source",
+            "digits_vit",
+            _UPCYCLE_DENSE,
+            "the dense model upcycling starts from: ViT-Mu/2 with MLP hidden 128 (the experts'), "
+            "STEPS / 2",
+            ("accuracy",),
+            steps_scale=UPCYCLE_SCALE,
+        ),
+        Training(
+            "vit_continued",
+            "digits_vit",
+            (*_UPCYCLE_DENSE, "finetune.new_head=False"),
+            "vit_upcycle_source trained STEPS / 2 more steps, dense",
+            ("accuracy",),
+            steps_scale=UPCYCLE_SCALE,
+            parent="vit_upcycle_source",
+        ),
+        Training(
+            "vmoe_upcycled",
+            "digits_vmoe",
+            ("finetune.upcycle=True", "finetune.new_head=False"),
+            "vit_upcycle_source upcycled into V-MoE-Mu/2 (every expert a copy of its block's "
+            "MLP, routers fresh), trained STEPS / 2 more steps",
+            ("accuracy",),
+            steps_scale=UPCYCLE_SCALE,
+            parent="vit_upcycle_source",
+        ),
     )
 }
 
@@ -165,6 +200,7 @@ CLAIMS = {
         "vit_scratch_second_half",
     ),
     "f_aux": ("vmoe_top_k", "vmoe_no_aux"),
+    "g_upcycle": ("vit_upcycle_source", "vit_continued", "vmoe_upcycled", "vmoe_top_k"),
 }
 
 

@@ -10,8 +10,9 @@ finished run is reused, a killed one resumes), then evaluated once on what its c
 (test accuracy; for V-MoEs the capacity and K sweep with vanilla and BPR filling and the
 routing analysis; few-shot transfer). Per-run
 results go to `--out/runs/<training>-seed<s>.json`; each claim's aggregate (mean and standard
-deviation over seeds) to `--out/<claim>.json` with its PNG, and the tables to
-`--out/summary.md`, which the root README quotes (a test checks that they agree).
+deviation over seeds) to `--out/<claim>.json` with its PNG, and the tables of every claim JSON
+in `--out` (those of the claims not run too) to `--out/summary.md`, which the root README quotes
+(a test checks that they agree).
 `--override` applies to every training; `--dataset` moves every experiment to another dataset
 (its name and matching pp specs, `experiments.dataset_overrides`).
 """
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for claim, aggregate in aggregates.items():
         (args.out / f"{claim}.json").write_text(json.dumps(aggregate, indent=1) + "\n")
         report.plot(claim, aggregate, args.out / f"{claim}.png")
-    summary = report.tables(aggregates)
+    summary = report.tables(report.load(args.out))  # every claim there: partial runs keep all
     (args.out / "summary.md").write_text(summary)
     print(summary)
     print(f"reproduce/run.py took {time.perf_counter() - started:.0f} s", flush=True)

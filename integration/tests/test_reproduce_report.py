@@ -204,6 +204,83 @@ def test_transfer_rows_pair_each_model_with_its_own_runs():
     )
 
 
+def _upcycle_runs(seeds=(0, 1, 2)):
+    """Claim g's runs: accuracy base + 0.01 * seed, train seconds base + seed; the lists are
+    given in another seed order than the source's (the arms pair runs by seed)."""
+
+    def runs(model, steps, seconds, accuracy, order=1):
+        return [
+            {
+                "seed": s,
+                "model": model,
+                "steps": steps,
+                "train_seconds": seconds + s,
+                "test_accuracy": accuracy + 0.01 * s,
+            }
+            for s in seeds[::order]
+        ]
+
+    return {
+        "vit_upcycle_source": runs("ViT-Mu/2", 1000, 30.0, 0.90),
+        "vit_continued": runs("ViT-Mu/2", 1000, 31.0, 0.93, order=-1),
+        "vmoe_upcycled": runs("V-MoE-Mu/2", 1000, 35.0, 0.96, order=-1),
+        "vmoe_top_k": runs("V-MoE-Mu/2", 2000, 62.0, 0.935),
+    }
+
+
+def test_upcycle_arms_add_the_source_time_to_each_continuation_seed_by_seed():
+    data = report.aggregate("g_upcycle", _upcycle_runs())
+    arms = {arm["arm"]: arm for arm in data["arms"]}
+    assert list(arms) == ["source", "dense", "upcycled", "scratch"]
+    upcycled = arms["upcycled"]
+    totals = [30.0 + s + 35.0 + s for s in range(3)]
+    assert upcycled["total_seconds"]["mean"] == pytest.approx(statistics.mean(totals))
+    assert upcycled["total_seconds"]["std"] == pytest.approx(statistics.stdev(totals))
+    assert upcycled["accuracy"]["mean"] == pytest.approx(0.97)  # the continuation's, not the sum
+    assert upcycled["steps"] == [[1000] * 3, [1000] * 3]
+    assert arms["scratch"]["total_seconds"]["mean"] == pytest.approx(63.0)
+    assert arms["source"]["accuracy"]["mean"] == pytest.approx(0.91)
+    text = report.tables({"g_upcycle": data})
+    assert (
+        "| (ii) upcycled | vit_upcycle_source + vmoe_upcycled | V-MoE-Mu/2 | 1000 + 1000 | "
+        "31 + 36 = 67 ± 2 | 97.0 ± 1.0 |" in text
+    )
+    assert (
+        "| (iii) V-MoE from scratch | vmoe_top_k | V-MoE-Mu/2 | 2000 | 63 ± 1 | 94.5 ± 1.0 |"
+        in text
+    )
+    assert data["finding"] in text
+
+
+def test_upcycle_finding_is_written_from_the_numbers():
+    finding = report.aggregate("g_upcycle", _upcycle_runs())["finding"]
+    # upcycled 97.0 ± 1.0 vs dense 94.0 ± 1.0: 3.0 points apart, beyond the spread sqrt(2) = 1.4
+    assert "3.0 points above continuing dense (94.0%)" in finding
+    # vs from scratch 94.5 ± 1.0: 2.5 points, beyond the spread too
+    assert "2.5 points above the V-MoE from scratch (94.5%)" in finding
+    assert "in 67 s of training against 63 s dense and 63 s from scratch" in finding
+    assert "data-limited" in finding and "need not come from the experts'" in finding
+    runs = _upcycle_runs()
+    for run in runs["vmoe_upcycled"]:
+        run["test_accuracy"] -= 0.025  # 94.5%: 0.5 points over dense, within the spread
+    finding = report.aggregate("g_upcycle", runs)["finding"]
+    assert "level with continuing dense (94.0%; +0.5 points, within the seeds' spread of 1.4)" in (
+        finding
+    )
+    assert "is not to be expected" in finding
+    one_seed = report.aggregate("g_upcycle", _upcycle_runs(seeds=(0,)))["finding"]
+    assert "one seed: no spread" in one_seed
+
+
+def test_an_upcycled_run_without_its_source_seed_is_an_error():
+    runs = _upcycle_runs()
+    runs["vit_upcycle_source"] = runs["vit_upcycle_source"][:2]
+    with pytest.raises(
+        ValueError, match=r"missing \(training, seed\): \[\('vit_upcycle_source', 2\)"
+    ):
+        report.aggregate("g_upcycle", runs)
+
+
 def test_readme_tables_are_the_committed_results():
     """The README quotes docs/results/summary.md, which is `tables(load(docs/results))`."""
     results = ROOT / "docs" / "results"
