@@ -29,6 +29,7 @@ PROJECTS = {
     "router-expert-choice": "plugins/vmoe-router-expert-choice",
     "router-dropless": "plugins/vmoe-router-dropless",
     "router-soft": "plugins/vmoe-router-soft",
+    "router-aux-free": "plugins/vmoe-router-aux-free",
     "experts-extra": "plugins/vmoe-experts-extra",
 }
 
@@ -230,15 +231,17 @@ def build(session: nox.Session) -> None:
     session.run("twine", "check", "--strict", *sorted(str(p) for p in out.glob("*/*")))
 
 
-MATRIX_PLUGIN_ROUTERS = ("expert-choice", "soft", "dropless")  # hash: in vmoe-layers' test extra
+# hash, aux-free: in vmoe-layers' test extra
+MATRIX_PLUGIN_ROUTERS = ("expert-choice", "soft", "dropless")
 
 
 @nox.session(name="sharding-matrix")
 def sharding_matrix(session: nox.Session) -> None:
     """Every sharding strategy on every 8-device mesh (1x8, 2x4, 4x2) vs one device, for every
-    router (top_k, bpr and the plugins hash, expert_choice, soft, dropless): loss, gradients,
-    aux losses and metrics (60 compiled train steps; the default tests-layers run covers BPR on
-    every case), and the expert strategies across two processes vs one."""
+    router (top_k, bpr and the plugins hash, aux_free, expert_choice, soft, dropless): loss,
+    gradients, aux losses, metrics and a stateful router's state after 3 steps (70 compiled
+    train steps; the default tests-layers run covers BPR and aux_free on every case), and the
+    expert strategies across two processes vs one."""
     _install(session, PROJECTS["layers"])
     session.install(*(f"./plugins/vmoe-router-{name}" for name in MATRIX_PLUGIN_ROUTERS))
     session.run(
@@ -407,7 +410,7 @@ def reproduce(session: nox.Session) -> None:
 @nox.session(name="reproduce-smoke")
 def reproduce_smoke(session: nox.Session) -> None:
     """reproduce/run.py end to end on a generated image folder by its `--dataset` flag: every
-    claim, 10 steps, one seed (about 5 minutes; integration/tests/test_reproduce_smoke.py)."""
+    claim, 10 steps, one seed (15 trainings; integration/tests/test_reproduce_smoke.py)."""
     _install(session, PROJECTS["eval"])
     session.run(
         "pytest",

@@ -34,12 +34,23 @@ def run_readme() -> str:
 
 def run_case(name, mesh_shape, router="bpr") -> dict:
     reference_loss, reference_grads, reference_stats = case.single_device_run(router, True)
+    reference_stats, reference_state = case.without_router_state(reference_stats)
     run = case.sharded_run(name, mesh_shape, router=router)
+    stats, state = case.without_router_state(run["stats"])
     return {
         "loss": run["loss"],
         "reference_loss": reference_loss,
         "grad_max_rel_diff": case.max_relative_difference(run["grads"], reference_grads),
-        "stats_max_diff": case.stats_max_difference(run["stats"], reference_stats),
+        "stats_max_diff": case.stats_max_difference(stats, reference_stats),
+        # Routers with state: after STATE_STEPS steps (None for a stateless router).
+        "router_state_max_diff": (
+            None if state is None else case.router_state_max_difference(state, reference_state)
+        ),
+        "router_state_moved": (
+            None
+            if state is None
+            else bool(any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(state)))
+        ),
         "all_to_all": "all-to-all" in run["hlo"],
         "bytes_by_role": run["bytes_by_role"],
         # Every collective's arrays that are neither parameters nor statistics (for messages).
@@ -104,6 +115,11 @@ def main() -> None:
     report = {"devices": jax.device_count(), "cases": {}}
     for name, mesh_shape in case.CASES:
         report["cases"][f"{name}-{mesh_shape}"] = run_case(name, mesh_shape)
+    # The router with state (the aux-free plugin's bias) under every strategy once.
+    report["router_state"] = {
+        f"{name}-{mesh_shape}": run_case(name, mesh_shape, case.STATEFUL_ROUTER)
+        for name, mesh_shape in case.CASES
+    }
     report["init_sharded"] = {
         f"{name}-{shape}": case.init_sharded_matches(name, shape)
         for name, shape in case.CASES

@@ -1,7 +1,9 @@
 """One small V-MoE training step, the same in every process: the sharding tests' subject.
 
 Used by the single-device reference (in the pytest process), the 8-host-device worker and the
-two-process workers, so all of them compute the same loss and gradients.
+two-process workers, so all of them compute the same loss and gradients. For a router with state
+(`aux_free`), `STATE_STEPS` training steps in a row, each fed the router state the previous one
+returned: the last step's loss and gradients, and the final router state, are compared.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ MESHES = [(1, 8), (2, 4), (4, 2)]
 MATRIX_CASES = [("data", None)] + [
     (name, shape) for name in ("expert", "fsdp", "expert_fsdp") for shape in MESHES
 ]
-ROUTERS = ("top_k", "bpr", "hash")  # hash: a plugin router (vmoe-router-hash)
+# hash and aux_free: plugin routers in vmoe-layers' test extra (vmoe-router-hash,
+# vmoe-router-aux-free); aux_free has router state.
+ROUTERS = ("top_k", "bpr", "hash", "aux_free")
 # The matrix also runs the other plugin routers (`nox -s sharding-matrix` installs them), with
 # the options each takes; a router not listed gets DEFAULT_OPTIONS.
 MATRIX_ROUTERS = (*ROUTERS, "expert_choice", "soft", "dropless")
@@ -44,7 +48,16 @@ DEFAULT_OPTIONS = {"k": 2, "capacity_factor": 1.05}
 ROUTER_OPTIONS = {
     "soft": {"slots_per_expert": 2},
     "dropless": {"k": 2, "block_size": 8},
+    # A rate that moves the selection within a few steps (the gates start near 1/E), and BPR.
+    "aux_free": {"k": 2, "capacity_factor": 1.05, "bias_rate": 0.02, "priority_score": "max"},
 }
+# Routers with state: training steps run in a row, each fed the state the previous returned.
+# The default run checks STATEFUL_ROUTER under every strategy once; the matrix, on every mesh.
+STATE_STEPS = 3
+STATEFUL_ROUTER = "aux_free"
+# The router state after STATE_STEPS: the aux_free bias moves by +-bias_rate per step, or 0
+# within 1e-6 of the mean load: a wrong join is off by a whole step (0.02).
+STATE_ATOL = 1e-6
 # Routers the expert strategies refuse, with the message's key phrase: dropless blocks vary in
 # number with the load, and an all-to-all carries one static shape.
 REFUSED_BY_EXPERT_STRATEGIES = {"dropless": "routes without a capacity (BlockRouting)"}
@@ -96,13 +109,23 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def initial_params(router: str = "bpr") -> dict:
+def initial_variables(router: str = "bpr") -> dict:
     """`model(router=router).init` on the whole batch, as numpy arrays: compiled once per
     process and router (a new `jax.jit(model().init)` traces and compiles again, 2.6 s; routers
     differ in their params). Read-only: callers copy."""
     images, _ = batch()
-    params = jax.jit(model(router=router).init)(jax.random.key(0), images)["params"]
-    return jax.tree.map(np.asarray, params)
+    variables = jax.jit(model(router=router).init)(jax.random.key(0), images)
+    return jax.tree.map(np.asarray, dict(variables))
+
+
+def initial_params(router: str = "bpr") -> dict:
+    """The params of `initial_variables(router)` (read-only)."""
+    return initial_variables(router)["params"]
+
+
+def initial_router_state(router: str = "bpr") -> dict:
+    """The router state of `initial_variables(router)`, copied; {} for a stateless router."""
+    return jax.tree.map(np.copy, initial_variables(router).get(vl.ROUTER_STATE, {}))
 
 
 def init_params(router: str = "bpr") -> dict:
@@ -116,18 +139,42 @@ def init_params(router: str = "bpr") -> dict:
 
 def loss_fn(model: vl.VisionTransformer, with_stats: bool = False):
     """(params, images, labels) -> cross-entropy + aux loss, in training mode (noise, dropout);
-    with_stats: (loss, {"aux_losses": ..., "metrics": ...}) of the MoE layers."""
+    with_stats: (loss, {"aux_losses": ..., "metrics": ...}) of the MoE layers.
 
-    def loss(params, images, labels):
+    A fourth argument, the router state, makes the router state mutable: with_stats then also
+    returns the updated state, as stats["router_state"]."""
+
+    def loss(params, images, labels, router_state=None):
         rng = jax.random.key(42)
         rngs = {"dropout": jax.random.fold_in(rng, 0), "gating": jax.random.fold_in(rng, 1)}
-        out = model.apply({"params": params}, images, train=True, rngs=rngs)
+        if router_state is None:
+            out = model.apply({"params": params}, images, train=True, rngs=rngs)
+        else:
+            variables = {"params": params, vl.ROUTER_STATE: router_state}
+            out, updated = model.apply(
+                variables, images, train=True, rngs=rngs, mutable=[vl.ROUTER_STATE]
+            )
         xent = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out.logits), labels[:, None], 1))
         if with_stats:
-            return xent + out.aux_loss, {"aux_losses": out.aux_losses, "metrics": out.metrics}
+            stats = {"aux_losses": out.aux_losses, "metrics": out.metrics}
+            if router_state is not None:
+                stats["router_state"] = updated[vl.ROUTER_STATE]
+            return xent + out.aux_loss, stats
         return xent + out.aux_loss
 
     return loss
+
+
+def _train_steps(step, params, images, labels, router_state):
+    """((loss, stats), grads) of `step` (a value_and_grad of `loss_fn(..., with_stats=True)`),
+    run STATE_STEPS times in a row with the router state fed back for a stateful router, once
+    for a stateless one (router_state {})."""
+    if not router_state:
+        return step(params, images, labels)
+    for _ in range(STATE_STEPS):
+        (loss, stats), grads = step(params, images, labels, router_state)
+        router_state = stats["router_state"]
+    return (loss, stats), grads
 
 
 @functools.cache
@@ -139,10 +186,16 @@ def jitted_loss():
 @functools.cache
 def single_device_run(router: str = "bpr", with_stats: bool = False):
     """Loss and gradients on one device, no strategy (computed once per process); with_stats:
-    also the MoE layers' aux losses and metrics."""
+    also the MoE layers' aux losses and metrics (and, for a router with state, the state after
+    STATE_STEPS steps as stats["router_state"]: see `_train_steps`)."""
     params, (images, labels) = init_params(router), batch()
     step = jax.value_and_grad(loss_fn(model(router=router), with_stats), has_aux=with_stats)
-    value, grads = jax.jit(step)(params, images, labels)
+    if with_stats:
+        value, grads = _train_steps(
+            jax.jit(step), params, images, labels, initial_router_state(router)
+        )
+    else:
+        value, grads = jax.jit(step)(params, images, labels)
     grads = jax.tree.map(np.asarray, grads)
     if with_stats:
         return float(value[0]), grads, jax.tree.map(np.asarray, value[1])
@@ -160,15 +213,20 @@ def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **opti
     sharded_params = vl.shard_params(strategy, params)
     sharded_batch = vl.shard_batch(strategy, (images, labels))
     replicated = jax.sharding.NamedSharding(strategy.mesh, jax.sharding.PartitionSpec())
+    # A router's state enters and leaves replicated, as the training state keeps it.
+    router_state = initial_router_state(router)
+    shardings = vl.router_state_shardings(strategy, router_state)
+    router_state = jax.tree.map(jax.device_put, router_state, shardings)
+    state_args = (router_state,) if router_state else ()
     step = jax.jit(
         jax.value_and_grad(
             loss_fn(model(strategy.exchange, router=router), with_stats=True), has_aux=True
         ),
         out_shardings=((replicated, replicated), jax.tree.map(lambda _: replicated, params)),
     )
-    compiled = step.lower(sharded_params, *sharded_batch).compile()
+    compiled = step.lower(sharded_params, *sharded_batch, *state_args).compile()
     param_shapes = vl.ParamShapes.of(vl.param_shardings(strategy, params), params)
-    (loss, stats), grads = compiled(sharded_params, *sharded_batch)
+    (loss, stats), grads = _train_steps(compiled, sharded_params, *sharded_batch, router_state)
     local = lambda a: np.asarray(a.addressable_data(0))  # noqa: E731 (replicated: any copy)
     expert_leaf = sharded_params["block_1"]["moe"]["experts"]["w_in"]
     return {
@@ -183,6 +241,18 @@ def sharded_run(strategy_name: str, mesh_shape=None, router: str = "bpr", **opti
             compiled.as_text(), jax.device_count(), param_shapes, statistic_size=EXPERTS
         ),
     }
+
+
+def without_router_state(stats) -> tuple[dict, dict | None]:
+    """(stats without "router_state", the router state or None)."""
+    rest = {k: v for k, v in stats.items() if k != "router_state"}
+    return rest, stats.get("router_state")
+
+
+def router_state_max_difference(state, reference) -> float:
+    """max over the router state's leaves of |value - reference| (0.0 for no state)."""
+    pairs = zip(jax.tree.leaves(state), jax.tree.leaves(reference), strict=True)
+    return max((float(np.max(np.abs(np.asarray(a) - b))) for a, b in pairs), default=0.0)
 
 
 def stats_max_difference(stats, reference) -> float:

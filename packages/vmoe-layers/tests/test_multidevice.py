@@ -74,6 +74,21 @@ def test_eight_devices_equal_one_device(eight_devices, name, mesh_shape):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, mesh_shape", case.CASES, ids=[f"{n}-{m}" for n, m in case.CASES])
+def test_router_state_after_several_steps_equals_one_device(eight_devices, name, mesh_shape):
+    """The aux-free router (its balancing bias is router state, updated after every training
+    step from the batch's expert loads): STATE_STEPS steps in a row, each fed the state the
+    previous returned. Every device updates it from the load joined over all of them, so the
+    state, and the last step's loss, gradients and statistics, equal one device's."""
+    report = eight_devices["router_state"][_case_id(name, mesh_shape)]
+    assert report["router_state_moved"], report  # the bias did move: the check is not vacuous
+    assert report["router_state_max_diff"] < case.STATE_ATOL
+    assert report["loss"] == pytest.approx(report["reference_loss"], rel=case.LOSS_RTOL)
+    assert report["grad_max_rel_diff"] < case.GRAD_RTOL
+    assert report["stats_max_diff"] < case.STATS_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mesh_shape", case.CASES, ids=[f"{n}-{m}" for n, m in case.CASES])
 def test_each_strategy_splits_the_experts_as_it_says(eight_devices, name, mesh_shape):
     report = eight_devices["cases"][_case_id(name, mesh_shape)]
     # expert strategies exchange tokens by all-to-all; data and fsdp never do.

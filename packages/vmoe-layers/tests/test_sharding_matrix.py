@@ -1,11 +1,11 @@
 """Every strategy on every 8-device mesh equals one device, for every router of the project:
-top_k, bpr and the plugin routers hash, expert_choice, soft and dropless (the expert strategies
-refuse dropless, with the reason).
+top_k, bpr and the plugin routers hash, aux_free (its router state too, after several steps),
+expert_choice, soft and dropless (the expert strategies refuse dropless, with the reason).
 
-60 compiled training steps: too slow for the default run. `nox -s sharding-matrix` runs it
-(VMOE_SHARDING_MATRIX=1, the plugins installed); the default run covers BPR with each strategy
-on one mesh (test_multidevice.py) and the plugin routers under data, expert and fsdp on (2, 4)
-(integration/tests/test_router_plugins.py).
+70 compiled training steps: too slow for the default run. `nox -s sharding-matrix` runs it
+(VMOE_SHARDING_MATRIX=1, the plugins installed); the default run covers BPR and aux_free with
+each strategy on one mesh (test_multidevice.py) and the plugin routers under data, expert and
+fsdp on (2, 4) (integration/tests/test_router_plugins.py).
 """
 
 from __future__ import annotations
@@ -60,5 +60,8 @@ def test_strategy_equals_one_device(matrix, router, name, mesh_shape):
     assert report["loss"] == pytest.approx(report["reference_loss"], rel=case.LOSS_RTOL)
     assert report["grad_max_rel_diff"] < case.GRAD_RTOL
     assert report["stats_max_diff"] < case.STATS_ATOL
+    if report["router_state_max_diff"] is not None:  # routers with state, after STATE_STEPS
+        assert report["router_state_moved"]
+        assert report["router_state_max_diff"] < case.STATE_ATOL
     assert report["all_to_all"] == name.startswith("expert")
     assert report["expert_shard_shape"] == case.expected_expert_shard_shape(name, mesh_shape)

@@ -3,7 +3,8 @@
 The MoE layer hands its exchange one function, `moe_fn`, that routes groups of tokens, turns them
 into per-expert buffers, runs the experts through a given `run_experts` and combines the
 outputs, and the arrays it needs (router params, stacked expert params, tokens x [G, S, D], one
-gating key per group or None). The exchange decides where that runs:
+gating key per group or None). The router's inputs are one pytree that every device gets whole:
+`MoeLayer` passes (router params, router state or None). The exchange decides where that runs:
 
 - `run_local` (the default, no mesh): once, over every group, with `run_local_experts` (all E
   experts where the buffers are). Used on one device.
@@ -41,7 +42,8 @@ ExpertFn = Callable[[Mapping[str, Array], Array], Array]  # (params_e..., x_etd)
 # run_experts(expert_fn, expert_params, x_gecd) -> y_gecd: how buffers meet their experts.
 RunExperts = Callable[[ExpertFn, Mapping[str, Array], Array], Array]
 # moe_fn(router_params, expert_params, x_gsd, keys_g, run_experts) -> (y_gsd, stats), where
-# stats is a pytree of group means (aux losses, metrics).
+# stats is a pytree of group means (aux losses, metrics), and router_params any pytree of the
+# router's inputs (MoeLayer: its params and state), replicated on every device.
 MoeFn = Callable[[Any, Mapping[str, Array], Array, Array | None, RunExperts], tuple[Array, Any]]
 
 

@@ -15,6 +15,14 @@ combine go through indices, so nothing of shape [G, S, E, C] is built. Tokens th
 place in every chosen expert come out as zeros (the residual connection of the block carries
 them); the layer reports their share as `no_expert_fraction`.
 
+A router with state (`vmoe_routing.has_state`, e.g. the aux-free plugin's balancing bias) keeps
+it in the flax collection `ROUTER_STATE`: `init` creates it (`router.init_state(D)`), every call
+passes it to the router, and a training call (`deterministic=False`) in which the collection is
+mutable (`apply(..., mutable=[ROUTER_STATE])`) replaces it with `router.update_state(state,
+metrics)`, metrics being those the layer returns: group means joined over every device that
+routed some of the groups, so every device computes the same state. No gradient reaches it.
+Layers with stateless routers have no such collection.
+
 Shape legend: G groups, S tokens per group (group size), E experts, C capacity, D model dim.
 """
 
@@ -40,6 +48,10 @@ Array = jax.Array
 # has the expert axis first; sharding strategies find expert params by this key.
 EXPERTS_KEY = "experts"
 GATING_RNG = "gating"  # rng collection for the router's training noise
+# The flax collection of routers' state (not trained by gradients); a MoE layer keeps its
+# router's under the same name as its params, ROUTER_KEY.
+ROUTER_STATE = "router_state"
+ROUTER_KEY = "router"
 DISPATCH_PATHS = ("index", "einsum")
 EXPERT_INITS = ("independent", "shared")
 
@@ -209,6 +221,11 @@ class MoeLayer(nn.Module):
     "gating"), the training capacity factor, dropout. `k` / `capacity_factor` override the
     router's for this call only (e.g. evaluate with fewer experts or a smaller capacity);
     the parameters do not change.
+
+    Router state: a router with state (`vmoe_routing.has_state`) keeps it in the collection
+    `ROUTER_STATE` ({"router": state}), which `init` returns beside "params"; every `apply`
+    must pass it (`{"params": ..., "router_state": ...}`), and a training call that names it
+    mutable (`mutable=[ROUTER_STATE]`) returns it updated from the batch's routing metrics.
     """
 
     num_experts: int
@@ -304,7 +321,19 @@ class MoeLayer(nn.Module):
         x_in_gsd = group_tokens(x, self.group_size)
         router = self.make_router()
         experts = self.make_experts()
-        router_params = self.param("router", lambda key: router.init(key, d))
+        router_params = self.param(ROUTER_KEY, lambda key: router.init(key, d))
+        stateful = vmoe_routing.has_state(router)
+        router_state = None
+        if stateful:
+            if not self.is_initializing() and not self.has_variable(ROUTER_STATE, ROUTER_KEY):
+                raise ValueError(
+                    f"router {router_name(self.router)!r} keeps state (not trained by "
+                    f"gradients) in the {ROUTER_STATE!r} collection, which this apply() was "
+                    f"not given: pass it beside the params, apply({{'params': params, "
+                    f"'{ROUTER_STATE}': router_state}}, ...) (model.init returns it)"
+                )
+            state_variable = self.variable(ROUTER_STATE, ROUTER_KEY, router.init_state, d)
+            router_state = jax.lax.stop_gradient(state_variable.value)
 
         def init_experts(key):
             """{name: [E, *shape]}: each of the E experts drawn with its own key, or one draw
@@ -335,10 +364,18 @@ class MoeLayer(nn.Module):
         def expert_fn(params_e, x_etd):
             return experts(params_e, x_etd, dtype=self.dtype)
 
-        def moe_fn(router_params, expert_params, x_in_gsd, keys_g, run_experts):
+        def moe_fn(router_inputs, expert_params, x_in_gsd, keys_g, run_experts):
             """Route, dispatch, run the experts (through `run_experts`), combine: the part of
-            the layer an exchange may run per device, on that device's groups."""
-            routing = router(router_params, x_in_gsd, rng=keys_g, deterministic=deterministic)
+            the layer an exchange may run per device, on that device's groups. `router_inputs`
+            is (router params, router state or None): every device gets both whole."""
+            router_params, state = router_inputs
+            routing = router(
+                router_params,
+                x_in_gsd,
+                rng=keys_g,
+                deterministic=deterministic,
+                **({"state": state} if stateful else {}),
+            )
             metrics = dict(routing.metrics)
             # Every layer reports it, whatever the router (plugins need not compute it).
             metrics.setdefault("no_expert_fraction", routing.no_expert_fraction())
@@ -379,8 +416,17 @@ class MoeLayer(nn.Module):
         # (often one image) need not split into as many groups as the exchange has devices.
         exchange = None if self.is_initializing() else self.exchange
         y_gsd, stats = exchange_or_local(exchange)(
-            moe_fn, router_params, expert_params, x_in_gsd, keys_g
+            moe_fn, (router_params, router_state), expert_params, x_in_gsd, keys_g
         )
+        if (
+            stateful
+            and not deterministic
+            and not self.is_initializing()
+            and self.is_mutable_collection(ROUTER_STATE)
+        ):
+            # stats are the batch's (joined over devices by the exchange): the same everywhere.
+            new_state = router.update_state(router_state, stats["metrics"])
+            state_variable.value = jax.lax.stop_gradient(new_state)
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(
             output=y_gsd.reshape(x.shape).astype(self.dtype),

@@ -25,6 +25,10 @@ Built-ins:
 All work on one device, on many host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)
 and across processes (jax.distributed). The free functions `shard_params`, `shard_batch` and
 `init_sharded` work with any strategy (built-in or plugin): they use only its mesh and specs.
+
+Routers' state (the `router_state` collection, e.g. a balancing bias [E]) is not a parameter: it
+is tiny, updated from statistics every device holds, and always replicated
+(`router_state_shardings`, `init_router_state`), whatever the strategy's `param_specs` say.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from vmoe_layers.exchange import AllToAllExchange, ExpertExchange, PerShardExchange
-from vmoe_layers.moe import EXPERTS_KEY
+from vmoe_layers.moe import EXPERTS_KEY, ROUTER_STATE
 from vmoe_plugins import Registry, check_int, is_int
 
 Array = jax.Array
@@ -179,6 +183,30 @@ def init_sharded(strategy: ShardingStrategy, model: Any, rng: Array, sample: Any
 
     shapes = jax.eval_shape(init)
     return jax.jit(init, out_shardings=param_shardings(strategy, shapes))()
+
+
+def router_state_shardings(strategy: ShardingStrategy, router_state: Any) -> Any:
+    """A replicated NamedSharding on the strategy's mesh per leaf of `router_state` (the
+    `router_state` collection, arrays or jax.ShapeDtypeStructs): every device holds it whole."""
+    replicated = NamedSharding(strategy.mesh, PartitionSpec())
+    return jax.tree.map(lambda _: replicated, router_state)
+
+
+def init_router_state(strategy: ShardingStrategy, model: Any, sample: Any) -> Any:
+    """The `router_state` collection of `model.init(rng, sample)`, replicated on the strategy's
+    mesh ({} for a model whose routers have no state; see `MoeLayer`). Only the shape and
+    dtype of `sample` matter; routers' initial state takes no random key.
+
+    With `init_sharded` (the params) it is what a training state starts from: pass both to
+    `model.apply({"params": ..., "router_state": ...}, ..., mutable=["router_state"])`."""
+    sample_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), sample)
+
+    def init():
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sample_shapes)
+        return dict(model.init(jax.random.key(0), zeros).get(ROUTER_STATE, {}))
+
+    shapes = jax.eval_shape(init)
+    return jax.jit(init, out_shardings=router_state_shardings(strategy, shapes))()
 
 
 def _strategy_mesh(strategy: str, names: tuple[str, ...], mesh_shape, devices) -> Mesh:

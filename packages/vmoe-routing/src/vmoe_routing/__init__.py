@@ -35,12 +35,15 @@ from vmoe_routing.dispatch import combine, dispatch
 from vmoe_routing.losses import gshard_loss, importance_loss, load_loss, z_loss
 from vmoe_routing.routers import (
     ROUTER_MEMBERS,
+    ROUTER_STATE_MEMBERS,
     BprRouter,
     Router,
+    StatefulRouter,
     TokenChoiceRouter,
     TopKRouter,
     check_tokens,
     gate_logits,
+    has_state,
 )
 from vmoe_routing.shards import combine_over_shards, gate_noise, group_keys
 from vmoe_routing.token_choice import (
@@ -61,6 +64,7 @@ PLUGIN_ROUTERS = {
     "expert_choice": "vmoe-router-expert-choice",
     "dropless": "vmoe-router-dropless",
     "soft": "vmoe-router-soft",
+    "aux_free": "vmoe-router-aux-free",
 }
 
 ROUTERS: Registry[Router] = Registry(
@@ -94,6 +98,7 @@ __all__ = [
     "PLUGIN_ROUTERS",
     "ROUTERS",
     "ROUTER_MEMBERS",
+    "ROUTER_STATE_MEMBERS",
     "BlockRouting",
     "BprRouter",
     "DenseRouting",
@@ -102,6 +107,7 @@ __all__ = [
     "Registry",
     "Router",
     "Routing",
+    "StatefulRouter",
     "TokenChoiceRouter",
     "TopKRouter",
     "__version__",
@@ -116,6 +122,7 @@ __all__ = [
     "get_router",
     "group_keys",
     "gshard_loss",
+    "has_state",
     "hookimpl",
     "hookspec",
     "importance_loss",

@@ -26,6 +26,11 @@ def vmoe_routers() -> Mapping[str, Callable[..., Router]]:
           routing without a capacity);
         - `replace(**changes)`: a copy with some options changed (K or the capacity factor at
           inference).
+      A router may also own state that gradients do not train (`vmoe_routing.StatefulRouter`):
+      then it has `init_state(d_model) -> state` and `update_state(state, metrics) -> state`
+      (`vmoe_routing.ROUTER_STATE_MEMBERS`, both or neither) and its `__call__` takes
+      `state=`; vmoe-layers keeps the state and updates it after every training step from the
+      batch's routing metrics.
       A router that lacks one is refused when it is created (`get_router`), with an error
       naming this plugin. Options must include `num_experts`. For token choice, subclass
       `vmoe_routing.TokenChoiceRouter` (a frozen dataclass whose fields are the options): it

@@ -12,6 +12,20 @@ Routers own their parameters (here the [D, E] gate matrix, no bias) and never ho
 router object can be reused, compared, hashed and changed with `router.replace(k=..., ...)`
 (for example to evaluate a trained model at another K or capacity without touching its params).
 
+A router may also own *router state*: arrays that are not trained by gradients but updated
+after each training step from that step's routing statistics (e.g. the per-expert balancing
+bias of auxiliary-loss-free routing, DeepSeek-V3). Such a router has two more pure functions
+(`ROUTER_STATE_MEMBERS`, see `StatefulRouter`) and takes the state in every call:
+
+    state = router.init_state(d_model)                          # a pytree of arrays
+    routing = router(params, x_gsd, rng=rng, deterministic=False, state=state)
+    state = router.update_state(state, metrics)                 # after the step, no gradient
+
+`metrics` are the routing metrics of the whole batch (`Routing.metrics`, group means, joined
+over every device that routed some of its groups with `combine_over_shards`), so every device
+computes the same new state. The object itself stays immutable: the state travels beside the
+params (vmoe-layers keeps it in its own flax collection). `has_state(router)` tells them apart.
+
 Gating (V-MoE, Section 2.1): logits = x @ W; during training Gaussian noise of std
 noise_std / E is added to the logits (group g's noise drawn from its own key, see
 `vmoe_routing.shards`); gates = softmax(noisy logits). Each token picks its
@@ -46,6 +60,8 @@ _R = TypeVar("_R", bound="TokenChoiceRouter")
 # What every router has: the Router protocol's members. The router registry checks them on every
 # router a plugin returns, and MoeLayer on every router object it is given.
 ROUTER_MEMBERS = ("num_experts", "init", "__call__", "replace")
+# What a router with state has besides (`StatefulRouter`): both, or neither (`has_state`).
+ROUTER_STATE_MEMBERS = ("init_state", "update_state")
 
 
 @runtime_checkable
@@ -71,6 +87,53 @@ class Router(Protocol):
     def replace(self, **changes: Any) -> Router:
         """A copy with some options changed (e.g. k, capacity_factor), params unaffected."""
         ...
+
+
+@runtime_checkable
+class StatefulRouter(Router, Protocol):
+    """A router that owns state besides its params: `Router`, plus `ROUTER_STATE_MEMBERS`, and
+    `state=` in every call.
+
+    The state is not trained by gradients: the caller (vmoe-layers' `MoeLayer`) keeps it, passes
+    it to every call and, after a training step, replaces it with `update_state(state,
+    metrics)`, metrics joined over the whole batch, so every device holds the same state."""
+
+    def init_state(self, d_model: int) -> Any:
+        """The initial state (a pytree of arrays) for inputs of width d_model."""
+        ...
+
+    def __call__(
+        self,
+        params: Any,
+        x_gsd: Array,
+        *,
+        rng: Array | None = None,
+        deterministic: bool = True,
+        state: Any = None,
+    ) -> Routing | DenseRouting | BlockRouting:
+        """Routes x [G, S, D] as `Router.__call__`, reading `state` (never changing it)."""
+        ...
+
+    def update_state(self, state: Any, metrics: dict[str, Array]) -> Any:
+        """The state after a training step: a pure jax function of the state and the step's
+        routing metrics (`Routing.metrics` of the whole batch: group means, e.g.
+        `expert_load` [E]). No gradient flows through it."""
+        ...
+
+
+def has_state(router: Any) -> bool:
+    """Whether `router` owns state (has `init_state` and `update_state`, and takes `state=`).
+
+    Raises a ValueError for a router with only one of the two: its state could be neither
+    created nor kept up to date."""
+    present = [m for m in ROUTER_STATE_MEMBERS if callable(getattr(router, m, None))]
+    if len(present) == 1:
+        missing = [m for m in ROUTER_STATE_MEMBERS if m not in present]
+        raise ValueError(
+            f"router {type(router).__name__} has {present[0]} but not {missing[0]}; a router "
+            f"with state has both of {list(ROUTER_STATE_MEMBERS)}, a router without has neither"
+        )
+    return bool(present)
 
 
 def check_tokens(x_gsd: Array, d_model: int | None = None) -> None:
