@@ -401,8 +401,8 @@ def bench_eval(session: nox.Session) -> None:
 def reproduce(session: nox.Session) -> None:
     """V-MoE's claims at small scale: reproduce/run.py trains and evaluates every experiment
     (3 seeds, 45 runs) and writes docs/results/ (JSON, PNG, summary.md). Not in the default
-    set: about 45 minutes on 2 cores (40 measured before claim g's 9 runs; README). Arguments go to the script (e.g. `-- --claims a_bpr`,
-    `-- --dataset tfds:cifar10`)."""
+    set: about 45 minutes on 2 cores (40 measured before claim g's 9 runs; README). Arguments
+    go to the script (e.g. `-- --claims a_bpr`, `-- --dataset tfds:cifar10`)."""
     _install(session, PROJECTS["eval"], extras="")
     session.run("python", "reproduce/run.py", *session.posargs)
 
