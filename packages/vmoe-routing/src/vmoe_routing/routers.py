@@ -337,22 +337,42 @@ class TopKRouter(TokenChoiceRouter):
         gates, aux_loss the weighted sum, aux_losses by name). Routers that place the choices
         differently (e.g. without a capacity) reuse it through a TopKRouter they hold.
         """
+        logits, noisy_logits, gates = self.gate(params, x_gsd, rng=rng, deterministic=deterministic)
+        weight_gsk, expert_gsk = jax.lax.top_k(gates, self.k)
+        aux_loss, aux = self.aux_losses(logits, noisy_logits, gates, expert_gsk)
+        return expert_gsk.astype(jnp.int32), weight_gsk, aux_loss, aux
+
+    def gate(
+        self,
+        params: dict[str, Array],
+        x_gsd: Array,
+        *,
+        rng: Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, Array, Array]:
+        """(logits, noisy logits, gates = softmax(noisy logits)), each [G, S, E] float32: the
+        gating before any choice, with training noise of std noise_std / E when
+        deterministic=False. Token-choice routers that choose otherwise reuse it."""
         logits = gate_logits(params["gate"], x_gsd, self.gate_dtype)
-        noisy = not deterministic and self.noise_std > 0
-        noise_std = self.noise_std / self.num_experts
-        if noisy:
+        noisy_logits = logits
+        if not deterministic and self.noise_std > 0:
             if rng is None:
                 raise ValueError(
                     f"router {self.name!r} needs rng when deterministic=False and "
                     f"noise_std={self.noise_std} > 0"
                 )
+            noise_std = self.noise_std / self.num_experts
             noisy_logits = logits + noise_std * gate_noise(rng, logits.shape)
-        else:
-            noisy_logits = logits
-        gates = jax.nn.softmax(noisy_logits, axis=-1)
+        return logits, noisy_logits, jax.nn.softmax(noisy_logits, axis=-1)
 
-        weight_gsk, expert_gsk = jax.lax.top_k(gates, self.k)
-        aux = self._aux_losses(logits, noisy_logits, gates, expert_gsk, noise_std)
+    def aux_losses(
+        self, logits: Array, noisy_logits: Array, gates: Array, expert_gsk: Array
+    ) -> tuple[Array, dict[str, Array]]:
+        """(the weighted sum, the unweighted losses by name) of the enabled auxiliary losses,
+        from `gate`'s outputs and the chosen experts [G, S, K]."""
+        aux = self._aux_losses(
+            logits, noisy_logits, gates, expert_gsk, self.noise_std / self.num_experts
+        )
         weights = {
             "importance": self.importance_loss_weight,
             "load": self.load_loss_weight,
@@ -360,7 +380,7 @@ class TopKRouter(TokenChoiceRouter):
             "z": self.z_loss_weight,
         }
         aux_loss = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
-        return expert_gsk.astype(jnp.int32), weight_gsk, aux_loss, aux
+        return aux_loss, aux
 
     def _aux_losses(self, logits, noisy_logits, gates, expert_gsk, noise_std) -> dict[str, Array]:
         aux: dict[str, Array] = {}

@@ -166,34 +166,12 @@ class AuxFreeRouter(vmoe_routing.TopKRouter):
         [G, S, K] int32, by biased score, best first; weight_gsk [G, S, K] their *unbiased*
         gates; aux_loss; aux_losses). The bias enters only the selection."""
         bias_e = self._bias(state)
-        logits = vmoe_routing.gate_logits(params["gate"], x_gsd, self.gate_dtype)
-        noisy_logits = logits
-        if not deterministic and self.noise_std > 0:
-            if rng is None:
-                raise ValueError(
-                    f"router 'aux_free' needs rng when deterministic=False and "
-                    f"noise_std={self.noise_std} > 0"
-                )
-            noise = vmoe_routing.gate_noise(rng, logits.shape)
-            noisy_logits = logits + (self.noise_std / self.num_experts) * noise
-        gates = jax.nn.softmax(noisy_logits, axis=-1)
+        logits, noisy_logits, gates = self.gate(params, x_gsd, rng=rng, deterministic=deterministic)
         # The selection only: no gradient through the biased scores (the weights carry it).
         _, expert_gsk = jax.lax.top_k(jax.lax.stop_gradient(gates) + bias_e, self.k)
         weight_gsk = jnp.take_along_axis(gates, expert_gsk, axis=-1)
-
-        aux: dict[str, Array] = {}
-        if self.importance_loss_weight > 0:
-            aux["importance"] = vmoe_routing.importance_loss(jax.nn.softmax(logits, axis=-1))
-        if self.gshard_loss_weight > 0:
-            aux["gshard"] = vmoe_routing.gshard_loss(gates)
-        if self.z_loss_weight > 0:
-            aux["z"] = vmoe_routing.z_loss(logits)
-        weights = {
-            "importance": self.importance_loss_weight,
-            "gshard": self.gshard_loss_weight,
-            "z": self.z_loss_weight,
-        }
-        aux_loss = sum((weights[n] * v for n, v in aux.items()), jnp.float32(0))
+        # TopKRouter's losses (the load loss is refused here: it models an unbiased top-K).
+        aux_loss, aux = self.aux_losses(logits, noisy_logits, gates, expert_gsk)
         return expert_gsk.astype(jnp.int32), weight_gsk, aux_loss, aux
 
     def priority(self, weight_gsk: Array) -> Array | None:
