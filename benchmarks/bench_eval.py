@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     state = vmoe_train.create_train_state(
         setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
     )
-    run = vmoe_eval.LoadedRun(pathlib.Path("."), 0, config, setup, state.params)
+    run = vmoe_eval.LoadedRun(pathlib.Path("."), 0, config, setup, state.params, state.router_state)
     evaluator = vmoe_eval.get_evaluator("accuracy", split=args.split)
 
     batches = [

@@ -106,7 +106,7 @@ def test_accuracy_equals_the_trainers_evaluation(trained_run):
         "validation/examples",
     ]
     for split in ("validation", "test"):
-        expected = trainer.evaluate(run.setup, run.params, split)
+        expected = trainer.evaluate(run.setup, run.variables, split)
         assert results[f"{split}/accuracy"] == expected[f"{split}/accuracy"]  # exactly
         assert results[f"{split}/examples"] == expected[f"{split}/examples"]
     assert results["test/examples"] == TEST_EXAMPLES and results["test/accuracy"] > 0.6

@@ -27,7 +27,7 @@ def _layer_metrics(run, split, batch_size, **overrides):
     over routing groups, all of equal size), over batches without padding."""
     model = loading.with_routing(run.model, overrides.pop("router", None))
     k = overrides.get("k") or 2
-    apply_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, **overrides).metrics)
+    apply_fn = jax.jit(lambda v, x: model.apply(v, x, **overrides).metrics)
     totals = {}
     for metrics, batch in loading.forward(run, split, batch_size=batch_size, apply_fn=apply_fn):
         assert np.all(batch["mask"]), "the batch size must divide the split"

@@ -103,7 +103,7 @@ def test_train_and_eval_steps_count_accuracy_as_top1_correct():
         "labels": multi,
         "mask": jnp.ones((6,), bool).at[5].set(False),  # the last one is padding
     }
-    sums = make_eval_step(_FixedLogits())({"logits": logits}, batch)
+    sums = make_eval_step(_FixedLogits())({"params": {"logits": logits}}, batch)
     assert float(sums["count"]) == 5.0
     assert float(sums["correct"]) == 4.0  # examples 0, 1, 3, 4
     optimizer = optax.sgd(0.0)

@@ -28,10 +28,10 @@ class Recorder(vmoe_train.Callback):
     def on_step_end(self, step, metrics):
         self.calls.append(("on_step_end", step))
 
-    def on_evaluate(self, step, params, setup):
+    def on_evaluate(self, step, variables, setup):
         self.calls.append(("on_evaluate", step))
-        # The live params: the trainer's own evaluation of them, again.
-        self.evaluated[step] = vmoe_train.trainer.evaluate(setup, params, "validation")
+        # The live variables: the trainer's own evaluation of them, again.
+        self.evaluated[step] = vmoe_train.trainer.evaluate(setup, variables, "validation")
 
     def on_eval(self, step, results):
         self.calls.append(("on_eval", step))
@@ -146,7 +146,7 @@ def test_evaluate_counts_each_real_example_once(pretrained, by_hand):
     n = max(i + 1 for i in range(len(labels)) if hits[i] and (i + 1) % 2 == 0 and (i + 1) % 64)
     setup = build(tiny_config())
     params = vmoe_train.restore_params(workdir / "checkpoints", step=24)
-    result = vmoe_train.evaluate(setup, params, f"test[:{n}]")
+    result = vmoe_train.evaluate(setup, {"params": params}, f"test[:{n}]")
     assert result[f"test[:{n}]/examples"] == n
     assert result[f"test[:{n}]/accuracy"] == int(np.sum(hits[:n])) / n
     assert result[f"test[:{n}]/loss"] == pytest.approx(np.mean(losses[:n]), rel=1e-5)

@@ -108,17 +108,19 @@ def point_capacity(
 
     def route():
         params = router.init(jax.random.key(0), d)
-        return router(params, jnp.zeros((1, group_size, d), jnp.float32), deterministic=True)
+        state = {"state": router.init_state(d)} if vmoe_routing.has_state(router) else {}
+        x = jnp.zeros((1, group_size, d), jnp.float32)
+        return router(params, x, deterministic=True, **state)
 
     routing = jax.eval_shape(route)
     return int(routing.capacity), int(routing.token.shape[1] // group_size)
 
 
 def _point_fn(model: vl.VisionTransformer, key: tuple, k: int, capacity_factor: float, t: int):
-    def sweep_point(params, images, labels, mask):
+    def sweep_point(variables, images, labels, mask):
         TRACES[key] += 1  # Python side effect: runs once per trace, never per call
         out, routings = ra.apply_with_routing(
-            model, params, images, k=k, capacity_factor=capacity_factor
+            model, variables, images, k=k, capacity_factor=capacity_factor
         )
         return {
             "predicted": jnp.argmax(out.logits, axis=-1),
@@ -168,7 +170,7 @@ def sweep(
         mask = np.asarray(batch["mask"], dtype=bool)
         labels = ra.int_labels(batch)
         examples += int(mask.sum())
-        outputs = {key: fn(run.params, images, labels, mask) for key, fn in functions.items()}
+        outputs = {key: fn(run.variables, images, labels, mask) for key, fn in functions.items()}
         for key, out in outputs.items():
             acc = totals[key]
             predicted = np.asarray(loading.to_host(out["predicted"]))

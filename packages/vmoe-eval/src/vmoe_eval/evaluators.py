@@ -40,6 +40,7 @@ import numpy as np
 import tqdm
 
 import vmoe_data
+import vmoe_layers as vl
 import vmoe_plugins
 from vmoe_eval import fewshot, loading
 from vmoe_eval.loading import LoadedRun
@@ -247,8 +248,8 @@ def _jitted_output(model: Any, k: int | None, capacity: float | None, output: st
     `evaluate` calls (the trainer's callback evaluates the same model again and again)."""
 
     @jax.jit
-    def forward(params, images):
-        out = model.apply({"params": params}, images, k=k, capacity_factor=capacity)
+    def forward(variables, images):
+        out = model.apply(variables, images, k=k, capacity_factor=capacity)
         return jnp.argmax(out.logits, axis=-1) if output == "top1" else getattr(out, output)
 
     return forward
@@ -514,16 +515,16 @@ def holdout_indices(
 class EvalCallback(Callback):
     """Runs evaluators on the trainer's parameters at its evaluation steps.
 
-    The trainer hands its live parameters and `Setup` to callbacks at each evaluation
-    (`on_evaluate`, right after its own evaluation, before `on_eval`); at the final step and at
-    each step that is a multiple of `every_steps` (default: the config's `eval.every_steps`; 0:
-    only the final one), this callback wraps them in a `loading.LoadedRun` and runs its
-    evaluators then: nothing is read from disk and no checkpoint is waited for, and the results
-    are those `loading.load_run` of the step's checkpoint would give. The trainer evaluates at
-    multiples of `eval.every_steps` (and at checkpoint steps with `checkpoint.keep_best`), so a
-    smaller `every_steps` than that adds no evaluation. Results go to `workdir/eval/<step>.json`
-    and one printed line (main process); `results` keeps them by step. Every process runs the
-    evaluators (they are collective with several processes).
+    The trainer hands its live variables (params, router state) and `Setup` to callbacks at each
+    evaluation (`on_evaluate`, right after its own evaluation, before `on_eval`); at the final step
+    and at each step that is a multiple of `every_steps` (default: the config's `eval.every_steps`;
+    0: only the final one), this callback wraps them in a `loading.LoadedRun` and runs its
+    evaluators then: nothing is read from disk and no checkpoint is waited for, and the results are
+    those `loading.load_run` of the step's checkpoint would give. The trainer evaluates at multiples
+    of `eval.every_steps` (and at checkpoint steps with `checkpoint.keep_best`), so a smaller
+    `every_steps` than that adds no evaluation. Results go to `workdir/eval/<step>.json` and one
+    printed line (main process); `results` keeps them by step. Every process runs the evaluators
+    (they are collective with several processes).
 
     Args:
       evaluators: specs (see `make_evaluators`): names, (name, options) pairs or evaluators.
@@ -551,14 +552,21 @@ class EvalCallback(Callback):
         if self.every_steps is None:
             self.every_steps = int(config_get(run.config, "eval.every_steps", 0) or 0)
 
-    def on_evaluate(self, step: int, params: Any, setup: setup_lib.Setup) -> None:
+    def on_evaluate(self, step: int, variables: Any, setup: setup_lib.Setup) -> None:
         run = self._run
         if not self.evaluators or run is None or step in self.results:
             return
         if step != run.num_steps and not (self.every_steps and step % self.every_steps == 0):
             return
-        # The params are live (the next train step donates them): used here, never kept.
-        live = LoadedRun(run.workdir / "checkpoints", step, setup.config, setup, params)
+        # The variables are live (the next train step donates them): used here, never kept.
+        live = LoadedRun(
+            run.workdir / "checkpoints",
+            step,
+            setup.config,
+            setup,
+            variables["params"],
+            dict(variables.get(vl.ROUTER_STATE, {})),
+        )
         results: dict[str, float] = {}
         for evaluator in self.evaluators:
             results.update(evaluator.evaluate(live))

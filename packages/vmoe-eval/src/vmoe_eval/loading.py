@@ -26,6 +26,7 @@ from vmoe_train import checkpoints, steps
 from vmoe_train import config as config_lib
 from vmoe_train import setup as setup_lib
 from vmoe_train.mismatch import check_fit
+from vmoe_train.state import model_variables
 
 
 @dataclasses.dataclass
@@ -38,6 +39,8 @@ class LoadedRun:
     config: the run's config (as saved with the checkpoint, or the trainer's).
     setup: the trainer's parts for that config (model, dataset, strategy, `to_global`).
     params: the parameters, laid out by the strategy.
+    router_state: the routers' state (e.g. an aux-loss-free router's balancing bias), replicated;
+      {} where the routers keep none.
     """
 
     path: pathlib.Path
@@ -45,6 +48,12 @@ class LoadedRun:
     config: Any
     setup: setup_lib.Setup
     params: Any
+    router_state: Any = dataclasses.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """What `model.apply` takes: the params, and the router state where there is one."""
+        return model_variables(self.params, self.router_state)
 
     @property
     def model(self) -> vl.VisionTransformer:
@@ -74,12 +83,39 @@ def load_run(
     config.distributed.coordinator_address = ""  # evaluation never re-initialises jax
     setup = setup_lib.build(config)
     init_model = steps.init_model(setup.model)
-    expected = jax.eval_shape(
-        lambda: init_model.init(jax.random.key(0), setup.sample_images)["params"]
-    )
-    check_fit(_shapes(expected), _shapes(loaded))
+    variables = jax.eval_shape(lambda: init_model.init(jax.random.key(0), setup.sample_images))
+    check_fit(_shapes(variables["params"]), _shapes(loaded))
     params = vl.shard_params(setup.strategy, loaded)
-    return LoadedRun(location.directory, step, config, setup, params)
+    router_state = _router_state(location.directory, step, setup, variables)
+    return LoadedRun(location.directory, step, config, setup, params, router_state)
+
+
+def _router_state(directory: pathlib.Path, step: int, setup: Any, variables: Any) -> Any:
+    """The checkpoint's router state, replicated on the strategy's mesh ({} if the model's
+    routers keep none); an error if they keep one the checkpoint lacks or does not fit."""
+    expected = dict(variables.get(vl.ROUTER_STATE, {}))
+    if not expected:
+        return {}
+    shardings = vl.router_state_shardings(setup.strategy, expected)
+
+    def laid_out(saved: Any) -> Any:  # read straight into the replicated layout, once checked
+        if not jax.tree.leaves(saved):
+            return {}  # saved by stateless routers: refused below
+        check_fit(_shapes(expected), _shapes(saved))
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            saved,
+            shardings,
+        )
+
+    state = checkpoints.restore_router_state(directory, step, laid_out)
+    if not state:
+        raise ValueError(
+            f"the model's routers ({setup.model.moe.router!r}) keep state (e.g. a balancing "
+            f"bias) but checkpoint {directory / str(step)} has none: it was written by a run "
+            "with another router or an older vmoe-train"
+        )
+    return state
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -116,13 +152,14 @@ def forward(
     (`to_host` does the same for outputs), so every process sees every example.
 
     Every example is in exactly one batch (`batch["mask"]` is False on padding), whatever the
-    batch size and the number of processes. `apply_fn(params, images)` (jitted once by the
-    caller) replaces the model call, for evaluators that need other outputs.
+    batch size and the number of processes. `apply_fn(variables, images)` (jitted once by the
+    caller; `variables` is `run.variables`) replaces the model call, for evaluators that need
+    other outputs.
     """
     model = model or run.model
     fn = apply_fn or jax.jit(
-        lambda params, images: model.apply(
-            {"params": params}, images, k=k, capacity_factor=capacity_factor
+        lambda variables, images: model.apply(
+            variables, images, k=k, capacity_factor=capacity_factor
         )
     )
     batches = vmoe_data.eval_pipeline(
@@ -134,7 +171,7 @@ def forward(
     )
     for batch in batches:
         global_batch = run.setup.to_global(batch)
-        out = fn(run.params, global_batch.pop("image"))
+        out = fn(run.variables, global_batch.pop("image"))
         yield out, {key: to_host(value) for key, value in global_batch.items()}
 
 

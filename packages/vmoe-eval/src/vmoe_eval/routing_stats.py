@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vmoe_layers as vl
+import vmoe_routing
 from vmoe_eval import loading, plots
 from vmoe_layers.moe import group_tokens, override_router, router_name
 from vmoe_train import setup as setup_lib
@@ -69,13 +70,14 @@ def layer_name(module: nn.Module) -> str:
 
 def apply_with_routing(
     model: vl.VisionTransformer,
-    params: Any,
+    variables: Any,
     images: jax.Array,
     *,
     k: int | None = None,
     capacity_factor: float | None = None,
 ) -> tuple[vl.ModelOutput, dict[str, Any]]:
-    """(`model.apply(...)` in evaluation mode, {layer name: its `vmoe_routing.Routing`}).
+    """(`model.apply(variables, ...)` in evaluation mode, {layer name: its
+    `vmoe_routing.Routing`}); `variables` as `LoadedRun.variables` (params, router state).
 
     Use it inside `jax.jit` (it is traceable). The routings are recomputed from each MoE layer's
     input by the layer's own router, with the call's K / capacity overrides: the decision the
@@ -97,14 +99,17 @@ def apply_with_routing(
                 module.make_router(), kwargs.get("k"), kwargs.get("capacity_factor")
             )
             router_params = module.variables["params"]["router"]
+            state = {}
+            if vmoe_routing.has_state(router):  # e.g. a balancing bias, as the layer passes it
+                state = {"state": module.variables[vl.ROUTER_STATE]["router"]}
             x_gsd = group_tokens(args[0], module.group_size)
             routings[layer_name(module)] = router(
-                router_params, x_gsd, rng=None, deterministic=True
+                router_params, x_gsd, rng=None, deterministic=True, **state
             )
         return out
 
     with nn.intercept_methods(interceptor):
-        out = model.apply({"params": params}, images, k=k, capacity_factor=capacity_factor)
+        out = model.apply(variables, images, k=k, capacity_factor=capacity_factor)
     return out, routings
 
 
@@ -361,9 +366,9 @@ def routing_analysis(
     e, num_classes = model.moe.num_experts, run.dataset.num_classes
     static: dict[str, Any] = {}
 
-    def batch_stats(params, images, labels, mask):
+    def batch_stats(variables, images, labels, mask):
         _, routings = apply_with_routing(
-            model, params, images, k=k, capacity_factor=capacity_factor
+            model, variables, images, k=k, capacity_factor=capacity_factor
         )
         stats = {}
         for name, routing in routings.items():
@@ -396,7 +401,7 @@ def routing_analysis(
     ):
         mask = np.asarray(batch["mask"], dtype=bool)
         examples += int(mask.sum())
-        stats = fn(run.params, images, int_labels(batch), mask)
+        stats = fn(run.variables, images, int_labels(batch), mask)
         for name, layer in stats.items():
             acc = totals.setdefault(name, {})
             for key, value in layer.items():

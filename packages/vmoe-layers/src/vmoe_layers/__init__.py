@@ -75,6 +75,7 @@ from vmoe_layers.vit import (
     ModelOutput,
     MoeConfig,
     VisionTransformer,
+    update_router_state,
 )
 
 __version__ = importlib.metadata.version("vmoe-layers")
@@ -143,4 +144,5 @@ __all__ = [
     "run_local_experts",
     "shard_batch",
     "shard_params",
+    "update_router_state",
 ]

@@ -24,7 +24,7 @@ from flax.core import FrozenDict
 import vmoe_routing
 from vmoe_layers.exchange import ExpertExchange
 from vmoe_layers.experts import get_expert_type
-from vmoe_layers.moe import MoeLayer
+from vmoe_layers.moe import ROUTER_KEY, MoeLayer
 from vmoe_layers.placement import moe_block_indices
 
 Array = jax.Array
@@ -355,3 +355,37 @@ class VisionTransformer(nn.Module):
             metrics=metrics,
             aux_losses=aux_losses,
         )
+
+
+def update_router_state(
+    model: VisionTransformer, router_state: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The routers' state after a training step whose routing metrics were `metrics`
+    (`ModelOutput.metrics`: {"moe_block_i": {...}}): what `model.apply(..., train=True,
+    mutable=[ROUTER_STATE])` computes, done outside the apply.
+
+    For a step that routes its batch in several applies (gradient accumulation): update once
+    from their mean metrics (a mean of `expert_load` over equal microbatches is the whole
+    batch's load), as one apply on the whole batch would. {} stays {}."""
+    if not router_state:
+        return {}
+    if model.moe is None:
+        raise ValueError("router_state given for a model without MoE blocks")
+    router = MoeLayer(
+        num_experts=model.moe.num_experts,
+        mlp_dim=model.mlp_dim,
+        router=model.moe.router,
+        router_options=model.moe.router_options,
+    ).make_router()
+    updated: dict[str, Any] = {}
+    for block, tree in router_state.items():
+        key = f"moe_{block}"
+        if key not in metrics:
+            raise ValueError(
+                f"router_state has {block!r} but the metrics have no {key!r}; they have "
+                f"{sorted(metrics)}"
+            )
+        state = tree["moe"][ROUTER_KEY]
+        new = jax.lax.stop_gradient(router.update_state(state, metrics[key]))
+        updated[block] = {"moe": {ROUTER_KEY: new}}
+    return updated

@@ -4,8 +4,8 @@ The loop calls, in order:
 
     on_train_start(run)                 once, after the state is built or restored
     on_step_end(step, metrics)          every `log.every_steps` steps (and at the last step)
-    on_evaluate(step, params, setup)    at each periodic and the final evaluation, right after
-                                        the trainer's own evaluation of `params`
+    on_evaluate(step, variables, setup) at each periodic and the final evaluation, right after
+                                        the trainer's own evaluation of `variables`
     on_eval(step, results)              then, with the trainer's evaluation results
     on_checkpoint(step, path)           after a checkpoint is written (or its async write begun)
     on_train_end(summary)               once, with the final results
@@ -20,12 +20,14 @@ order. Periodic evaluations are at multiples of `eval.every_steps` (and, with
 ("train/loss", "train/moe_block_1/no_expert_fraction", "validation/accuracy"). A callback
 implements any subset (the others are no-ops through `Callback`'s defaults).
 
-`on_evaluate` gives the model's parameters to callbacks that evaluate more than the trainer
-does (vmoe-eval's "evaluators" callback): `params` are the trainer's live parameters at `step`
-(global arrays laid out by `setup.strategy`, the tree `setup.model.apply` takes), `setup` the
-run's `vmoe_train.setup.Setup` (config, model, dataset, strategy, `to_global`, `eval_batches`).
-`params` are valid only during the call: the next train step donates their buffers, so use them
-there and keep nothing of them (copy to the host what must outlive the call). Every process
+`on_evaluate` gives the model's variables to callbacks that evaluate more than the trainer
+does (vmoe-eval's "evaluators" callback): `variables` are the trainer's live
+`TrainState.variables()` at `step`, what `setup.model.apply` takes: {"params": ...}, and
+{"router_state": ...} beside it where the routers keep state (global arrays laid out by
+`setup.strategy`); `setup` the run's `vmoe_train.setup.Setup` (config, model, dataset,
+strategy, `to_global`, `eval_batches`). They are valid only during the call: the next train
+step donates their buffers, so use them there and keep nothing of them (copy to the host what
+must outlive the call). Every process
 calls it with its part of the same global arrays: collective work (a jitted forward, an
 all-gather) is fine, as long as every process does the same.
 
@@ -89,9 +91,10 @@ class Callback:
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
-    def on_evaluate(self, step: int, params: Any, setup: Setup) -> None:
-        """The trainer evaluated `params` at `step` (`on_eval` follows with its results).
-        `params` are live: valid only during this call (see the module docstring)."""
+    def on_evaluate(self, step: int, variables: Any, setup: Setup) -> None:
+        """The trainer evaluated `variables` ({"params": ...}, and "router_state" where the
+        routers keep state) at `step` (`on_eval` follows with its results). They are live:
+        valid only during this call (see the module docstring)."""
 
     def on_eval(self, step: int, results: dict[str, float]) -> None:
         pass

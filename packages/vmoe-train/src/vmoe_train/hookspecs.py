@@ -31,7 +31,8 @@ def vmoe_train_callbacks() -> Mapping[str, Callable[[RunInfo], Callback]]:
       is refused with an error naming this plugin. The loop then calls `on_train_start(run)`, so
       a callback may open its files there. Metrics arrive as flat dicts of Python floats with
       "/"-separated names; only the main process (`run.is_main_process`) should write anything.
-      `on_evaluate(step, params, setup)` hands over the live parameters at each evaluation
+      `on_evaluate(step, variables, setup)` hands over the live model variables (params, and
+      router state where the routers keep one) at each evaluation
       (valid only during the call; see `vmoe_train.callbacks` for the order of calls).
 
     Example::

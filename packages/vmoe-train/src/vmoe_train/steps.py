@@ -4,11 +4,16 @@
     train_step = make_train_step(model, optimizer, loss_kind="softmax")
     state, metrics = train_step(state, {"image": [B, H, W, C], "labels": [B, classes]})
     eval_step = make_eval_step(model)
-    sums = eval_step(state.params, {"image": ..., "label": [B] int, "mask": [B] bool})
+    sums = eval_step(state.variables(), {"image": ..., "label": [B] int, "mask": [B] bool})
 
 Both steps are plain functions of arrays (jit them where you use them; the trainer does, with the
 state donated). The randomness of step s (routing noise, dropout) is `state.step_rng()`, a
 function of the seed and s only, so a resumed run repeats an uninterrupted one bit for bit.
+
+Routers that keep state (`vmoe_routing.has_state`, e.g. an aux-loss-free balancing bias) have it
+in `TrainState.router_state`: created with the params, passed to every apply, and replaced after
+each train step by `vmoe_layers.update_router_state` from the step's routing metrics (joined over
+all devices by the layer, so every device computes the same new state).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import optax
 
 import vmoe_layers as vl
 from vmoe_train.losses import classification_loss, top1_correct
-from vmoe_train.state import TrainState
+from vmoe_train.state import TrainState, model_variables
 
 Array = jax.Array
 
@@ -53,10 +58,12 @@ def create_train_state(
     init_rng, train_rng = jax.random.split(root)
     model = init_model(model)
     if strategy is None:
-        params = jax.jit(model.init)(init_rng, sample_images)["params"]
+        variables = jax.jit(model.init)(init_rng, sample_images)
+        params, router_state = variables["params"], dict(variables.get(vl.ROUTER_STATE, {}))
     else:
         params = vl.init_sharded(strategy, model, init_rng, sample_images)
-    return state_from_params(params, optimizer, train_rng)
+        router_state = vl.init_router_state(strategy, model, sample_images)
+    return state_from_params(params, optimizer, train_rng, router_state)
 
 
 def abstract_train_state(
@@ -69,8 +76,11 @@ def abstract_train_state(
     `jax.ShapeDtypeStruct`s with the same shardings, computing nothing: the target a checkpoint
     is restored into, so that resuming never holds a fresh state beside the restored one."""
     model = init_model(model)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images)["params"])
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images))
+    shapes = variables["params"]
     params = _with_shardings(shapes, vl.param_shardings(strategy, shapes))
+    state_shapes = dict(variables.get(vl.ROUTER_STATE, {}))
+    router_state = _with_shardings(state_shapes, vl.router_state_shardings(strategy, state_shapes))
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_state = _with_shardings(opt_shapes, opt_state_shardings(optimizer, params, strategy.mesh))
     # The step and the key, replicated over the mesh: on the devices of every other array (one
@@ -82,6 +92,7 @@ def abstract_train_state(
         params=params,
         opt_state=opt_state,
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+        router_state=router_state,
     )
 
 
@@ -126,17 +137,24 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
     )
 
 
-def state_from_params(params: Any, optimizer: optax.GradientTransformation, rng: Array):
-    """A step-0 state around existing params (e.g. fine-tuning), optimizer state alongside.
+def state_from_params(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    rng: Array,
+    router_state: Any = None,
+) -> TrainState:
+    """A step-0 state around existing params (e.g. fine-tuning), optimizer state alongside,
+    and `router_state` (the routers' state, e.g. `vmoe_layers.init_router_state`; None: {}).
 
     Params laid out on a mesh (NamedSharding) get the layout `abstract_train_state` describes
     (the optimizer state by `opt_state_shardings`, step and key replicated), so a fresh state and
     a restored one are laid out alike."""
     key_data = jax.random.key_data(rng)
+    router_state = dict(router_state or {})
     mesh = _mesh_of(params)
     if mesh is None:
         opt_state = jax.jit(optimizer.init)(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, key_data)
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, key_data, router_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = opt_state_shardings(optimizer, params, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
@@ -145,7 +163,9 @@ def state_from_params(params: Any, optimizer: optax.GradientTransformation, rng:
         lambda: (jnp.zeros((), jnp.int32), jnp.asarray(key_host)),
         out_shardings=(replicated, replicated),
     )()
-    return TrainState(step, params, opt_state, key)
+    # Replicated on the mesh (a fresh `init_router_state` already is; a loaded one may not be).
+    router_state = jax.device_put(router_state, jax.tree.map(lambda _: replicated, router_state))
+    return TrainState(step, params, opt_state, key, router_state)
 
 
 def _mesh_of(params: Any) -> Any:
@@ -208,7 +228,9 @@ def make_train_step(
     j in microbatch j % n, so that each device's share of a data-parallel batch is in every
     microbatch), their gradients are computed one after the other and their mean is applied in
     one update: a batch n times larger than fits, for about the memory of one microbatch (plus a
-    float32 copy of the gradients). Each microbatch routes its own groups of images and draws
+    float32 copy of the gradients). The routers' state (if any) is updated once per step,
+    from the microbatches' mean routing metrics. Each microbatch routes its own groups of
+    images and draws
     its own routing noise and dropout (the step's key folded with its index), so the update is
     that of one step on the batch reordered microbatch by microbatch: exactly, up to float32
     summation order, for a deterministic model (no noise, no dropout). The metrics are the
@@ -219,14 +241,16 @@ def make_train_step(
     if microsteps < 1:
         raise ValueError(f"microsteps={microsteps}: must be >= 1")
 
-    def grads_and_metrics(params, images, labels, rng):
+    def grads_and_metrics(params, router_state, images, labels, rng):
+        """(grads, metrics, the routers' raw metrics: what their state is updated from)."""
         rngs = {
             vl.GATING_RNG: jax.random.fold_in(rng, 0),
             "dropout": jax.random.fold_in(rng, 1),
         }
 
         def loss_fn(params):
-            out = model.apply({"params": params}, images, train=True, rngs=rngs)
+            variables = model_variables(params, router_state)
+            out = model.apply(variables, images, train=True, rngs=rngs)
             task = jnp.mean(classification_loss(out.logits, labels, loss_kind, label_smoothing))
             return task + out.aux_loss, (task, out)
 
@@ -239,9 +263,9 @@ def make_train_step(
             "accuracy": jnp.mean(correct.astype(jnp.float32)),
             **routing_metrics(out),
         }
-        return grads, metrics
+        return grads, metrics, (out.metrics if router_state else {})
 
-    def accumulated(params, images, labels, rng):
+    def accumulated(params, router_state, images, labels, rng):
         if images.shape[0] % microsteps:
             raise ValueError(
                 f"a batch of {images.shape[0]} images does not split into microsteps="
@@ -254,11 +278,14 @@ def make_train_step(
 
         def microstep(total, i):
             take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)  # noqa: E731
-            part = grads_and_metrics(params, take(images), take(labels), jax.random.fold_in(rng, i))
+            key = jax.random.fold_in(rng, i)
+            part = grads_and_metrics(params, router_state, take(images), take(labels), key)
             return jax.tree.map(lambda t, p: t + p.astype(t.dtype), total, part), None
 
         # Sums in float32 at least (bfloat16 gradients would lose the later microbatches').
-        shapes = jax.eval_shape(grads_and_metrics, params, images[:, 0], labels[:, 0], rng)
+        shapes = jax.eval_shape(
+            grads_and_metrics, params, router_state, images[:, 0], labels[:, 0], rng
+        )
         zeros = jax.tree.map(
             lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes
         )
@@ -267,14 +294,18 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict[str, Array]):
         rng = state.step_rng()
-        if microsteps == 1:
-            grads, metrics = grads_and_metrics(state.params, batch["image"], batch["labels"], rng)
-        else:
-            grads, metrics = accumulated(state.params, batch["image"], batch["labels"], rng)
+        compute = grads_and_metrics if microsteps == 1 else accumulated
+        grads, metrics, router_metrics = compute(
+            state.params, state.router_state, batch["image"], batch["labels"], rng
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": global_norm(_only(grads, trainable))}
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        # One update per step, from the whole batch's routing (the microbatches' mean).
+        router_state = vl.update_router_state(model, state.router_state, router_metrics)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, router_state=router_state
+        )
         return new_state, metrics
 
     return step
@@ -287,14 +318,16 @@ def make_eval_step(
     k: int | None = None,
     capacity_factor: float | None = None,
 ) -> Callable[[Any, dict[str, Array]], dict[str, Array]]:
-    """`eval_step(params, batch) -> sums` over the real (mask=True) examples of a padded batch:
+    """`eval_step(variables, batch) -> sums` over the real (mask=True) examples of a padded
+    batch, `variables` what `model.apply` takes (`TrainState.variables()`: the params, and the
+    routers' state where they keep one):
     count, correct (`losses.top1_correct`: against batch["labels"] where the eval
     preprocessing makes [B, C] targets, else batch["label"]) and loss_sum (against
     batch["label"]). `k` / `capacity_factor` override the routers' for evaluation (static: they
     set shapes)."""
 
-    def eval_step(params, batch: dict[str, Array]) -> dict[str, Array]:
-        out = model.apply({"params": params}, batch["image"], k=k, capacity_factor=capacity_factor)
+    def eval_step(variables: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
+        out = model.apply(variables, batch["image"], k=k, capacity_factor=capacity_factor)
         mask = batch["mask"].astype(jnp.float32)
         labels = batch["label"]
         onehot = jax.nn.one_hot(labels, out.logits.shape[-1])

@@ -57,11 +57,12 @@ def initialize_distributed(cfg: Any) -> None:
         )
 
 
-def evaluate(setup: Setup, params: Any, split: str) -> dict[str, float]:
-    """Accuracy and mean loss of `params` on every example of `split` (padding masked)."""
+def evaluate(setup: Setup, variables: Any, split: str) -> dict[str, float]:
+    """Accuracy and mean loss of the model's `variables` (`TrainState.variables()`: params, and
+    router state where the routers keep one) on every example of `split` (padding masked)."""
     totals: dict[str, float] = {}
     for batch in setup.eval_batches(split):
-        sums = jax.device_get(setup.eval_step(params, setup.to_global(batch)))
+        sums = jax.device_get(setup.eval_step(variables, setup.to_global(batch)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = max(totals.get("count", 0.0), 1.0)
@@ -132,7 +133,9 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
                 new_head=bool(config.finetune.new_head),
                 has_class_token=setup.model.classifier == "token",
             )
-        state = steps.state_from_params(params, setup.optimizer, train_rng)
+        # Sources mapped by rules (dense models, vit_jax files) have no router state: fresh.
+        router_state = vl.init_router_state(setup.strategy, model, setup.sample_images)
+        state = steps.state_from_params(params, setup.optimizer, train_rng, router_state)
         upcycled = config_lib.config_get(config, "finetune.upcycle", False)
         return state, None, 0, f"{'upcycled' if upcycled else 'fine-tuning'} from {source_name}"
     if config.finetune.init_from:
@@ -142,8 +145,11 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
         model = steps.init_model(setup.model)
         fresh = vl.init_sharded(setup.strategy, model, init_rng, setup.sample_images)
         new_head = bool(config.finetune.new_head)
-        loaded = checkpoints.restore_params(
-            source.directory, finetune.restore_target(fresh, new_head=new_head), step=step
+        loaded, read_step = checkpoints.restore_params(
+            source.directory,
+            finetune.restore_target(fresh, new_head=new_head),
+            step=step,
+            with_step=True,
         )
         params = finetune.finetune_params(
             fresh,
@@ -151,12 +157,34 @@ def initial_state(setup: Setup, ckpt: checkpoints.Checkpointer):
             new_head=new_head,
             has_class_token=setup.model.classifier == "token",
         )
-        state = steps.state_from_params(params, setup.optimizer, train_rng)
+        router_state = finetune_router_state(setup, source.directory, read_step)
+        state = steps.state_from_params(params, setup.optimizer, train_rng, router_state)
         return state, None, 0, f"fine-tuning from {source.directory}"
     fresh = steps.create_train_state(
         setup.model, setup.optimizer, config.seed, setup.sample_images, setup.strategy
     )
     return fresh, None, 0, "initialised from scratch"
+
+
+def finetune_router_state(setup: Setup, directory: pathlib.Path, step: int) -> Any:
+    """The router state a fine-tuning run starts with: the source checkpoint's where it has one
+    of the same structure and shapes (a balancing bias goes with the router weights it was
+    learned with: zeroing it would bring back the imbalance it corrected), else a fresh one
+    ({} for stateless routers)."""
+    fresh = vl.init_router_state(setup.strategy, steps.init_model(setup.model), setup.sample_images)
+    if not fresh:
+        return {}
+
+    def same_as_fresh(saved: Any) -> Any:  # read into fresh's layout, or not at all
+        shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), x.dtype), tree)  # noqa: E731
+        if jax.tree.structure(saved) != jax.tree.structure(fresh) or shapes(saved) != shapes(
+            fresh
+        ):
+            return {}
+        return checkpoints.abstract_like(fresh)
+
+    saved = checkpoints.restore_router_state(directory, step, same_as_fresh)
+    return saved or fresh
 
 
 def train(
@@ -261,9 +289,9 @@ def _run(
         save = ckpt.should_save(step)
         step_eval = None
         if (eval_every and step % eval_every == 0) or (save and eval_at_checkpoints):
-            step_eval = _evaluate_all(setup, state.params, config.dataset.eval_splits)
+            step_eval = _evaluate_all(setup, state.variables(), config.dataset.eval_splits)
             for listener in listeners:
-                listener.on_evaluate(step, state.params, setup)
+                listener.on_evaluate(step, state.variables(), setup)
             for listener in listeners:
                 listener.on_eval(step, step_eval)
         if save:
@@ -273,11 +301,11 @@ def _run(
                 for listener in listeners:
                     listener.on_checkpoint(step, path)
 
-    final = _evaluate_all(setup, state.params, config.dataset.eval_splits)
+    final = _evaluate_all(setup, state.variables(), config.dataset.eval_splits)
     if config.dataset.test_split:
-        final.update(evaluate(setup, state.params, config.dataset.test_split))
+        final.update(evaluate(setup, state.variables(), config.dataset.test_split))
     for listener in listeners:
-        listener.on_evaluate(num_steps, state.params, setup)
+        listener.on_evaluate(num_steps, state.variables(), setup)
     for listener in listeners:
         listener.on_eval(num_steps, final)
     path = ckpt.save(
@@ -308,10 +336,10 @@ def _run(
     return summary
 
 
-def _evaluate_all(setup: Setup, params: Any, splits: Sequence[str]) -> dict[str, float]:
+def _evaluate_all(setup: Setup, variables: Any, splits: Sequence[str]) -> dict[str, float]:
     results: dict[str, float] = {}
     for split in splits:
-        results.update(evaluate(setup, params, split))
+        results.update(evaluate(setup, variables, split))
     return results
 
 

@@ -1,7 +1,8 @@
 """Checkpoints with orbax-checkpoint: save, find, verify and restore the whole train state.
 
 - `manager`: the `Checkpointer` (save every n steps, keep the newest and the best, restore),
-  `restore_params` and `read_config` for reading another run's checkpoints.
+  `restore_params`, `restore_router_state` and `read_config` for reading another run's
+  checkpoints.
 - `layout`: the one discovery path (`locate`: a run, its checkpoints/ or a step dir) and which
   step directories are complete (`scan`).
 - `reading`: the newest readable checkpoint: retry what cannot be read now, skip what is
@@ -18,6 +19,7 @@ from vmoe_train.checkpoints.manager import (
     best_mode_of,
     read_config,
     restore_params,
+    restore_router_state,
 )
 from vmoe_train.checkpoints.reading import (
     CheckpointError,
@@ -40,5 +42,6 @@ __all__ = [
     "locate",
     "read_config",
     "restore_params",
+    "restore_router_state",
     "scan",
 ]

@@ -58,6 +58,7 @@ __all__ = [
     "best_mode_of",
     "read_config",
     "restore_params",
+    "restore_router_state",
 ]
 
 BEST_MODES = ("auto", "max", "min")
@@ -373,7 +374,8 @@ def restore_params(
     *,
     with_step: bool = False,
 ) -> Any:
-    """Only the `params` of checkpoint `step` (default: the latest readable) of `directory`.
+    """Only the `params` of checkpoint `step` (default: the latest readable) of `directory`
+    (`restore_router_state` reads the routers' state beside them).
 
     For starting from another run's weights (another optimizer, another config): nothing else
     of the state is read or needs to match.
@@ -395,29 +397,50 @@ def restore_params(
     directory = pathlib.Path(directory).absolute()
 
     def read(path: pathlib.Path) -> Any:
-        item = abstract_params
-        if item is None or callable(item):
-            saved = ocp.PyTreeCheckpointHandler().metadata(path / "state").tree
-            if "params" not in saved:
-                raise ValueError("the saved state has no 'params'")
-            shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])
-            item = shapes if item is None else item(shapes)
-        restore_args = jax.tree.map(_restore_arg, item)
-        args = {
-            "state": ocp.args.PyTreeRestore(
-                item={"params": item}, restore_args={"params": restore_args}, partial_restore=True
-            )
-        }
-        if (path / CHECKSUMS).is_dir():
-            args[CHECKSUMS] = ocp.args.JsonRestore()
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            out = checkpointer.restore(path, args=ocp.args.Composite(**args))
-        if CHECKSUMS in args:
-            integrity.verify(out.state, out[CHECKSUMS])
-        return out.state["params"]
+        return _read_state_field(path, "params", abstract_params, required=True)
 
     params, read_step, _ = restore_latest(directory, step, read, collective=jax.process_count() > 1)
     return (params, read_step) if with_step else params
+
+
+def restore_router_state(
+    directory: str | pathlib.Path, step: int, abstract_state: Any = None
+) -> dict[str, Any]:
+    """The routers' state (`TrainState.router_state`) of checkpoint `step` of `directory`,
+    exactly that step; {} where the checkpoint has none (stateless routers, or a checkpoint
+    written before the field existed). `abstract_state` as `restore_params`' abstract_params
+    (None: host numpy arrays). Checked against the saved fingerprints."""
+    path = pathlib.Path(directory).absolute() / str(int(step))
+    return dict(_read_state_field(path, "router_state", abstract_state, required=False) or {})
+
+
+def _read_state_field(path: pathlib.Path, field: str, abstract: Any, *, required: bool) -> Any:
+    """One field of the `state` item of step dir `path` (see `restore_params`), or None where it
+    is absent and not `required`."""
+    item = abstract
+    if item is None or callable(item):
+        saved = ocp.PyTreeCheckpointHandler().metadata(path / "state").tree
+        if field not in saved:
+            if required:
+                raise ValueError(f"the saved state has no {field!r}")
+            return None
+        shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[field])
+        item = shapes if item is None else item(shapes)
+    if not jax.tree.leaves(item):
+        return item  # nothing to read (an empty router state)
+    restore_args = jax.tree.map(_restore_arg, item)
+    args = {
+        "state": ocp.args.PyTreeRestore(
+            item={field: item}, restore_args={field: restore_args}, partial_restore=True
+        )
+    }
+    if (path / CHECKSUMS).is_dir():
+        args[CHECKSUMS] = ocp.args.JsonRestore()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        out = checkpointer.restore(path, args=ocp.args.Composite(**args))
+    if CHECKSUMS in args:
+        integrity.verify(out.state, out[CHECKSUMS])
+    return out.state[field]
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
