@@ -27,7 +27,7 @@ def test_readme_examples_run_in_order():
         for block in BLOCKS:
             exec(compile(block, str(README), "exec"), namespace)
     finally:
-        for name in ("relu2", "replicated"):
+        for name in ("relu2", "replicated", "halve"):
             if name in dict(plugins.plugin_manager().list_name_plugin()):
                 plugins.unregister_plugin(name)
 
@@ -39,6 +39,6 @@ def test_public_name_is_documented(name):
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hooks_are_documented_with_an_example(hook):
-    assert hook in ("vmoe_expert_types", "vmoe_sharding_strategies")
+    assert hook in ("vmoe_expert_types", "vmoe_sharding_strategies", "vmoe_moe_variants")
     assert f"`{hook}" in README.read_text()
     assert "Example::" in getattr(hookspecs, hook).__doc__

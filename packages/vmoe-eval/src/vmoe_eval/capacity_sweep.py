@@ -88,14 +88,7 @@ TRACES: collections.Counter = collections.Counter()
 
 def make_router(model: vl.VisionTransformer, *, k: int | None, capacity_factor: float | None):
     """The router object the model's MoE layers use with these per-call overrides."""
-    moe = model.moe
-    layer = vl.MoeLayer(
-        num_experts=moe.num_experts,
-        mlp_dim=1,
-        router=moe.router,
-        router_options=moe.router_options,
-    )
-    return override_router(layer.make_router(), k, capacity_factor)
+    return override_router(vl.model_router(model), k, capacity_factor)
 
 
 def point_capacity(

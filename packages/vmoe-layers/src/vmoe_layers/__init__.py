@@ -39,6 +39,7 @@ from vmoe_layers.experts import (
     available_expert_types,
     get_expert_type,
 )
+from vmoe_layers.flops import LayerFlops, layer_flops, matmul_flops
 from vmoe_layers.moe import (
     DEFAULT_ROUTER_OPTIONS,
     EXPERTS_KEY,
@@ -68,6 +69,13 @@ from vmoe_layers.sharding import (
     shard_batch,
     shard_params,
 )
+from vmoe_layers.variants import (
+    PLUGIN_VARIANTS,
+    VARIANTS,
+    LayerShape,
+    available_variants,
+    get_variant,
+)
 from vmoe_layers.vit import (
     REMAT,
     EncoderBlock,
@@ -75,6 +83,8 @@ from vmoe_layers.vit import (
     ModelOutput,
     MoeConfig,
     VisionTransformer,
+    model_router,
+    moe_layer,
     update_router_state,
 )
 
@@ -98,9 +108,11 @@ __all__ = [
     "EXPERT_TYPES",
     "GATING_RNG",
     "PLUGIN_EXPERT_TYPES",
+    "PLUGIN_VARIANTS",
     "REMAT",
     "ROUTER_STATE",
     "STRATEGIES",
+    "VARIANTS",
     "AllToAllExchange",
     "Collective",
     "DataParallel",
@@ -112,6 +124,8 @@ __all__ = [
     "FeedForward",
     "FullySharded",
     "GluExperts",
+    "LayerFlops",
+    "LayerShape",
     "MlpExperts",
     "ModelOutput",
     "MoeConfig",
@@ -125,6 +139,7 @@ __all__ = [
     "__version__",
     "available_expert_types",
     "available_strategies",
+    "available_variants",
     "bytes_sent_by_role",
     "bytes_sent_per_device",
     "collectives",
@@ -132,12 +147,17 @@ __all__ = [
     "create_model",
     "get_expert_type",
     "get_strategy",
+    "get_variant",
     "group_tokens",
     "init_router_state",
     "init_sharded",
     "is_expert_param",
+    "layer_flops",
     "make_mesh",
+    "matmul_flops",
+    "model_router",
     "moe_block_indices",
+    "moe_layer",
     "param_shardings",
     "preset_names",
     "router_state_shardings",

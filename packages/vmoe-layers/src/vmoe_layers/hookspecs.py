@@ -1,4 +1,4 @@
-"""Hooks owned by vmoe-layers: expert types and sharding strategies.
+"""Hooks owned by vmoe-layers: expert types, sharding strategies and MoE layer variants.
 
 This module is the reference for writing a vmoe-layers plugin. Ship a module with
 `@vmoe_plugins.hookimpl` functions (`vmoe_routing.hookimpl` is the same object) named like the
@@ -61,3 +61,24 @@ def vmoe_sharding_strategies() -> Mapping[str, Callable[..., Any]]:
             return {"my_layout": MyStrategy}
     """
     raise NotImplementedError
+
+
+@hookspec
+def vmoe_moe_variants() -> Mapping[str, Callable[..., Any]]:
+    """MoE layer variants this plugin provides, by name (see `vmoe_layers.variants`).
+
+    Returns:
+      name -> factory. `factory(**options)` returns a variant with `configure(shape) -> shape`
+      (reshape the routed part: a `vmoe_layers.LayerShape` of E, the experts' width and the
+      router's options), or a branch every token goes through beside the routed experts
+      (`param_specs(d_model, shape)` -> {param name: `ParamSpec`}, `__call__(params, x, *,
+      shape, dtype)` -> an array of x's shape, added to the layer's output), or both. Its FLOPs
+      are counted from what it runs (`vmoe_layers.layer_flops`).
+
+    Example::
+
+        @vmoe_plugins.hookimpl
+        def vmoe_moe_variants():
+            return {"shared_experts": SharedExperts}
+    """
+    raise NotImplementedError  # a hookspec has no body; pluggy calls the implementations

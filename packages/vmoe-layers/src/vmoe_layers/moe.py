@@ -41,6 +41,7 @@ import vmoe_plugins
 import vmoe_routing
 from vmoe_layers.exchange import ExpertExchange, exchange_or_local, run_local_experts
 from vmoe_layers.experts import get_expert_type, init_shared, init_stacked
+from vmoe_layers.variants import LayerShape, is_branch, make_variants, reshaped
 
 Array = jax.Array
 
@@ -215,6 +216,10 @@ class MoeLayer(nn.Module):
       expert_init: "independent" (default: each of the E experts drawn with its own key) or
         "shared" (one draw copied to all E, as the V-MoE release's `split_rngs=False`: the
         experts start equal and only routing sets them apart).
+      variants: {name: {option: value}} of MoE layer variants (`vmoe_layers.variants`, plugins
+        such as "fine_grained" and "shared_experts"): they may reshape the routed part (E, the
+        experts' width, the router's K: `layer_shape()`) and add branches every token goes
+        through (their params under `<name>/`, their outputs added to the layer's).
 
     Call: `layer(x, deterministic=True, k=None, capacity_factor=None) -> MoeOutput` with x of
     shape [..., T, D]. `deterministic=False` is training: gating noise (rng collection
@@ -242,9 +247,11 @@ class MoeLayer(nn.Module):
     dispatch_path: str = "index"
     dispatch_dtype: Any = None
     expert_init: str = "independent"
+    variants: Mapping[str, Mapping[str, Any]] | None = None
 
-    def make_router(self) -> Any:
-        """The router this layer uses: built from its name, or the given object (checked)."""
+    def layer_shape(self) -> LayerShape:
+        """The routed part as built: E, the experts' width and the router's options (with
+        `DEFAULT_ROUTER_OPTIONS` for a router name), after the variants' reshaping."""
         options = dict(self.router_options or {})
         if "num_experts" in options:
             raise ValueError(
@@ -258,9 +265,16 @@ class MoeLayer(nn.Module):
                 for name, value in DEFAULT_ROUTER_OPTIONS.items()
                 if registry.accepts(self.router, name)
             }
-            return vmoe_routing.get_router(
-                self.router, num_experts=self.num_experts, **{**defaults, **options}
-            )
+            options = {**defaults, **options}
+        shape = LayerShape(self.num_experts, self.mlp_dim, options)
+        return reshaped(shape, make_variants(self.variants))
+
+    def make_router(self) -> Any:
+        """The router this layer uses: built from its name, or the given object (checked)."""
+        shape = self.layer_shape()
+        options = dict(shape.router_options)
+        if isinstance(self.router, str):
+            return vmoe_routing.get_router(self.router, num_experts=shape.num_experts, **options)
         router = self.router
         missing = vmoe_plugins.missing_members(router, vmoe_routing.ROUTER_MEMBERS)
         if missing:
@@ -270,10 +284,10 @@ class MoeLayer(nn.Module):
                 f"allowed: a name in {vmoe_routing.available_routers()} or an object with "
                 f"{list(vmoe_routing.ROUTER_MEMBERS)}"
             )
-        if router.num_experts != self.num_experts:
+        if router.num_experts != shape.num_experts:
             raise ValueError(
                 f"router {type(router).__name__} has num_experts={router.num_experts} but the "
-                f"layer has num_experts={self.num_experts}; they must be equal"
+                f"layer has num_experts={shape.num_experts}; they must be equal"
             )
         return _replace_router(router, options) if options else router
 
@@ -285,7 +299,9 @@ class MoeLayer(nn.Module):
 
     def make_experts(self) -> Any:
         return get_expert_type(
-            self.expert_type, mlp_dim=self.mlp_dim, **dict(self.expert_options or {})
+            self.expert_type,
+            mlp_dim=self.layer_shape().mlp_dim,
+            **dict(self.expert_options or {}),
         )
 
     @nn.compact
@@ -338,7 +354,7 @@ class MoeLayer(nn.Module):
         def init_experts(key):
             """{name: [E, *shape]}: each of the E experts drawn with its own key, or one draw
             copied to all of them ("shared")."""
-            e, dtype = self.num_experts, self.param_dtype
+            e, dtype = router.num_experts, self.param_dtype
             specs = sorted(experts.param_specs(d).items())
             draw = init_stacked if self.expert_init == "independent" else init_shared
             return {
@@ -427,6 +443,7 @@ class MoeLayer(nn.Module):
             # stats are the batch's (joined over devices by the exchange): the same everywhere.
             new_state = router.update_state(router_state, stats["metrics"])
             state_variable.value = jax.lax.stop_gradient(new_state)
+        y_gsd = y_gsd + self._branches(x_in_gsd, d)
         y_gsd = nn.Dropout(self.dropout_rate)(y_gsd, deterministic=deterministic)
         return MoeOutput(
             output=y_gsd.reshape(x.shape).astype(self.dtype),
@@ -434,6 +451,35 @@ class MoeLayer(nn.Module):
             aux_losses=stats["aux_losses"],
             metrics=stats["metrics"],
         )
+
+    def _branches(self, x_gsd: Array, d: int) -> Array | float:
+        """The sum of the variants' branches on every token (0.0 when there is none): dense
+        computations beside the routed experts, e.g. shared experts."""
+        variants = [(n, v) for n, v in make_variants(self.variants) if is_branch(v)]
+        if not variants:
+            return 0.0
+        shape = self.layer_shape()
+        total = 0.0
+        for name, variant in variants:
+            if name in (ROUTER_KEY, EXPERTS_KEY):
+                raise ValueError(f"a variant may not be named {name!r} (the layer's own params)")
+            specs = sorted(variant.param_specs(d, shape).items())
+
+            def init(key, specs=specs):
+                return {
+                    n: spec.init(jax.random.fold_in(key, i), spec.shape, self.param_dtype)
+                    for i, (n, spec) in enumerate(specs)
+                }
+
+            params = self.param(name, init)
+            y = variant(params, x_gsd.astype(self.dtype), shape=shape, dtype=self.dtype)
+            if y.shape != x_gsd.shape:
+                raise ValueError(
+                    f"MoE layer variant {name!r} returned shape {y.shape} for tokens of shape "
+                    f"{x_gsd.shape}; a branch must keep the shape"
+                )
+            total = total + y.astype(self.dtype)
+        return total
 
     def _run_blocks(self, expert_fn, expert_params, x_gsd, routing):
         """Experts on [B, b, D] blocks, each block with its expert's params gathered."""

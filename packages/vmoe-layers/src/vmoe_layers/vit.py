@@ -26,6 +26,7 @@ from vmoe_layers.exchange import ExpertExchange
 from vmoe_layers.experts import get_expert_type
 from vmoe_layers.moe import ROUTER_KEY, MoeLayer
 from vmoe_layers.placement import moe_block_indices
+from vmoe_layers.variants import freeze_variants
 
 Array = jax.Array
 CLASSIFIERS = ("token", "gap")
@@ -54,6 +55,8 @@ class MoeConfig:
       expert_init: "independent" (each expert drawn with its own key) or "shared" (one draw
         copied to every expert, as the V-MoE release's `split_rngs=False`; see `MoeLayer`).
       dropout_rate: dropout on the MoE layers' output; None: the model's `dropout_rate`.
+      variants: {name: {option: value}}: MoE layer variants (see `MoeLayer.variants`), e.g.
+        {"fine_grained": {"m": 4}} or {"shared_experts": {"num_shared": 1}} (plugins).
     """
 
     num_experts: int
@@ -66,6 +69,7 @@ class MoeConfig:
     dispatch_dtype: Any = None
     expert_init: str = "independent"
     dropout_rate: float | None = None
+    variants: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Hashable (flax modules holding this config can be hashed, e.g. as static jit args).
@@ -74,6 +78,7 @@ class MoeConfig:
         object.__setattr__(self, "router_options", FrozenDict(self.router_options or {}))
         if self.expert_options is not None:
             object.__setattr__(self, "expert_options", FrozenDict(self.expert_options))
+        object.__setattr__(self, "variants", freeze_variants(self.variants))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +208,7 @@ class EncoderBlock(nn.Module):
             exchange=self.exchange,
             dispatch_dtype=moe.dispatch_dtype,
             expert_init=moe.expert_init,
+            variants=moe.variants,
             name="moe",
         )(y, deterministic=deterministic, k=k, capacity_factor=capacity_factor)
         return x_btd + out.output, out
@@ -371,12 +377,7 @@ def update_router_state(
         return {}
     if model.moe is None:
         raise ValueError("router_state given for a model without MoE blocks")
-    router = MoeLayer(
-        num_experts=model.moe.num_experts,
-        mlp_dim=model.mlp_dim,
-        router=model.moe.router,
-        router_options=model.moe.router_options,
-    ).make_router()
+    router = model_router(model)
     updated: dict[str, Any] = {}
     for block, tree in router_state.items():
         key = f"moe_{block}"
@@ -389,3 +390,28 @@ def update_router_state(
         new = jax.lax.stop_gradient(router.update_state(state, metrics[key]))
         updated[block] = {"moe": {ROUTER_KEY: new}}
     return updated
+
+
+def moe_layer(model: VisionTransformer) -> MoeLayer:
+    """The (unbound) MoE layer of `model`'s MoE blocks, configured as its blocks build it: for
+    what a layer says of itself (`make_router()`, `layer_shape()`, `layer_flops`)."""
+    moe = model.moe
+    if moe is None:
+        raise ValueError("the model has no MoE blocks (model.moe is None)")
+    return MoeLayer(
+        num_experts=moe.num_experts,
+        mlp_dim=model.mlp_dim,
+        router=moe.router,
+        router_options=moe.router_options,
+        expert_type=moe.expert_type or model.mlp_type,
+        expert_options=model.mlp_options if moe.expert_options is None else moe.expert_options,
+        group_size=moe.group_size,
+        dispatch_dtype=moe.dispatch_dtype,
+        expert_init=moe.expert_init,
+        variants=moe.variants,
+    )
+
+
+def model_router(model: VisionTransformer) -> Any:
+    """The router object `model`'s MoE layers use (variants applied: e.g. a fine-grained K)."""
+    return moe_layer(model).make_router()

@@ -206,10 +206,7 @@ def evaluation_capacity(model: vl.VisionTransformer, override: float | None) -> 
     model, or a router without a capacity, such as soft or dropless routing)."""
     if model.moe is None:
         return None
-    moe = model.moe
-    router = vl.MoeLayer(
-        num_experts=moe.num_experts, mlp_dim=1, router=moe.router, router_options=moe.router_options
-    ).make_router()
+    router = vl.model_router(model)
     if getattr(router, "capacity_factor", None) is None:
         return None  # nothing an override could set
     if override is not None:
@@ -313,8 +310,16 @@ def build_model(
             dispatch_dtype=config_get(model_config, "moe.dispatch_dtype", "") or None,
             expert_init=config_get(model_config, "moe.expert_init", "independent"),
             dropout_rate=None if moe_dropout < 0 else moe_dropout,
+            variants=_to_dict(config_get(model_config, "moe.variants", None)),
         )
     return model.clone(**updates) if updates else model
+
+
+def _to_dict(node: Any) -> dict[str, Any]:
+    """A ConfigDict (or None, for configs saved before the field) as plain dicts."""
+    if node is None:
+        return {}
+    return node.to_dict() if hasattr(node, "to_dict") else dict(node)
 
 
 def model_family(name: Any) -> str | None:

@@ -177,9 +177,7 @@ def finetune_router_state(setup: Setup, directory: pathlib.Path, step: int) -> A
 
     def same_as_fresh(saved: Any) -> Any:  # read into fresh's layout, or not at all
         shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), x.dtype), tree)  # noqa: E731
-        if jax.tree.structure(saved) != jax.tree.structure(fresh) or shapes(saved) != shapes(
-            fresh
-        ):
+        if jax.tree.structure(saved) != jax.tree.structure(fresh) or shapes(saved) != shapes(fresh):
             return {}
         return checkpoints.abstract_like(fresh)
 

@@ -36,8 +36,16 @@ def resolve_pp(spec: str, local_devices: int) -> str:
     return spec.replace(LOCAL_DEVICES, str(int(local_devices)))
 
 
-# Dicts of free-form options: any key may be added (by an override or a config file).
-OPEN_FIELDS = ("model.moe.router_options",)
+# Dicts of free-form options: any key may be added (by an override or a config file), at any
+# depth below them (model.moe.variants.<variant name>.<option>).
+OPEN_FIELDS = ("model.moe.router_options", "model.moe.variants")
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is an open field or lies inside one."""
+    return any(path == f or path.startswith(f + ".") for f in OPEN_FIELDS)
+
+
 # Fields that take more than one type (the base config's value fixes the type of the others).
 UNION_FIELDS: Mapping[str, tuple[type, ...]] = {
     "model.moe.layers": (str, tuple),

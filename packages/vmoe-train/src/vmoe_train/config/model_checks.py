@@ -130,6 +130,7 @@ def check_model(checker: Checker, dataset: Any, images: Images, devices: int | N
     if rate is not MISSING and rate < 0 and rate != -1:
         checker.add("model.moe.dropout_rate", "must be in [0, 1), or -1 (model.dropout_rate)", rate)
     _check_router(checker, num_experts)
+    _check_variants(checker)
     _check_groups(checker, tokens, devices)
     if sizes is not None and not any(path.startswith("model.") for path in checker.bad):
         try:
@@ -176,6 +177,30 @@ def _check_router(checker: Checker, num_experts: Any) -> None:
         else:
             checker.problems.append(f"model.moe.router_options: {text}")
         checker.bad.add("model.moe.router_options")
+
+
+def _check_variants(checker: Checker) -> None:
+    """Each MoE layer variant named in model.moe.variants exists (else: the package that
+    provides it) and takes its options; the layer shape they make is checked by building the
+    model."""
+    import vmoe_layers
+
+    node = checker.config.model.moe
+    variants = node.get("variants") if isinstance(node, ConfigDict) else None
+    if not variants:
+        return
+    if not isinstance(variants, ConfigDict):
+        checker.add("model.moe.variants", "must be a group {variant name: {option: value}}")
+        return
+    for name, options in variants.items():
+        path = f"model.moe.variants.{name}"
+        if not isinstance(options, ConfigDict):
+            checker.add(path, "must be a group of the variant's options ({} for its defaults)")
+            continue
+        try:
+            vmoe_layers.get_variant(name, **options.to_dict())
+        except (ValueError, TypeError) as error:
+            checker.add(path, error_message(error))
 
 
 def _check_groups(checker: Checker, tokens: int | None, devices: int | None) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from vmoe_train.config.fields import (
-    OPEN_FIELDS,
     TYPE_NAMES,
     UNION_FIELDS,
     ConfigError,
+    is_open,
     unknown_field,
 )
 
@@ -29,7 +29,7 @@ def apply_overrides(
     where that is safe (int -> float, an integral float -> int, list -> tuple, "a,b" -> ("a",
     "b") for a tuple field, any text for a string field); other type changes are refused.
     Unknown fields are refused, naming the key and the fields at that level (with a close
-    match), except in `router_options`, an open dict of router options. Every problem is
+    match), except in the open dicts `router_options` and `variants`. Every problem is
     collected and raised as one ConfigError.
     """
     if isinstance(overrides, str):
@@ -69,10 +69,13 @@ def _apply_override(config: ConfigDict, key: str, raw: Any, is_text: bool) -> st
         if not isinstance(node, ConfigDict):
             return f"{shown}: {prefix} is a {type(node).__name__} value, not a group of fields"
         if part not in node:
-            if prefix in OPEN_FIELDS and depth == len(parts) - 1:
+            if is_open(prefix) and depth == len(parts) - 1:
                 node[part] = _parse_value(raw) if is_text else raw  # a new option
                 return None
-            return f"{key}: {unknown_field(part, node, prefix)}"
+            if is_open(prefix):  # a new group inside an open field (a variant's options)
+                node[part] = ConfigDict()
+            else:
+                return f"{key}: {unknown_field(part, node, prefix)}"
         if depth < len(parts) - 1:
             node = node[part]
     name = parts[-1]
@@ -113,7 +116,7 @@ def _convert(key: str, raw: Any, is_text: bool, current: Any) -> Any:
     if not kinds:  # a None field takes anything
         return deep_tuple(value)
     if isinstance(current, ConfigDict) and ConfigDict in kinds:
-        if key in OPEN_FIELDS and isinstance(value, Mapping):
+        if is_open(key) and isinstance(value, Mapping):
             return ConfigDict(dict(value))
         keys = sorted(current.keys())
         raise ValueError(f"is a group of fields; set them one by one: {key}.<one of {keys}>")

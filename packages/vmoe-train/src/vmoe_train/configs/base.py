@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     # experts (the V-MoE release's split_rngs=False: routing alone sets them apart).
     c.model.moe.expert_init = "independent"
     c.model.moe.dropout_rate = -1.0  # dropout on the MoE layers' output; -1: model.dropout_rate
+    # MoE layer variants (plugins, vmoe_layers.variants): {name: {option: value}}, e.g.
+    # model.moe.variants.fine_grained.m=4 (vmoe-moe-fine-grained: E*m experts of width H/m,
+    # K*m choices) or model.moe.variants.shared_experts.num_shared=1 (vmoe-moe-shared-experts).
+    c.model.moe.variants = ml_collections.ConfigDict()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # "softmax" or "sigmoid" cross-entropy
