@@ -30,6 +30,7 @@ PROJECTS = {
     "router-dropless": "plugins/vmoe-router-dropless",
     "router-soft": "plugins/vmoe-router-soft",
     "router-aux-free": "plugins/vmoe-router-aux-free",
+    "router-group-limited": "plugins/vmoe-router-group-limited",
     "experts-extra": "plugins/vmoe-experts-extra",
 }
 
@@ -232,16 +233,16 @@ def build(session: nox.Session) -> None:
 
 
 # hash, aux-free: in vmoe-layers' test extra
-MATRIX_PLUGIN_ROUTERS = ("expert-choice", "soft", "dropless")
+MATRIX_PLUGIN_ROUTERS = ("expert-choice", "soft", "dropless", "group-limited")
 
 
 @nox.session(name="sharding-matrix")
 def sharding_matrix(session: nox.Session) -> None:
     """Every sharding strategy on every 8-device mesh (1x8, 2x4, 4x2) vs one device, for every
-    router (top_k, bpr and the plugins hash, aux_free, expert_choice, soft, dropless): loss,
-    gradients, aux losses, metrics and a stateful router's state after 3 steps (70 compiled
-    train steps; the default tests-layers run covers BPR and aux_free on every case), and the
-    expert strategies across two processes vs one."""
+    router (top_k, bpr and the plugins hash, aux_free, expert_choice, soft, dropless,
+    group_limited): loss, gradients, aux losses, metrics and a stateful router's state after 3
+    steps (80 compiled train steps; the default tests-layers run covers BPR and aux_free on
+    every case), and the expert strategies across two processes vs one."""
     _install(session, PROJECTS["layers"])
     session.install(*(f"./plugins/vmoe-router-{name}" for name in MATRIX_PLUGIN_ROUTERS))
     session.run(

@@ -43,13 +43,15 @@ MATRIX_CASES = [("data", None)] + [
 ROUTERS = ("top_k", "bpr", "hash", "aux_free")
 # The matrix also runs the other plugin routers (`nox -s sharding-matrix` installs them), with
 # the options each takes; a router not listed gets DEFAULT_OPTIONS.
-MATRIX_ROUTERS = (*ROUTERS, "expert_choice", "soft", "dropless")
+MATRIX_ROUTERS = (*ROUTERS, "expert_choice", "soft", "dropless", "group_limited")
 DEFAULT_OPTIONS = {"k": 2, "capacity_factor": 1.05}
 ROUTER_OPTIONS = {
     "soft": {"slots_per_expert": 2},
     "dropless": {"k": 2, "block_size": 8},
     # A rate that moves the selection within a few steps (the gates start near 1/E), and BPR.
     "aux_free": {"k": 2, "capacity_factor": 1.05, "bias_rate": 0.02, "priority_score": "max"},
+    # 4 groups of 2 experts, 2 kept per token (on the (2, 4) mesh: one group per expert shard).
+    "group_limited": {"k": 2, "capacity_factor": 1.05, "num_expert_groups": 4, "topk_groups": 2},
 }
 # Routers with state: training steps run in a row, each fed the state the previous returned.
 # The default run checks STATEFUL_ROUTER under every strategy once; the matrix, on every mesh.

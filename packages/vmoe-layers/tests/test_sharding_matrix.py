@@ -1,8 +1,9 @@
 """Every strategy on every 8-device mesh equals one device, for every router of the project:
 top_k, bpr and the plugin routers hash, aux_free (its router state too, after several steps),
-expert_choice, soft and dropless (the expert strategies refuse dropless, with the reason).
+expert_choice, soft, dropless (the expert strategies refuse dropless, with the reason) and
+group_limited.
 
-70 compiled training steps: too slow for the default run. `nox -s sharding-matrix` runs it
+80 compiled training steps: too slow for the default run. `nox -s sharding-matrix` runs it
 (VMOE_SHARDING_MATRIX=1, the plugins installed); the default run covers BPR and aux_free with
 each strategy on one mesh (test_multidevice.py) and the plugin routers under data, expert and
 fsdp on (2, 4) (integration/tests/test_router_plugins.py).

@@ -65,6 +65,7 @@ PLUGIN_ROUTERS = {
     "dropless": "vmoe-router-dropless",
     "soft": "vmoe-router-soft",
     "aux_free": "vmoe-router-aux-free",
+    "group_limited": "vmoe-router-group-limited",
 }
 
 ROUTERS: Registry[Router] = Registry(
