@@ -97,9 +97,12 @@ def test_a_branch_adds_its_output_for_every_token():
     assert float(jnp.abs(grads["dense_branch"]["w1"]).sum()) > 0
 
 
-def test_variants_are_checked_by_name_with_the_package_to_install():
-    with pytest.raises(ValueError, match=r"pip install vmoe-moe-shared-experts"):
-        vl.MoeLayer(E, H, variants={"shared_experts": {}}).layer_shape()
+def test_variants_are_checked_by_name_with_the_package_to_install(monkeypatch):
+    # A known plugin variant that is not installed (the repository's may be, in this venv).
+    monkeypatch.setitem(vl.VARIANTS.known, "not_here", "vmoe-moe-not-here")
+    with pytest.raises(ValueError, match=r"pip install vmoe-moe-not-here"):
+        vl.MoeLayer(E, H, variants={"not_here": {}}).layer_shape()
+    assert vl.PLUGIN_VARIANTS["shared_experts"] == "vmoe-moe-shared-experts"
     with pytest.raises(TypeError, match=r"neither `configure` nor"):
         vl.MoeLayer(E, H, variants={"nothing": {}}).layer_shape()
     with pytest.raises(TypeError, match=r"variants\['halve'\]=3: must be a mapping"):
@@ -141,6 +144,17 @@ def test_the_flop_report_by_hand(variants):
     assert report.total == pytest.approx(report.router + report.buffers + branch)
     # Equal FLOPs per token routed whatever the granularity: K x 4 D H.
     assert report.routed == 2 * 4 * D * H
+
+
+def test_the_flop_report_of_a_router_with_state():
+    """The aux-free router (vmoe-layers' test extra) keeps a bias as state: counted alike."""
+    plain = vl.layer_flops(vl.MoeLayer(E, H), D, S)
+    stateful = vl.layer_flops(vl.MoeLayer(E, H, router="aux_free"), D, S)
+    assert (stateful.router, stateful.routed, stateful.total) == (
+        plain.router,
+        plain.routed,
+        plain.total,
+    )
 
 
 def test_matmul_flops_counts_dot_generals_inside_scans_and_jits():

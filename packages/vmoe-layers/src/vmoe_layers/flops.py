@@ -99,16 +99,15 @@ def layer_flops(
     total = matmul_flops(forward, variables, x) / s
 
     router = override_router(layer.make_router(), None, capacity_factor)
-    state = {}
-    if ROUTER_STATE in variables:
-        state = {"state": variables[ROUTER_STATE][ROUTER_KEY]}
+    # The router's state (a balancing bias) is an argument: traced, like its params.
+    state = variables.get(ROUTER_STATE, {}).get(ROUTER_KEY)
 
-    def route(p, x):
-        return router(p, x, deterministic=True, **state)
+    def route(p, state, x):
+        return router(p, x, deterministic=True, **({} if state is None else {"state": state}))
 
     router_params = variables["params"][ROUTER_KEY]
-    router_flops = matmul_flops(route, router_params, x)
-    routing = jax.eval_shape(route, router_params, x)
+    router_flops = matmul_flops(route, router_params, state, x)
+    routing = jax.eval_shape(route, router_params, state, x)
 
     experts = layer.make_experts()
     one_expert = {

@@ -134,7 +134,13 @@ def check_model(checker: Checker, dataset: Any, images: Images, devices: int | N
     _check_groups(checker, tokens, devices)
     if sizes is not None and not any(path.startswith("model.") for path in checker.bad):
         try:
-            build_model(checker.config, num_classes=getattr(dataset, "num_classes", None))
+            model = build_model(checker.config, num_classes=getattr(dataset, "num_classes", None))
+            if model.moe is not None and model.moe.variants:
+                # The shape the variants make (e.g. m dividing the experts' width), and the
+                # router and experts built from it.
+                layer = vmoe_layers.moe_layer(model)
+                layer.make_router()
+                layer.make_experts()
         except (ValueError, TypeError) as error:
             checker.add("model", error_message(error))
 
