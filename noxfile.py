@@ -32,6 +32,8 @@ PROJECTS = {
     "router-aux-free": "plugins/vmoe-router-aux-free",
     "router-group-limited": "plugins/vmoe-router-group-limited",
     "experts-extra": "plugins/vmoe-experts-extra",
+    "moe-fine-grained": "plugins/vmoe-moe-fine-grained",
+    "moe-shared-experts": "plugins/vmoe-moe-shared-experts",
 }
 
 nox.options.sessions = [f"tests-{name}" for name in PROJECTS] + ["integration", "lint"]
@@ -398,6 +400,10 @@ def bench_eval(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_eval.py", *session.posargs)
 
 
+# The plugins claim h's trainings use (reproduce/experiments.py).
+REPRODUCE_PLUGINS = ("router-aux-free", "moe-fine-grained", "moe-shared-experts")
+
+
 @nox.session
 def reproduce(session: nox.Session) -> None:
     """V-MoE's claims at small scale: reproduce/run.py trains and evaluates every experiment
@@ -405,6 +411,7 @@ def reproduce(session: nox.Session) -> None:
     set: about 45 minutes on 2 cores (40 measured before claim g's 9 runs; README). Arguments
     go to the script (e.g. `-- --claims a_bpr`, `-- --dataset tfds:cifar10`)."""
     _install(session, PROJECTS["eval"], extras="")
+    session.install(*(f"./{PROJECTS[name]}" for name in REPRODUCE_PLUGINS))
     session.run("python", "reproduce/run.py", *session.posargs)
 
 
@@ -413,6 +420,7 @@ def reproduce_smoke(session: nox.Session) -> None:
     """reproduce/run.py end to end on a generated image folder by its `--dataset` flag: every
     claim, 10 steps, one seed (15 trainings; integration/tests/test_reproduce_smoke.py)."""
     _install(session, PROJECTS["eval"])
+    session.install(*(f"./{PROJECTS[name]}" for name in REPRODUCE_PLUGINS))
     session.run(
         "pytest",
         "integration/tests/test_reproduce_smoke.py",
