@@ -418,7 +418,7 @@ def reproduce(session: nox.Session) -> None:
 @nox.session(name="reproduce-smoke")
 def reproduce_smoke(session: nox.Session) -> None:
     """reproduce/run.py end to end on a generated image folder by its `--dataset` flag: every
-    claim, 10 steps, one seed (15 trainings; integration/tests/test_reproduce_smoke.py)."""
+    claim, 10 steps, one seed (21 trainings; integration/tests/test_reproduce_smoke.py)."""
     _install(session, PROJECTS["eval"])
     session.install(*(f"./{PROJECTS[name]}" for name in REPRODUCE_PLUGINS))
     session.run(

@@ -18,8 +18,11 @@ UPCYCLE_SCALE = 0.5  # claim g: T = U = STEPS / 2 (dense, then continued); from 
 
 # What each run is evaluated on: "accuracy" (test), "sweep" (capacity x K, vanilla and BPR
 # filling), "routing" (expert-class/position statistics), "fewshot" (linear transfer on the
-# model's own classes), "transfer_fewshot" (linear transfer to the classes it never saw).
+# model's own classes), "transfer_fewshot" (linear transfer to the classes it never saw),
+# "curve" (the training's expert-load CV and dropped choices, step by step, and the MoE layer's
+# FLOPs per token).
 MOE_EVALUATIONS = ("accuracy", "sweep", "routing")
+CURVE_EVALUATIONS = ("accuracy", "curve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,9 @@ _NO_AUX = (
     "model.moe.router_options.importance_loss_weight=0.0",
     "model.moe.router_options.load_loss_weight=0.0",
 )
+
+# Claim h's balancing arms: V-MoE-Mu/2 with 16 experts per MoE layer (every other block), K=2.
+_E16 = ("model.moe.num_experts=16",)
 
 # Claim g's dense model: the twin with the experts' MLP width (128, not the FLOP-matched 192),
 # so that every expert can start as a copy of its block's MLP.
@@ -182,6 +188,49 @@ TRAININGS = {
             steps_scale=UPCYCLE_SCALE,
             parent="vit_upcycle_source",
         ),
+        Training(
+            "h_aux_loss",
+            "digits_vmoe",
+            _E16,
+            "V-MoE-Mu/2 with E=16, K=2, balanced by V-MoE's importance and load losses",
+            CURVE_EVALUATIONS,
+        ),
+        Training(
+            "h_aux_free",
+            "digits_vmoe",
+            (*_E16, "model.moe.router=aux_free", *_NO_AUX),
+            "the same, balanced by an aux-loss-free selection bias (sign rule, u = 0.001), no "
+            "aux loss",
+            CURVE_EVALUATIONS,
+        ),
+        Training(
+            "h_no_balance",
+            "digits_vmoe",
+            (*_E16, *_NO_AUX),
+            "the same, with no balancing at all",
+            CURVE_EVALUATIONS,
+        ),
+        Training(
+            "h_coarse",
+            "digits_vmoe",
+            (),
+            "coarse: V-MoE-Mu/2, E=4 experts of width 128, K=2 (digits_vmoe itself)",
+            CURVE_EVALUATIONS,
+        ),
+        Training(
+            "h_fine",
+            "digits_vmoe",
+            ("model.moe.variants.fine_grained.m=4",),
+            "fine-grained: E=16 experts of width 32, K=8 (the coarse model's expert FLOPs)",
+            CURVE_EVALUATIONS,
+        ),
+        Training(
+            "h_shared",
+            "digits_vmoe",
+            ("model.moe.router_options.k=1", "model.moe.variants.shared_experts.num_shared=1"),
+            "coarse K=1 plus 1 shared expert of width 128 (the coarse model's expert FLOPs)",
+            CURVE_EVALUATIONS,
+        ),
     )
 }
 
@@ -201,6 +250,8 @@ CLAIMS = {
     ),
     "f_aux": ("vmoe_top_k", "vmoe_no_aux"),
     "g_upcycle": ("vit_upcycle_source", "vit_continued", "vmoe_upcycled", "vmoe_top_k"),
+    "h_balance": ("h_aux_loss", "h_aux_free", "h_no_balance"),
+    "h_granularity": ("h_coarse", "h_fine", "h_shared"),
 }
 
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 import textwrap
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+# The claims with modules of their own sit beside this file (importable however it is loaded).
+if str(pathlib.Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import claim_h
 
 # The fields of a sweep point kept per run.
 SWEEP_FIELDS = (
@@ -65,6 +71,8 @@ def _points(runs: list[dict], router: str, k: int, factor: float) -> list[dict]:
 
 def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
     """The claim's numbers: means and standard deviations over the seeds of each training."""
+    if claim in claim_h.CLAIMS:
+        return claim_h.aggregate(claim, per_run, _stats, _versus)
     if claim == "a_bpr":
         return {"claim": claim, "curves": _capacity_curves(per_run, ("vmoe_top_k", "vmoe_bpr"))}
     if claim == "d_k":
@@ -415,6 +423,8 @@ def tables(aggregates: Mapping[str, dict]) -> str:
                     f"{_pm(arm['accuracy'])} |"
                 )
             lines += ["", data["finding"]]
+        elif claim in claim_h.CLAIMS:
+            lines = claim_h.table(claim, data, _pm)
         else:
             raise ValueError(f"unknown claim {claim!r}")
         parts.append("\n".join(lines))
@@ -433,6 +443,13 @@ def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if claim in claim_h.CLAIMS:
+        figure = plt.figure(figsize=(9, 4))
+        claim_h.plot(claim, data, figure)
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
     figure, axes = plt.subplots(figsize=(6, 4))
     if claim == "a_bpr":
         for curve in data["curves"]:

@@ -147,6 +147,28 @@ def training_curve(path: pathlib.Path) -> dict[str, list[float]]:
     return curve
 
 
+def moe_flops(run: Any) -> dict[str, Any]:
+    """One MoE layer's FLOPs per token at the training capacity (`vmoe_layers.layer_flops`,
+    counted from its programs): the router, the chosen experts, the capacity buffers, the
+    variants' branches (shared experts)."""
+    import vmoe_layers as vl
+    from vmoe_eval import routing_stats
+
+    layer = vl.moe_layer(run.model)
+    shape = layer.layer_shape()
+    flops = vl.layer_flops(
+        layer,
+        run.model.hidden_size,
+        routing_stats.group_size(run),
+        capacity_factor=getattr(layer.make_router(), "capacity_factor", None),
+    )
+    return {
+        "experts": shape.num_experts,
+        "expert_width": shape.mlp_dim,
+        **dataclasses.asdict(flops),
+    }
+
+
 def fewshot(run: Any) -> dict[str, float]:
     """Few-shot linear accuracy on frozen features, per number of shots (mean over 3 draws)."""
     import vmoe_eval
@@ -180,7 +202,10 @@ def evaluate_run(
             run, experiments.CAPACITY_FACTORS, ks=(1, 2), routers=("top_k", "bpr")
         )
         result["sweep"] = [{key: p[key] for key in report.SWEEP_FIELDS} for p in points]
+    if "sweep" in evaluations or "curve" in evaluations:
         result["training_curve"] = training_curve(workdir / "metrics.jsonl")
+    if "curve" in evaluations:
+        result["moe_flops"] = moe_flops(run)
     if "routing" in evaluations:
         analysis = vmoe_eval.routing_analysis(run)
         if figures is not None:

@@ -281,6 +281,75 @@ def test_an_upcycled_run_without_its_source_seed_is_an_error():
         report.aggregate("g_upcycle", runs)
 
 
+def _h_run(training, seed, accuracy, cv_scale, flops):
+    """A claim-h per-run result: 20 logged steps, load CV cv_scale * (seed + 1) * step / 1000."""
+    steps = list(range(25, 525, 25))
+    return {
+        "training": training,
+        "seed": seed,
+        "test_accuracy": accuracy + 0.01 * seed,
+        "train_seconds": 60.0 + seed,
+        "training_curve": {
+            "step": steps,
+            "load_cv": [cv_scale * (seed + 1) * s / 1000 for s in steps],
+            "dropped_fraction": [cv_scale * s / 10000 for s in steps],
+        },
+        "moe_flops": flops,
+    }
+
+
+def _flops(experts, width, k, router, branches=0.0):
+    expert = 4 * 64 * width
+    return {
+        "experts": experts,
+        "expert_width": width,
+        "router": router,
+        "expert": expert,
+        "k": k,
+        "routed": k * expert,
+        "capacity": 40,
+        "buffers": experts * 40 * expert / 136,
+        "branches": {"shared_experts": branches} if branches else {},
+        "total": 0.0,
+    }
+
+
+def test_balance_claim_means_the_last_tenth_and_writes_its_sentence():
+    arms = (("h_aux_loss", 0.95, 0.5), ("h_aux_free", 0.96, 0.1), ("h_no_balance", 0.90, 2.0))
+    per_run = {
+        t: [_h_run(t, s, a, scale, _flops(16, 128, 2, 2048)) for s in (0, 1, 2)]
+        for t, a, scale in arms
+    }
+    data = report.aggregate("h_balance", per_run)
+    rows = {row["training"]: row for row in data["rows"]}
+    # The last tenth of 20 logged steps: the last 2 (475, 500), averaged, then over seeds.
+    cv = [scale * (s + 1) * (475 + 500) / 2000 for s in (0, 1, 2) for scale in (0.1,)]
+    assert rows["h_aux_free"]["final_load_cv"]["mean"] == pytest.approx(statistics.mean(cv))
+    assert rows["h_aux_free"]["final_load_cv"]["std"] == pytest.approx(statistics.stdev(cv))
+    assert rows["h_no_balance"]["accuracy"]["mean"] == pytest.approx(0.91)
+    assert (
+        "CV is 0.10 with the aux-loss-free bias, 0.49 with V-MoE's aux losses" in (data["finding"])
+    )
+    text = report.tables({"h_balance": data})
+    assert "| aux-loss-free bias | h_aux_free | 97.0 ± 1.0 |" in text
+    assert data["finding"] in text
+
+
+def test_granularity_claim_states_the_expert_flops_of_each_model():
+    models = (
+        ("h_coarse", _flops(4, 128, 2, 512)),
+        ("h_fine", _flops(16, 32, 8, 2048)),
+        ("h_shared", _flops(4, 128, 1, 512, branches=4 * 64 * 128)),
+    )
+    per_run = {t: [_h_run(t, s, 0.95, 1.0, f) for s in (0, 1, 2)] for t, f in models}
+    data = report.aggregate("h_granularity", per_run)
+    assert {row["expert_flops"] for row in data["rows"]} == {2 * 4 * 64 * 128}
+    assert data["finding"].startswith("at equal expert FLOPs per token (65,536 per MoE layer)")
+    assert "the fine-grained gate costs 4x" in data["finding"]
+    text = report.tables({"h_granularity": data})
+    assert "| coarse K=1 + 1 shared | h_shared | 4 x 128, K=1 + 1 shared | 65,536 | 512 |" in text
+
+
 def test_readme_tables_are_the_committed_results():
     """The README quotes docs/results/summary.md, which is `tables(load(docs/results))`."""
     results = ROOT / "docs" / "results"

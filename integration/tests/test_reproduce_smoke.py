@@ -1,5 +1,5 @@
 """reproduce/run.py end to end on a user's image folder, every claim, by the one `--dataset`
-flag: 15 trainings of 10 steps or fewer, one seed (about 6 minutes on 2 cores, so it runs in
+flag: 21 trainings of 10 steps or fewer, one seed (about 8 minutes on 2 cores, so it runs in
 `nox -s reproduce-smoke`, not in the default run; the default run validates every experiment's
 config on an image folder in test_reproduce_settings.py)."""
 
@@ -48,11 +48,12 @@ def test_every_claim_runs_on_an_image_folder(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    for claim in ("**a.", "**b.", "**c.", "**d.", "**e.", "**f.", "**g."):
+    for claim in ("**a.", "**b.", "**c.", "**d.", "**e.", "**f.", "**g.", "**h. Bal", "**h. Gra"):
         assert claim in summary
     assert "from classes 0,1 to classes 2,3" in summary  # halves of the folder's 4 classes
-    assert len(list((out / "runs").glob("*-seed0.json"))) == 15
-    for name in ("a_bpr", "b_dense", "c_routing", "d_k", "e_transfer", "f_aux", "g_upcycle"):
+    assert len(list((out / "runs").glob("*-seed0.json"))) == 21
+    names = ("a_bpr", "b_dense", "c_routing", "d_k", "e_transfer", "f_aux", "g_upcycle")
+    for name in (*names, "h_balance", "h_granularity"):
         assert (out / f"{name}.png").stat().st_size > 0
     finetuned = json.loads((out / "runs" / "vmoe_finetuned-seed0.json").read_text())
     assert "dataset.name=image_folder:" in " ".join(finetuned["settings"])
