@@ -77,6 +77,30 @@ def test_routing_alone_then_the_hash_plugin(fresh_venv):
     )
 
 
+def test_the_router_plugins_of_later_moe_practice_install_and_uninstall(fresh_venv):
+    """aux_free and group_limited need vmoe-routing only: installed they are routers, and
+    uninstalled their names leave and asking for one names its package (this runs after the
+    test above, in the same environment)."""
+    python = str(fresh_venv / "python")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    plugins = ("vmoe-router-aux-free", "vmoe-router-group-limited")
+    run(*pip, *(str(ROOT / "plugins" / name) for name in plugins))
+    assert (
+        run(python, "-c", LIST_ROUTERS).strip() == "['aux_free', 'bpr', 'group_limited', 'top_k']"
+    )
+    run(python, "-m", "pip", "uninstall", "--yes", "--quiet", *plugins)
+    assert run(python, "-c", LIST_ROUTERS).strip() == "['bpr', 'top_k']"
+    for router, package in zip(("aux_free", "group_limited"), plugins, strict=True):
+        code = (
+            "import vmoe_routing as vr\n"
+            "try:\n"
+            f"    vr.get_router({router!r}, num_experts=4)\n"
+            "except ValueError as error:\n"
+            "    print(error)\n"
+        )
+        assert f"which is not installed: pip install {package};" in run(python, "-c", code)
+
+
 def test_the_running_interpreter_is_not_the_fresh_one(fresh_venv):
     # Guards the test above against silently using the session's own environment.
     assert pathlib.Path(sys.executable).resolve().parent != fresh_venv.resolve()

@@ -561,6 +561,42 @@ def test_a_plugin_name_not_installed_names_the_package_to_install(monkeypatch, f
     assert "pip install vmoe-plugin-not-here; installed: [" in problems[0]
 
 
+def test_a_layer_variant_not_installed_names_the_package_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("vmoe_layers").VARIANTS.known, "not_here", "vmoe-moe-not-here")
+    problems = cfg.validate_config(vmoe("model.moe.variants.not_here.size=2"))
+    assert len(problems) == 1 and problems[0].startswith("model.moe.variants.not_here: ")
+    assert "pip install vmoe-moe-not-here; installed: [" in problems[0]
+
+
+def test_layer_variant_options_are_checked_against_the_model(monkeypatch):
+    """A variant's own options, and the layer shape it makes from the model's sizes."""
+
+    class Halve:
+        def __init__(self, m: int = 2):
+            self.m = m
+
+        def configure(self, shape):
+            if shape.mlp_dim % self.m:
+                raise ValueError(f"m={self.m} must divide mlp_dim={shape.mlp_dim}")
+            return shape.replace(mlp_dim=shape.mlp_dim // self.m)
+
+    class Plugin:
+        @__import__("vmoe_plugins").hookimpl
+        def vmoe_moe_variants(self):
+            return {"halve_for_test": Halve}
+
+    plugins = __import__("vmoe_plugins")
+    name = plugins.register_plugin(Plugin(), name="halve-for-test")
+    try:
+        assert cfg.validate_config(vmoe("model.moe.variants.halve_for_test.m=4")) == []
+        problems = cfg.validate_config(vmoe("model.moe.variants.halve_for_test.m=3"))
+        assert problems and "m=3 must divide mlp_dim=128" in problems[0]
+        problems = cfg.validate_config(vmoe("model.moe.variants.halve_for_test.size=3"))
+        assert problems[0].startswith("model.moe.variants.halve_for_test: ")
+    finally:
+        plugins.unregister_plugin(name)
+
+
 def _callbacks_installed(monkeypatch, evaluators: bool) -> None:
     """The callback registry as if vmoe-eval (its "evaluators" callback) were installed or not,
     whatever this environment has."""
