@@ -194,21 +194,15 @@ class EncoderBlock(nn.Module):
             )(y, deterministic=deterministic)
             return x_btd + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic), None
         moe = self.moe
-        out = MoeLayer(
-            num_experts=moe.num_experts,
-            mlp_dim=self.mlp_dim,
-            router=moe.router,
-            router_options=moe.router_options,
-            expert_type=moe.expert_type or self.mlp_type,
-            expert_options=self.mlp_options if moe.expert_options is None else moe.expert_options,
-            group_size=moe.group_size,
+        out = _moe_layer_of(
+            moe,
+            self.mlp_dim,
+            self.mlp_type,
+            self.mlp_options,
             dropout_rate=self.dropout_rate if moe.dropout_rate is None else moe.dropout_rate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             exchange=self.exchange,
-            dispatch_dtype=moe.dispatch_dtype,
-            expert_init=moe.expert_init,
-            variants=moe.variants,
             name="moe",
         )(y, deterministic=deterministic, k=k, capacity_factor=capacity_factor)
         return x_btd + out.output, out
@@ -395,20 +389,28 @@ def update_router_state(
 def moe_layer(model: VisionTransformer) -> MoeLayer:
     """The (unbound) MoE layer of `model`'s MoE blocks, configured as its blocks build it: for
     what a layer says of itself (`make_router()`, `layer_shape()`, `layer_flops`)."""
-    moe = model.moe
-    if moe is None:
+    if model.moe is None:
         raise ValueError("the model has no MoE blocks (model.moe is None)")
+    return _moe_layer_of(model.moe, model.mlp_dim, model.mlp_type, model.mlp_options)
+
+
+def _moe_layer_of(
+    moe: MoeConfig, mlp_dim: int, mlp_type: str, mlp_options: Any, **layer: Any
+) -> MoeLayer:
+    """The MoeLayer `moe` describes in a model of MLP width `mlp_dim` and type `mlp_type`
+    (the experts' type and options where `moe` sets none), with `layer`'s other fields."""
     return MoeLayer(
         num_experts=moe.num_experts,
-        mlp_dim=model.mlp_dim,
+        mlp_dim=mlp_dim,
         router=moe.router,
         router_options=moe.router_options,
-        expert_type=moe.expert_type or model.mlp_type,
-        expert_options=model.mlp_options if moe.expert_options is None else moe.expert_options,
+        expert_type=moe.expert_type or mlp_type,
+        expert_options=mlp_options if moe.expert_options is None else moe.expert_options,
         group_size=moe.group_size,
         dispatch_dtype=moe.dispatch_dtype,
         expert_init=moe.expert_init,
         variants=moe.variants,
+        **layer,
     )
 
 
