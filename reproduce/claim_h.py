@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from over_seeds import pm, stats, versus
 
 CLAIMS = ("h_balance", "h_granularity")
 BALANCE = (
@@ -29,18 +30,16 @@ GRANULARITY = (
 TAIL = 10  # the final values: the mean over the last tenth of the logged steps
 
 
-def aggregate(claim: str, per_run: Mapping[str, list[dict]], stats: Any, versus: Any) -> dict:
-    """The claim's numbers (`stats`: mean/std/n of values; `versus`: the comparison phrase)."""
+def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict:
+    """The claim's numbers: each arm's means and spreads over seeds, and its sentence."""
     arms = BALANCE if claim == "h_balance" else GRANULARITY
-    rows = [_row(training, label, per_run[training], stats) for training, label in arms]
+    rows = [_row(training, label, per_run[training]) for training, label in arms]
     data = {"claim": claim, "rows": rows}
-    data["finding"] = (_balance_finding if claim == "h_balance" else _granularity_finding)(
-        data, versus
-    )
+    data["finding"] = (_balance_finding if claim == "h_balance" else _granularity_finding)(data)
     return data
 
 
-def _row(training: str, label: str, runs: list[dict], stats: Any) -> dict[str, Any]:
+def _row(training: str, label: str, runs: list[dict]) -> dict[str, Any]:
     steps = runs[0]["training_curve"]["step"]
     tail = max(1, len(steps) // TAIL)
     flops = runs[0]["moe_flops"]
@@ -86,7 +85,7 @@ def _dropped(row: Mapping[str, Any]) -> str:
     return f"{row['final_dropped_fraction']['mean'] * 100:.1f}%"
 
 
-def _balance_finding(data: Mapping[str, Any], versus: Any) -> str:
+def _balance_finding(data: Mapping[str, Any]) -> str:
     rows = _by(data)
     loss, free, none = rows["h_aux_loss"], rows["h_aux_free"], rows["h_no_balance"]
     return (
@@ -98,7 +97,7 @@ def _balance_finding(data: Mapping[str, Any], versus: Any) -> str:
     )
 
 
-def _granularity_finding(data: Mapping[str, Any], versus: Any) -> str:
+def _granularity_finding(data: Mapping[str, Any]) -> str:
     rows = _by(data)
     coarse, fine, shared = rows["h_coarse"], rows["h_fine"], rows["h_shared"]
     equal = len({row["expert_flops"] for row in data["rows"]}) == 1
@@ -117,8 +116,8 @@ def _granularity_finding(data: Mapping[str, Any], versus: Any) -> str:
     )
 
 
-def table(claim: str, data: Mapping[str, Any], pm: Any) -> list[str]:
-    """The claim's markdown lines (`pm`: the "mean ± std" formatter)."""
+def table(claim: str, data: Mapping[str, Any]) -> list[str]:
+    """The claim's markdown lines."""
     if claim == "h_balance":
         lines = [
             "**h. Balancing** (E=16 experts per MoE layer, K=2; load CV and dropped choices: "

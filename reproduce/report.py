@@ -1,17 +1,17 @@
 """Per-claim aggregates over seeds (mean and standard deviation), their tables and plots.
 
 Pure functions of the per-run results that `run.py` writes, so the README's tables can be
-checked against the committed JSON (`tables(load(out))` is what `summary.md` holds).
+checked against the committed JSON (`tables(load(out))` is what `summary.md` holds). Claims g
+and h live in modules of their own (claim_g.py, claim_h.py), the numbers over seeds and their
+text in over_seeds.py; this module dispatches.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
-import textwrap
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,11 @@ import numpy as np
 # The claims with modules of their own sit beside this file (importable however it is loaded).
 if str(pathlib.Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import claim_g
 import claim_h
+from over_seeds import pm as _pm
+from over_seeds import span as _span
+from over_seeds import stats as _stats
 
 # The fields of a sweep point kept per run.
 SWEEP_FIELDS = (
@@ -32,24 +36,6 @@ SWEEP_FIELDS = (
     "moe_flops_relative",
 )
 K_TABLE_CAPACITY = 1.0  # claim d compares K at this inference capacity factor
-# Claim g's arms: (key, label, the trainings an arm is made of, in order; its accuracy is the
-# last one's, its training time the sum of all of theirs, seed by seed).
-UPCYCLE_ARMS = (
-    ("source", "dense after T (the source)", ("vit_upcycle_source",)),
-    ("dense", "(i) dense, continued", ("vit_upcycle_source", "vit_continued")),
-    ("upcycled", "(ii) upcycled", ("vit_upcycle_source", "vmoe_upcycled")),
-    ("scratch", "(iii) V-MoE from scratch", ("vmoe_top_k",)),
-)
-DIGITS_TRAIN_IMAGES = 1253
-
-
-def _stats(values: Iterable[float]) -> dict[str, float]:
-    array = np.asarray(list(values), dtype=np.float64)
-    return {
-        "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-        "n": len(array),
-    }
 
 
 def _points(runs: list[dict], router: str, k: int, factor: float) -> list[dict]:
@@ -72,7 +58,7 @@ def _points(runs: list[dict], router: str, k: int, factor: float) -> list[dict]:
 def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
     """The claim's numbers: means and standard deviations over the seeds of each training."""
     if claim in claim_h.CLAIMS:
-        return claim_h.aggregate(claim, per_run, _stats, _versus)
+        return claim_h.aggregate(claim, per_run)
     if claim == "a_bpr":
         return {"claim": claim, "curves": _capacity_curves(per_run, ("vmoe_top_k", "vmoe_bpr"))}
     if claim == "d_k":
@@ -166,11 +152,8 @@ def aggregate(claim: str, per_run: Mapping[str, list[dict]]) -> dict[str, Any]:
             "transfer_classes": first["transfer_classes"],
             "models": models,
         }
-    if claim == "g_upcycle":
-        data = {"claim": claim, "dataset": _dataset(per_run["vit_upcycle_source"][0])}
-        data["arms"] = [_upcycle_arm(per_run, *arm) for arm in UPCYCLE_ARMS]
-        data["finding"] = upcycle_finding(data)
-        return data
+    if claim == claim_g.CLAIM:
+        return claim_g.aggregate(per_run, _dataset(per_run["vit_upcycle_source"][0]))
     raise ValueError(f"unknown claim {claim!r}")
 
 
@@ -180,100 +163,6 @@ def _dataset(result: dict) -> str:
         s.split("=", 1)[1] for s in result.get("settings", ()) if s.startswith("dataset.name=")
     ]
     return names[-1] if names else "digits"
-
-
-def _upcycle_arm(
-    per_run: Mapping[str, list[dict]], key: str, label: str, trainings: tuple[str, ...]
-) -> dict[str, Any]:
-    """One arm of claim g: its runs paired by seed (the continuation with its own source)."""
-    by_seed = [{r["seed"]: r for r in per_run[t]} for t in trainings]
-    seeds = sorted(by_seed[-1])
-    missing = [
-        (t, s) for t, runs in zip(trainings, by_seed, strict=True) for s in seeds if s not in runs
-    ]
-    if missing:
-        raise ValueError(
-            f"claim g's arm {label!r} adds up {trainings} seed by seed; missing (training, seed): "
-            f"{missing}"
-        )
-    last = [by_seed[-1][s] for s in seeds]
-    return {
-        "arm": key,
-        "label": label,
-        "trainings": list(trainings),
-        "model": last[0]["model"],
-        "seeds": seeds,
-        "steps": [[runs[s]["steps"] for s in seeds] for runs in by_seed],  # per training, seed
-        "train_seconds": [_stats(runs[s]["train_seconds"] for s in seeds) for runs in by_seed],
-        "total_seconds": _stats(sum(runs[s]["train_seconds"] for runs in by_seed) for s in seeds),
-        "accuracy": _stats(r["test_accuracy"] for r in last),
-        "seed_accuracy": [r["test_accuracy"] for r in last],
-    }
-
-
-def _difference(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float | None]:
-    """(mean a - mean b, the seeds' spread of that difference, sqrt(std_a^2 + std_b^2)), both
-    in points; the spread is None with one seed."""
-    spread = math.hypot(a["std"], b["std"]) * 100 if min(a["n"], b["n"]) > 1 else None
-    return (a["mean"] - b["mean"]) * 100, spread
-
-
-def _versus(a: Mapping[str, float], b: Mapping[str, float], name: str) -> str:
-    """ "level with NAME (B%; +0.3 points, within the seeds' spread of 1.2)", or "1.5 points
-    above / below NAME (B%)"."""
-    difference, spread = _difference(a, b)
-    side = "above" if difference > 0 else "below"
-    if spread is None:
-        return f"{abs(difference):.1f} points {side} {name} ({_pct(b)}; one seed: no spread)"
-    if abs(difference) <= spread:
-        return (
-            f"level with {name} ({_pct(b)}; {difference:+.1f} points, within the seeds' spread "
-            f"of {spread:.1f})"
-        )
-    return f"{abs(difference):.1f} points {side} {name} ({_pct(b)})"
-
-
-def _pct(stats: Mapping[str, float]) -> str:
-    return f"{stats['mean'] * 100:.1f}%"
-
-
-def upcycle_finding(data: Mapping[str, Any]) -> str:
-    """Claim g's sentence, written from its numbers (the table prints it under it)."""
-    arms = {arm["arm"]: arm for arm in data["arms"]}
-    source, dense, upcycled, scratch = (arms[k] for k in ("source", "dense", "upcycled", "scratch"))
-    seconds = {k: f"{arm['total_seconds']['mean']:.0f} s" for k, arm in arms.items()}
-    text = (
-        f"Upcycled after {_span(source['steps'][0])} dense steps "
-        f"({_pct(source['accuracy'])}), the V-MoE reaches {_pct(upcycled['accuracy'])} in "
-        f"{_span(upcycled['steps'][-1])} more steps: "
-        f"{_versus(upcycled['accuracy'], dense['accuracy'], 'continuing dense')} and "
-        f"{_versus(upcycled['accuracy'], scratch['accuracy'], 'the V-MoE from scratch')}, in "
-        f"{seconds['upcycled']} of training against {seconds['dense']} dense and "
-        f"{seconds['scratch']} from scratch."
-    )
-    if data["dataset"] != "digits":
-        return text
-    difference, spread = _difference(upcycled["accuracy"], dense["accuracy"])
-    gained = spread is not None and difference > spread
-    return text + (
-        f" The digits are data-limited (the models fit their {DIGITS_TRAIN_IMAGES:,} training "
-        "images): "
-        + (
-            "this gain need not come from the experts' added parameters, the capacity that "
-            "upcycling adds at scale: the V-MoE also spends 1.5x the dense model's MLP compute "
-            "per token."
-            if gained
-            else "the experts' added parameters have little left to learn here, so the gain "
-            "upcycling is for at scale (capacity added to a trained dense model) is not to be "
-            "expected."
-        )
-    )
-
-
-def _span(values: list[int]) -> str:
-    """ "2000", or "1928-2062" where the seeds' values differ."""
-    low, high = min(values), max(values)
-    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def _per_shots(runs: list[dict], field: str) -> dict[str, dict[str, float]]:
@@ -300,10 +189,6 @@ def _capacity_curves(per_run: Mapping[str, list[dict]], trainings: tuple[str, ..
                 )
             curves.append({"training": training, "eval_router": router, "k": k, "points": points})
     return curves
-
-
-def _pm(stats: Mapping[str, float], scale: float = 100.0, digits: int = 1) -> str:
-    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
 def tables(aggregates: Mapping[str, dict]) -> str:
@@ -401,30 +286,10 @@ def tables(aggregates: Mapping[str, dict]) -> str:
                     f"| {row['model']} | {_pm(row['pretrain_accuracy'])} | {cells} | "
                     f"{_pm(row['finetuned_accuracy'])} | {_pm(row['scratch_accuracy'])} |"
                 )
-        elif claim == "g_upcycle":
-            lines = [
-                "**g. Sparse upcycling** (ViT-Mu/2 with MLP hidden 128 trained T steps, then U "
-                "more: dense, or upcycled into the V-MoE, every expert a copy of its block's MLP "
-                "and the routers fresh, each continuation with a new warmup and cosine schedule; "
-                "against the V-MoE from scratch for T + U steps; training time: the trainer's "
-                "loop seconds, summed over the runs an arm is made of)",
-                "",
-                "| arm | trained | model | steps | training time (s) | test accuracy (%) |",
-                "|---|---|---|---|---|---|",
-            ]
-            for arm in data["arms"]:
-                seconds = _pm(arm["total_seconds"], 1, 0)
-                if len(arm["trainings"]) > 1:
-                    parts_seconds = " + ".join(f"{t['mean']:.0f}" for t in arm["train_seconds"])
-                    seconds = f"{parts_seconds} = {seconds}"
-                lines.append(
-                    f"| {arm['label']} | {' + '.join(arm['trainings'])} | {arm['model']} | "
-                    f"{' + '.join(map(_span, arm['steps']))} | {seconds} | "
-                    f"{_pm(arm['accuracy'])} |"
-                )
-            lines += ["", data["finding"]]
+        elif claim == claim_g.CLAIM:
+            lines = claim_g.table(data)
         elif claim in claim_h.CLAIMS:
-            lines = claim_h.table(claim, data, _pm)
+            lines = claim_h.table(claim, data)
         else:
             raise ValueError(f"unknown claim {claim!r}")
         parts.append("\n".join(lines))
@@ -524,31 +389,8 @@ def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
             },
         )
         axes.set_ylabel("accuracy on the held-out classes")
-    elif claim == "g_upcycle":
-        # points, not bars: the arms differ by a point or two near 95%, which bars from 0 hide
-        arms = data["arms"]
-        x = np.arange(len(arms))
-        means = [arm["accuracy"]["mean"] for arm in arms]
-        axes.errorbar(
-            x,
-            means,
-            yerr=[arm["accuracy"]["std"] for arm in arms],
-            fmt="o",
-            capsize=4,
-            label="mean ± std over seeds",
-        )
-        for i, arm in enumerate(arms):
-            axes.plot(
-                [i + 0.12] * len(arm["seed_accuracy"]),
-                arm["seed_accuracy"],
-                "k.",
-                ms=4,
-                label="one seed" if i == 0 else None,
-            )
-            axes.annotate(f"{means[i] * 100:.1f}%", (i - 0.12, means[i]), ha="right", fontsize=7)
-        axes.set_xticks(x, [_upcycle_tick(arm) for arm in arms], fontsize=7)
-        axes.set_xlim(-0.6, len(arms) - 0.4)
-        axes.set_ylabel("test accuracy")
+    elif claim == claim_g.CLAIM:
+        claim_g.plot(data, axes)
     if claim != "d_k":
         axes.legend(fontsize=7)
     axes.set_title(claim)
@@ -556,12 +398,6 @@ def plot(claim: str, data: dict, path: pathlib.Path) -> pathlib.Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def _upcycle_tick(arm: Mapping[str, Any]) -> str:
-    steps = " + ".join(map(_span, arm["steps"]))
-    seconds = arm["total_seconds"]["mean"]
-    return f"{textwrap.fill(arm['label'], 16)}\n{steps} steps\n{seconds:.0f} s"
 
 
 def _shot_labels(per_shots: Mapping[str, Any]) -> dict[str, Any]:
