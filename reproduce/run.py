@@ -131,8 +131,11 @@ def trained_k(config: Any) -> int:
 
 
 def training_curve(path: pathlib.Path) -> dict[str, list[float]]:
-    """Per logged step, the MoE layers' mean expert-load CV and dropped fraction (training)."""
-    curve: dict[str, list[float]] = {"step": [], "load_cv": [], "dropped_fraction": []}
+    """Per logged step, the MoE layers' mean expert-load CV and dropped fraction (training).
+
+    A resumed run logs again the steps after its checkpoint: the last row of a step counts (the
+    resumed run repeats the killed one's numbers bit for bit, so which one is moot)."""
+    by_step: dict[int, tuple[float, float]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         columns = {
@@ -141,10 +144,16 @@ def training_curve(path: pathlib.Path) -> dict[str, list[float]]:
         }
         if not all(columns.values()):
             continue  # an evaluation row, or a model without MoE layers
-        curve["step"].append(row["step"])
-        curve["load_cv"].append(float(np.mean(columns["/load_cv"])))
-        curve["dropped_fraction"].append(float(np.mean(columns["/dropped_fraction"])))
-    return curve
+        by_step[int(row["step"])] = (
+            float(np.mean(columns["/load_cv"])),
+            float(np.mean(columns["/dropped_fraction"])),
+        )
+    steps = sorted(by_step)
+    return {
+        "step": steps,
+        "load_cv": [by_step[s][0] for s in steps],
+        "dropped_fraction": [by_step[s][1] for s in steps],
+    }
 
 
 def moe_flops(run: Any) -> dict[str, Any]:

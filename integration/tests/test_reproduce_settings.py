@@ -100,3 +100,25 @@ def test_a_dataset_without_a_test_split_is_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat" / f"c{c}" / "0.png")
     with pytest.raises(ValueError, match=r"missing: \['test'\]"):
         experiments.dataset_overrides(f"image_folder:{tmp_path / 'flat'}", 8)
+
+
+def test_a_resumed_runs_training_curve_counts_each_step_once(tmp_path):
+    """A run killed after step 50 and resumed from step 0 logs steps 25 and 50 twice."""
+
+    def row(step, cv):
+        return {
+            "step": step,
+            "train/moe_block_1/load_cv": cv,
+            "train/moe_block_3/load_cv": cv + 0.2,
+            "train/moe_block_1/dropped_fraction": 0.1,
+            "train/moe_block_3/dropped_fraction": 0.3,
+        }
+
+    rows = [row(25, 0.5), row(50, 0.4), {"validation/accuracy": 0.9, "step": 50}]
+    rows += [row(25, 0.5), row(50, 0.4), row(75, 0.3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = run.training_curve(path)
+    assert curve["step"] == [25, 50, 75]
+    assert curve["load_cv"] == pytest.approx([0.6, 0.5, 0.4])
+    assert curve["dropped_fraction"] == pytest.approx([0.2, 0.2, 0.2])
