@@ -407,8 +407,9 @@ REPRODUCE_PLUGINS = ("router-aux-free", "moe-fine-grained", "moe-shared-experts"
 @nox.session
 def reproduce(session: nox.Session) -> None:
     """V-MoE's claims at small scale: reproduce/run.py trains and evaluates every experiment
-    (3 seeds, 45 runs) and writes docs/results/ (JSON, PNG, summary.md). Not in the default
-    set: about 45 minutes on 2 cores (40 measured before claim g's 9 runs; README). Arguments
+    (3 seeds, 63 runs) and writes docs/results/ (JSON, PNG, summary.md). Not in the default
+    set: about 65 minutes on 2 cores (40 measured for claims a-f; g's 9 and h's 18 runs
+    estimated from runs timed under load: README). Arguments
     go to the script (e.g. `-- --claims a_bpr`, `-- --dataset tfds:cifar10`)."""
     _install(session, PROJECTS["eval"], extras="")
     session.install(*(f"./{PROJECTS[name]}" for name in REPRODUCE_PLUGINS))

@@ -65,10 +65,10 @@ def _row(training: str, label: str, runs: list[dict]) -> dict[str, Any]:
         "k": flops["k"],
         # Per token, one MoE layer, matmul FLOPs (vmoe_layers.layer_flops at the training
         # capacity): the experts a token goes through (chosen + shared), the gate, the buffers.
-        "expert_flops": flops["routed"] + sum(flops["branches"].values()),
+        "expert_flops": round(flops["routed"] + sum(flops["branches"].values())),
         "router_flops": flops["router"],
         "buffer_flops": flops["buffers"],
-        "shared_flops": sum(flops["branches"].values()),
+        "shared_flops": round(sum(flops["branches"].values())),
         "train_seconds": stats(r["train_seconds"] for r in runs),
     }
 
@@ -102,9 +102,9 @@ def _granularity_finding(data: Mapping[str, Any]) -> str:
     coarse, fine, shared = rows["h_coarse"], rows["h_fine"], rows["h_shared"]
     equal = len({row["expert_flops"] for row in data["rows"]}) == 1
     flops = (
-        f"at equal expert FLOPs per token ({coarse['expert_flops']:,} per MoE layer)"
+        f"At equal expert FLOPs per token ({coarse['expert_flops']:,} per MoE layer)"
         if equal
-        else "at expert FLOPs per token of "
+        else "At expert FLOPs per token of "
         + ", ".join(f"{row['expert_flops']:,}" for row in data["rows"])
     )
     return (
@@ -112,7 +112,8 @@ def _granularity_finding(data: Mapping[str, Any]) -> str:
         f"{versus(fine['accuracy'], coarse['accuracy'], 'the coarse')} one and the model with "
         f"a shared expert is {versus(shared['accuracy'], coarse['accuracy'], 'the coarse')} one; "
         f"the fine-grained gate costs {fine['router_flops'] / coarse['router_flops']:.0f}x the "
-        "coarse one's FLOPs, still small beside the experts'."
+        f"coarse one's FLOPs ({fine['router_flops']:,}, "
+        f"{fine['router_flops'] / fine['expert_flops']:.0%} of the experts')."
     )
 
 

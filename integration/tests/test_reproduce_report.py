@@ -344,8 +344,8 @@ def test_granularity_claim_states_the_expert_flops_of_each_model():
     per_run = {t: [_h_run(t, s, 0.95, 1.0, f) for s in (0, 1, 2)] for t, f in models}
     data = report.aggregate("h_granularity", per_run)
     assert {row["expert_flops"] for row in data["rows"]} == {2 * 4 * 64 * 128}
-    assert data["finding"].startswith("at equal expert FLOPs per token (65,536 per MoE layer)")
-    assert "the fine-grained gate costs 4x" in data["finding"]
+    assert data["finding"].startswith("At equal expert FLOPs per token (65,536 per MoE layer)")
+    assert "the fine-grained gate costs 4x the coarse one's FLOPs (2,048, 3% of" in data["finding"]
     text = report.tables({"h_granularity": data})
     assert "| coarse K=1 + 1 shared | h_shared | 4 x 128, K=1 + 1 shared | 65,536 | 512 |" in text
 
