@@ -60,8 +60,7 @@ def test_load_run_reads_the_router_state_and_evaluates_as_the_trainer_did(aux_fr
     assert points[0]["accuracy"] == pytest.approx(summary["test/accuracy"])
 
 
-def test_a_checkpoint_without_the_state_its_routers_need_is_refused(aux_free_run, tmp_path):
-    plain = tmp_path / "plain"
-    vmoe_train.train(tiny_config(["num_steps=4"]), plain)
+def test_a_checkpoint_without_the_state_its_routers_need_is_refused(trained):
+    # The session's top_k run, loaded as if its routers were aux_free.
     with pytest.raises(ValueError, match=r"keep state .* has none"):
-        loading.load_run(plain, overrides=["model.moe.router=aux_free"])
+        loading.load_run(trained[0], overrides=["model.moe.router=aux_free"])

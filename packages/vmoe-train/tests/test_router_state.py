@@ -145,20 +145,25 @@ def test_evaluation_uses_the_state_and_a_missing_one_is_a_clear_error():
 
 
 def test_fine_tuning_starts_from_the_sources_router_state(tmp_path):
-    source = tmp_path / "source"
-    config = tiny_config(["model.moe.router=aux_free", "num_steps=8", "checkpoint.every_steps=4"])
-    vmoe_train.train(config, source)
-    saved = checkpoints.restore_router_state(source / "checkpoints", 8)
-    assert np.abs(_bias(saved)).max() > 0
-
-    tuned = tiny_config(
-        ["model.moe.router=aux_free", "num_steps=1", f"finetune.init_from={source}"]
+    """From real checkpoints (written by the Checkpointer): one whose routers kept a bias, one
+    of a top_k model (no router state)."""
+    config = tiny_config(["model.moe.router=aux_free"])
+    setup = build(config)
+    state = steps.create_train_state(
+        setup.model, setup.optimizer, 0, setup.sample_images, setup.strategy
     )
-    setup = build(tuned)
-    got = vmoe_train.trainer.finetune_router_state(setup, source / "checkpoints", 8)
-    np.testing.assert_array_equal(_bias(got), _bias(saved))
+    biased = {"block_1": {"moe": {"router": {"bias": jnp.asarray([0.5, -0.25, 0.0, 0.125])}}}}
+    plain = build(tiny_config())
+    plain_state = steps.create_train_state(
+        plain.model, plain.optimizer, 0, plain.sample_images, plain.strategy
+    )
+    for name, saved in (("source", state.replace(router_state=biased)), ("plain", plain_state)):
+        with checkpoints.Checkpointer(tmp_path / name, every_steps=1, keep=1) as ckpt:
+            ckpt.save(8, saved, data_state={}, config={})
+
+    got = vmoe_train.trainer.finetune_router_state(setup, tmp_path / "source", 8)
+    np.testing.assert_array_equal(_bias(got), [0.5, -0.25, 0.0, 0.125])
+    assert got["block_1"]["moe"]["router"]["bias"].sharding.is_fully_replicated
     # A source whose routers keep no state: a fresh (zero) bias.
-    plain = tmp_path / "plain"
-    vmoe_train.train(tiny_config(["num_steps=4", "checkpoint.every_steps=4"]), plain)
-    fresh = vmoe_train.trainer.finetune_router_state(setup, plain / "checkpoints", 4)
+    fresh = vmoe_train.trainer.finetune_router_state(setup, tmp_path / "plain", 8)
     np.testing.assert_array_equal(_bias(fresh), np.zeros(4))
