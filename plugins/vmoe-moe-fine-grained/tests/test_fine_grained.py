@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -24,7 +23,6 @@ import vmoe_routing as vr
 from vmoe_moe_fine_grained import FineGrained
 
 G, S, D, E, H, M = 2, 6, 5, 4, 8, 2
-HERE = pathlib.Path(__file__).parent
 
 
 def _fine(router="top_k", m=M, **options):
@@ -245,11 +243,13 @@ def test_flops_routed_and_buffers_equal_the_coarse_layer_the_gate_is_m_times(gro
 
 @pytest.mark.slow
 def test_eight_devices_data_expert_fsdp_and_expert_fsdp_equal_one_device():
-    """`multidevice_worker.py` on 8 host devices: E=4 experts, m=2 -> 8 fine experts, 2 per
-    device on the expert axis (E*m must be divisible by its size, 4 here)."""
+    """vmoe-layers' `python -m vmoe_layers.strategy_check` on 8 host devices: E=4 experts, m=2
+    -> 8 fine experts, 2 per device on the expert axis (E*m must be divisible by its size, 4
+    here); loss and gradients of one training step vs one device."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    moe = {"num_experts": 4, "variants": {"fine_grained": {"m": 2}}}
     result = subprocess.run(
-        [sys.executable, str(HERE / "multidevice_worker.py")],
+        [sys.executable, "-m", "vmoe_layers.strategy_check", "--moe", json.dumps(moe)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -261,9 +261,12 @@ def test_eight_devices_data_expert_fsdp_and_expert_fsdp_equal_one_device():
     for name, case in report.items():
         assert case["loss"] == pytest.approx(case["reference_loss"], rel=1e-5), name
         assert case["grad_max_rel_diff"] < 1e-4, (name, case)
-        assert case["w_in_shape"] == [8, 16, 16]  # E*m experts of [D, H/m]
-        experts_per_device = 2 if name.startswith("expert") else 8
-        assert case["w_in_shard_shape"][0] == experts_per_device, (name, case)
+        assert case["init_sharded"] == {"values_match": True, "layout_ok": True}, name
+        # E*m = 8 experts of [D, H/m] = [16, 16]: 2 per device on the expert axis.
+        shard = case["shard_shapes"]["experts/w_in"]
+        assert shard[0] == (2 if name.startswith("expert") else 8), (name, case)
+        if not name.endswith("fsdp"):
+            assert shard[1:] == [16, 16], (name, case)
 
 
 def test_without_the_plugin_the_error_names_the_package_to_install():

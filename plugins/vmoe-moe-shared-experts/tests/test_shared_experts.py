@@ -3,7 +3,8 @@
 The layer with shared experts equals a slow per-token loop (routed experts chosen by hand from
 the gates, plus every shared expert); its FLOP report counts N x 4DH per token for the branch;
 its params are dense and laid out as such, and 8 devices under every built-in sharding
-strategy give one device's loss and gradients (a subprocess, `multidevice_worker.py`).
+strategy give one device's loss and gradients (a subprocess:
+`python -m vmoe_layers.strategy_check`).
 
 Shape legend: G groups, S tokens per group, D model dim, E routed experts, H hidden width,
 K choices per token, N shared experts.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -30,7 +30,6 @@ from vmoe_layers.experts import ParamSpec, init_stacked
 from vmoe_moe_shared_experts import SharedExperts, stacked_spec
 
 G, S, D, E, H, K = 2, 6, 5, 4, 8, 2
-HERE = pathlib.Path(__file__).parent
 
 
 def _mlp(p, i, x_d):
@@ -270,14 +269,16 @@ def test_the_params_are_dense_and_replicated_by_the_expert_strategy():
 
 @pytest.mark.slow
 def test_eight_devices_under_every_strategy_equal_one_device():
-    """A tiny V-MoE with 2 shared experts per MoE block, one training step's loss and gradients
-    on 8 host devices under data, expert, fsdp and expert_fsdp (`multidevice_worker.py`, a
-    subprocess: XLA_FLAGS must be set before jax starts) vs one device. Under `expert` the
-    routed experts are split over the 'expert' axis while the shared ones stay whole on every
-    device; `init_sharded` creates the single-device params in each strategy's layout."""
+    """A tiny V-MoE (8 routed experts) with 2 shared experts per MoE block, one training step's
+    loss and gradients on 8 host devices under data, expert, fsdp and expert_fsdp
+    (vmoe-layers' `python -m vmoe_layers.strategy_check`, a subprocess: XLA_FLAGS must be set
+    before jax starts) vs one device. Under `expert` the routed experts are split over the
+    'expert' axis while the shared ones stay whole on every device; `init_sharded` creates the
+    single-device params in each strategy's layout."""
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    moe = {"num_experts": 8, "variants": {"shared_experts": {"num_shared": 2}}}
     result = subprocess.run(
-        [sys.executable, str(HERE / "multidevice_worker.py")],
+        [sys.executable, "-m", "vmoe_layers.strategy_check", "--moe", json.dumps(moe)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -293,14 +294,16 @@ def test_eight_devices_under_every_strategy_equal_one_device():
     # Routed experts w_in [E=8, 16, 32], shared w_in [N=2, 16, 32]. Under `expert`: the routed
     # experts split over its 'expert' axis (4), the shared ones whole on every device.
     expert = report["expert"]
-    assert expert["shard_shapes"] == {"experts": [2, 16, 32], "shared_experts": [2, 16, 32]}
-    assert set(map(tuple, expert["specs"]["experts"].values())) == {("expert",)}
-    assert set(map(tuple, expert["specs"]["shared_experts"].values())) == {()}
-    assert report["data"]["shard_shapes"]["shared_experts"] == [2, 16, 32]
+    assert expert["shard_shapes"]["experts/w_in"] == [2, 16, 32]
+    assert expert["shard_shapes"]["shared_experts/w_in"] == [2, 16, 32]
+    specs = expert["specs"]
+    assert {tuple(v) for k, v in specs.items() if k.startswith("experts/")} == {("expert",)}
+    assert {tuple(v) for k, v in specs.items() if k.startswith("shared_experts/")} == {()}
+    assert report["data"]["shard_shapes"]["shared_experts/w_in"] == [2, 16, 32]
     # fsdp and expert_fsdp split w_in (1,024 elements) as any dense weight: over 'fsdp' (4),
     # over all 8 devices.
-    assert report["fsdp"]["shard_shapes"]["shared_experts"] == [2, 16, 8]
-    assert report["expert_fsdp"]["shard_shapes"]["shared_experts"] == [2, 16, 4]
+    assert report["fsdp"]["shard_shapes"]["shared_experts/w_in"] == [2, 16, 8]
+    assert report["expert_fsdp"]["shard_shapes"]["shared_experts/w_in"] == [2, 16, 4]
 
 
 @pytest.mark.parametrize(
