@@ -1,6 +1,7 @@
-"""`python -m vmoe_layers.strategy_check`, the 8-device check plugins run (their tests call it
-with their router or variant under every strategy), here once: the aux-free router (its state
-passed to every apply) under the expert strategy."""
+"""`python -m vmoe_layers.strategy_check`, the 8-device check plugins run: the shared-experts
+plugin's tests run it under every strategy in the default run; here, as a further case (nox -s
+tests-extended), the aux-free router (its state passed to every apply) under the expert
+strategy, and a bad strategy name."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.extended
 def test_the_check_reports_one_devices_loss_and_gradients_under_a_strategy():
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     moe = {"router": "aux_free", "router_options": {"k": 2, "bias_rate": 0.01}}

@@ -241,7 +241,10 @@ def test_flops_routed_and_buffers_equal_the_coarse_layer_the_gate_is_m_times(gro
     assert f.total == pytest.approx(f.router + f.buffers)
 
 
-@pytest.mark.slow
+# A further case (nox -s tests-extended): what the strategies meet here is a layer of E*m
+# experts, which vmoe-layers' 8-device tests cover; the default run checks a variant under every
+# strategy once, with the shared-experts plugin (its branch params are the new layout).
+@pytest.mark.extended
 def test_eight_devices_data_expert_fsdp_and_expert_fsdp_equal_one_device():
     """vmoe-layers' `python -m vmoe_layers.strategy_check` on 8 host devices: E=4 experts, m=2
     -> 8 fine experts, 2 per device on the expert axis (E*m must be divisible by its size, 4
