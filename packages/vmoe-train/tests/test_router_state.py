@@ -167,3 +167,33 @@ def test_fine_tuning_starts_from_the_sources_router_state(tmp_path):
     # A source whose routers keep no state: a fresh (zero) bias.
     fresh = vmoe_train.trainer.finetune_router_state(setup, tmp_path / "plain", 8)
     np.testing.assert_array_equal(_bias(fresh), np.zeros(4))
+
+
+def test_a_checkpoint_written_before_the_router_state_existed_still_restores(tmp_path):
+    """vmoe-train before the router state saved TrainState(step, params, opt_state, rng): such a
+    checkpoint (written here as that tree) restores into today's TrainState with no router
+    state, and a model whose routers need one is told why it cannot resume from it."""
+    setup = build(tiny_config())
+    state = steps.create_train_state(
+        setup.model, setup.optimizer, 0, setup.sample_images, setup.strategy
+    )
+    legacy = {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng")}
+    with checkpoints.Checkpointer(tmp_path / "old", every_steps=1, keep=1) as ckpt:
+        ckpt.save(4, legacy, data_state={"batches": 4}, config={})
+    abstract = steps.abstract_train_state(
+        setup.model, setup.optimizer, setup.sample_images, setup.strategy
+    )
+    with checkpoints.Checkpointer(tmp_path / "old", every_steps=1, keep=1) as ckpt:
+        restored = ckpt.restore(abstract)
+    assert restored.step == 4 and restored.state.router_state == {}
+    jax.tree.map(np.testing.assert_array_equal, restored.state.params, state.params)
+
+    stateful = build(tiny_config(["model.moe.router=aux_free"]))
+    needs_state = steps.abstract_train_state(
+        stateful.model, stateful.optimizer, stateful.sample_images, stateful.strategy
+    )
+    with (
+        checkpoints.Checkpointer(tmp_path / "old", every_steps=1, keep=1) as ckpt,
+        pytest.raises(checkpoints.CheckpointError, match=r"holds no router state"),
+    ):
+        ckpt.restore(needs_state, step=4)

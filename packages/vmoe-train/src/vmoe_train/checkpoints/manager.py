@@ -262,8 +262,9 @@ class Checkpointer:
         self.wait()
 
         def read(path: pathlib.Path) -> Restored:
+            abstract, written_before_router_state = _abstract_for(path, abstract_state)
             args = {
-                "state": ocp.args.StandardRestore(abstract_state),
+                "state": ocp.args.StandardRestore(abstract),
                 "data": ocp.args.JsonRestore(),
                 "config": ocp.args.JsonRestore(),
             }
@@ -272,7 +273,8 @@ class Checkpointer:
             out = self._manager.restore(int(path.name), args=ocp.args.Composite(**args))
             if CHECKSUMS in args:
                 integrity.verify(out.state, out[CHECKSUMS])
-            return Restored(int(path.name), out.state, out.data, out.config, path)
+            state = TrainState(**out.state) if written_before_router_state else out.state
+            return Restored(int(path.name), state, out.data, out.config, path)
 
         restored, _, corrupt = restore_latest(
             self.directory, step, read, collective=self.collective
@@ -329,6 +331,24 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("vmoe_train: checkpoints moved aside")
         self._manager.reload()
+
+
+def _abstract_for(path: pathlib.Path, abstract_state: TrainState) -> tuple[Any, bool]:
+    """(what to restore step dir `path` into, whether it was written before `TrainState` had
+    `router_state`). Such a checkpoint (vmoe-train before 0.1's router state) lacks the field:
+    it restores into the other fields, with no router state, which is right for its stateless
+    routers; a model whose routers keep state cannot resume from it (its state is not there)."""
+    saved = ocp.PyTreeCheckpointHandler().metadata(path / "state").tree
+    if "router_state" in saved:
+        return abstract_state, False
+    if jax.tree.leaves(abstract_state.router_state):
+        raise ValueError(
+            f"{path} holds no router state (it was written by a vmoe-train before routers "
+            "could keep state), but this model's routers keep state (e.g. a balancing bias): "
+            "resume it with the router it was trained with, or start a new run"
+        )
+    fields = ("step", "params", "opt_state", "rng")
+    return {field: getattr(abstract_state, field) for field in fields}, True
 
 
 def move_aside(step_dir: pathlib.Path) -> pathlib.Path:
