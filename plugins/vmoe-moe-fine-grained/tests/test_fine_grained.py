@@ -7,11 +7,6 @@ granularity, K coarse choices per token.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +15,7 @@ import pytest
 import vmoe_layers as vl
 import vmoe_plugins
 import vmoe_routing as vr
+from vmoe_layers.strategy_check import run_strategy_check
 from vmoe_moe_fine_grained import FineGrained
 
 G, S, D, E, H, M = 2, 6, 5, 4, 8, 2
@@ -249,17 +245,7 @@ def test_eight_devices_data_expert_fsdp_and_expert_fsdp_equal_one_device():
     """vmoe-layers' `python -m vmoe_layers.strategy_check` on 8 host devices: E=4 experts, m=2
     -> 8 fine experts, 2 per device on the expert axis (E*m must be divisible by its size, 4
     here); loss and gradients of one training step vs one device."""
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    moe = {"num_experts": 4, "variants": {"fine_grained": {"m": 2}}}
-    result = subprocess.run(
-        [sys.executable, "-m", "vmoe_layers.strategy_check", "--moe", json.dumps(moe)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "XLA_FLAGS": flags},
-    )
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-5000:]}"
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_strategy_check({"num_experts": 4, "variants": {"fine_grained": {"m": 2}}})
     assert set(report) == {"data", "expert", "fsdp", "expert_fsdp"}
     for name, case in report.items():
         assert case["loss"] == pytest.approx(case["reference_loss"], rel=1e-5), name

@@ -12,11 +12,6 @@ K choices per token, N shared experts.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +22,7 @@ import vmoe_layers as vl
 import vmoe_moe_shared_experts.plugin
 import vmoe_plugins
 from vmoe_layers.experts import ParamSpec, init_stacked
+from vmoe_layers.strategy_check import run_strategy_check
 from vmoe_moe_shared_experts import SharedExperts, stacked_spec
 
 G, S, D, E, H, K = 2, 6, 5, 4, 8, 2
@@ -275,17 +271,9 @@ def test_eight_devices_under_every_strategy_equal_one_device():
     before jax starts) vs one device. Under `expert` the routed experts are split over the
     'expert' axis while the shared ones stay whole on every device; `init_sharded` creates the
     single-device params in each strategy's layout."""
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    moe = {"num_experts": 8, "variants": {"shared_experts": {"num_shared": 2}}}
-    result = subprocess.run(
-        [sys.executable, "-m", "vmoe_layers.strategy_check", "--moe", json.dumps(moe)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "XLA_FLAGS": flags},
+    report = run_strategy_check(
+        {"num_experts": 8, "variants": {"shared_experts": {"num_shared": 2}}}
     )
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-5000:]}"
-    report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"data", "expert", "fsdp", "expert_fsdp"}
     for name, case in report.items():
         assert case["loss"] == pytest.approx(case["reference_loss"], rel=1e-5), name

@@ -8,7 +8,8 @@ prints one JSON line: per strategy (data, and expert / fsdp / expert_fsdp on a 2
 training step's loss beside one device's, the largest relative gradient difference, whether
 `init_sharded` made the one-device params in the strategy's layout, and how block 1's MoE
 params are split (each leaf's per-device shape and spec). `compare_strategies(moe)` does the
-same in a process that already has 8 devices (XLA_FLAGS must be set before jax starts).
+same in a process that already has 8 devices (XLA_FLAGS must be set before jax starts), and
+`run_strategy_check(moe)` runs it in such a subprocess from any process (a plugin's tests).
 
 The model is tiny and fixed (`tiny_model`): ViT with 2x2 patches of 8x8 images (17 tokens), 2
 blocks of width 16, MLP 32, block 1 a MoE layer configured by `moe` (routing groups of 2 images),
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -173,6 +176,29 @@ def _init_sharded_matches(layout: Any, model: Any, reference: Any, images: Any) 
         for shard in leaf.addressable_shards:
             values_match &= bool(np.allclose(shard.data, ref[shard.index], **PARAMS_TOL))
     return {"values_match": bool(values_match), "layout_ok": bool(layout_ok)}
+
+
+def run_strategy_check(
+    moe: Mapping[str, Any], strategies: Sequence[str] | None = None, *, timeout: float = 600
+) -> dict[str, dict[str, Any]]:
+    """`compare_strategies(moe)` in a subprocess with 8 host devices (XLA_FLAGS must be set
+    before jax starts, so a test's own process cannot): what plugin tests call. Raises
+    RuntimeError with the subprocess's output if it fails."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    command = [sys.executable, "-m", "vmoe_layers.strategy_check", "--moe", json.dumps(moe)]
+    if strategies is not None:
+        command += ["--strategies", ",".join(strategies)]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "XLA_FLAGS": flags},
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"strategy_check failed:\n{result.stdout}\n{result.stderr[-5000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
